@@ -1,0 +1,138 @@
+//! Causal attention with optional SelfExtend (Jin et al., "LLM Maybe LongLM: Self-Extend
+//! LLM Context Window Without Tuning", ICML 2024), behind one dispatch point.
+//!
+//! A query at position `i` attends to a key at position `j <= i` with
+//! - neighbor positions `(i, j)` when `i - j < W`,
+//! - grouped positions `(i / G + W - W / G, j / G)` otherwise,
+//!
+//! and one f32 softmax spans both kinds of score. Keys arrive un-rotated (see
+//! [`crate::kv_cache`]), so each backend rotates queries and keys to whichever
+//! positions it needs.
+
+mod naive;
+
+use candle_core::Tensor;
+
+use crate::error::{Error, Result};
+use crate::rope::RotaryEmbedding;
+
+/// SelfExtend's two knobs: the group size `G` and the neighbor window `W`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SelfExtend {
+    group_size: usize,
+    window: usize,
+}
+
+impl SelfExtend {
+    pub fn new(group_size: usize, window: usize) -> Result<Self> {
+        if group_size < 1 {
+            return Err(Error::invalid("group_size", format!("must be >= 1, got {group_size}")));
+        }
+        if window < 1 {
+            return Err(Error::invalid("window", format!("must be >= 1, got {window}")));
+        }
+        Ok(Self { group_size, window })
+    }
+
+    pub fn group_size(&self) -> usize {
+        self.group_size
+    }
+
+    pub fn window(&self) -> usize {
+        self.window
+    }
+
+    /// The paper's estimate of the context reachable from `trained_context` tokens,
+    /// `(L - W) * G + W`, never less than `L` itself: at lengths up to `L` no relative
+    /// position exceeds what the model was trained on, whatever `W` is.
+    pub fn max_context(&self, trained_context: usize) -> usize {
+        let l = trained_context as u128;
+        let (g, w) = (self.group_size as u128, self.window as u128);
+        let extended = if l > w { (l - w) * g + w } else { l };
+        extended.min(usize::MAX as u128) as usize
+    }
+
+    /// The rotary position of a query at absolute position `i` when scoring grouped keys.
+    pub fn grouped_query_position(&self, i: usize) -> usize {
+        i / self.group_size + self.window - self.window / self.group_size
+    }
+
+    /// The rotary position of a key at absolute position `j` when scored as grouped.
+    pub fn grouped_key_position(&self, j: usize) -> usize {
+        j / self.group_size
+    }
+
+    /// Whether the pair `(i, j)`, `j <= i`, uses neighbor (ordinary) positions.
+    pub fn is_neighbor(&self, i: usize, j: usize) -> bool {
+        i - j < self.window
+    }
+}
+
+/// Which implementation computes the attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttentionBackend {
+    /// Materialises the `(q_len, kv_len)` score matrices with candle ops. Simple enough
+    /// to trust, and kept as the oracle for every faster backend.
+    #[default]
+    Naive,
+}
+
+/// Everything that varies between attention calls.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionParams {
+    /// Multiplies `q . k`; `1 / sqrt(head_dim)` for Llama.
+    pub scale: f64,
+    /// `None` is ordinary causal attention.
+    pub self_extend: Option<SelfExtend>,
+    pub backend: AttentionBackend,
+}
+
+impl AttentionParams {
+    pub fn new(head_dim: usize, self_extend: Option<SelfExtend>) -> Self {
+        Self {
+            scale: 1.0 / (head_dim as f64).sqrt(),
+            self_extend,
+            backend: AttentionBackend::default(),
+        }
+    }
+}
+
+/// Causal (optionally SelfExtend) attention of a chunk of queries over the whole cache.
+///
+/// - `q`: `(batch, n_heads, q_len, head_dim)`, un-rotated, at absolute positions
+///   `kv_len - q_len .. kv_len`;
+/// - `k`, `v`: `(batch, n_kv_heads, kv_len, head_dim)`, keys un-rotated, at positions
+///   `0 .. kv_len`; `n_heads` must be a multiple of `n_kv_heads` (GQA).
+///
+/// Returns `(batch, n_heads, q_len, head_dim)` in the dtype of `q`. Scores and the
+/// softmax are always computed in f32.
+pub fn run_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    rope: &RotaryEmbedding,
+    params: &AttentionParams,
+) -> Result<Tensor> {
+    let (b, n_heads, q_len, head_dim) = q.dims4()?;
+    let (kb, n_kv_heads, kv_len, kd) = k.dims4()?;
+    if kb != b || kd != head_dim || v.dims4()? != (b, n_kv_heads, kv_len, head_dim) {
+        return Err(candle_core::Error::Msg(format!(
+            "attention shape mismatch: q {:?}, k {:?}, v {:?}",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        ))
+        .into());
+    }
+    if n_kv_heads == 0 || n_heads % n_kv_heads != 0 || q_len > kv_len {
+        return Err(candle_core::Error::Msg(format!(
+            "attention needs n_heads % n_kv_heads == 0 and q_len <= kv_len, got q {:?}, k {:?}",
+            q.dims(),
+            k.dims()
+        ))
+        .into());
+    }
+    match params.backend {
+        AttentionBackend::Naive => naive::attention(q, k, v, rope, params),
+    }
+}

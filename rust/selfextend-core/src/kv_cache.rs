@@ -1,0 +1,154 @@
+//! The key/value cache.
+//!
+//! Keys are stored **un-rotated**. SelfExtend scores each key at two rotary positions
+//! (`j` and `j / G`), and which one applies depends on the query; storing the raw key
+//! keeps the cache exactly as large as plain attention's, lets one cache serve any
+//! `(G, W)` and any RoPE variant, and leaves the rotation to the attention backend.
+//!
+//! Buffers are preallocated and grow geometrically, so appending a decode step
+//! writes one row per head instead of copying the whole cache.
+
+use candle_core::{DType, Tensor};
+
+use crate::error::Result;
+
+const MIN_CAPACITY: usize = 64;
+
+/// One layer's keys and values: `(batch, n_kv_heads, capacity, head_dim)` buffers of
+/// which the first `len` positions are filled.
+#[derive(Debug, Clone)]
+pub struct LayerCache {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+    len: usize,
+    reserve: usize,
+}
+
+impl LayerCache {
+    fn new(reserve: usize) -> Self {
+        Self {
+            k: None,
+            v: None,
+            len: 0,
+            reserve,
+        }
+    }
+
+    /// Appends `k`, `v: (batch, n_kv_heads, seq, head_dim)` and returns views of every
+    /// cached position, `(batch, n_kv_heads, len, head_dim)`.
+    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let seq = k.dim(2)?;
+        let needed = self.len + seq;
+        let capacity = self.k.as_ref().map_or(0, |t| t.dims()[2]);
+        if needed > capacity {
+            let new_capacity = needed.max(2 * capacity).max(self.reserve).max(MIN_CAPACITY);
+            self.k = Some(grow(self.k.take(), k, self.len, new_capacity)?);
+            self.v = Some(grow(self.v.take(), v, self.len, new_capacity)?);
+        }
+        let (ck, cv) = (self.k.as_ref().unwrap(), self.v.as_ref().unwrap());
+        ck.slice_set(&k.contiguous()?, 2, self.len)?;
+        cv.slice_set(&v.contiguous()?, 2, self.len)?;
+        self.len = needed;
+        Ok((ck.narrow(2, 0, self.len)?, cv.narrow(2, 0, self.len)?))
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes held by the buffers (capacity, not just the filled part).
+    pub fn allocated_bytes(&self) -> usize {
+        [&self.k, &self.v]
+            .into_iter()
+            .flatten()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
+    }
+}
+
+fn grow(old: Option<Tensor>, like: &Tensor, len: usize, capacity: usize) -> Result<Tensor> {
+    let (b, h, _, d) = like.dims4()?;
+    let buf = Tensor::zeros((b, h, capacity, d), like.dtype(), like.device())?;
+    if let Some(old) = old {
+        if len > 0 {
+            buf.slice_set(&old.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+        }
+    }
+    Ok(buf)
+}
+
+/// The cache of every layer of one sequence.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+}
+
+impl KvCache {
+    /// An empty cache; `reserve` positions are allocated at the first append, so a
+    /// generation that knows its final length never grows.
+    pub fn new(num_layers: usize, reserve: usize) -> Self {
+        Self {
+            layers: (0..num_layers).map(|_| LayerCache::new(reserve)).collect(),
+        }
+    }
+
+    /// Positions cached so far.
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, LayerCache::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn layer_mut(&mut self, idx: usize) -> &mut LayerCache {
+        &mut self.layers[idx]
+    }
+
+    pub fn allocated_bytes(&self) -> usize {
+        self.layers.iter().map(LayerCache::allocated_bytes).sum()
+    }
+
+    /// Bytes a cache of `positions` positions needs: keys plus values for every layer.
+    pub fn bytes_for(
+        positions: usize,
+        num_layers: usize,
+        num_kv_heads: usize,
+        head_dim: usize,
+        dtype: DType,
+    ) -> usize {
+        2 * num_layers * num_kv_heads * head_dim * positions * dtype.size_in_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn append_grows_and_keeps_contents() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut cache = LayerCache::new(0);
+        let mut all = vec![];
+        for step in 0..40 {
+            let seq = 1 + step % 7;
+            let k = Tensor::rand(0f32, 1f32, (1, 2, seq, 4), &dev)?;
+            all.push(k.clone());
+            let (ck, cv) = cache.append(&k, &(&k * 2.0)?)?;
+            let expect = Tensor::cat(&all, 2)?;
+            let diff = (ck - &expect)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert_eq!(diff, 0.0);
+            let diff = (cv - (&expect * 2.0)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert_eq!(diff, 0.0);
+        }
+        assert!(cache.len() > 100);
+        let cap = cache.allocated_bytes() / (2 * 2 * 4 * 4);
+        assert!(cap >= cache.len() && cap < 2 * cache.len().max(MIN_CAPACITY));
+        Ok(())
+    }
+}

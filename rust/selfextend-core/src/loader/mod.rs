@@ -1,0 +1,92 @@
+//! Weight loading: a source of named tensors, and a prefix-scoped view over it that
+//! model code uses the way candle models use a `VarBuilder`.
+
+pub mod safetensors;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+
+/// Somewhere named tensors come from: checkpoint files, or memory in tests.
+pub trait TensorSource: Send + Sync {
+    /// Loads `name`, checks it has exactly `shape`, and converts it to `dtype` on `device`.
+    fn load(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor>;
+
+    fn contains(&self, name: &str) -> bool;
+}
+
+/// Tensors already in memory, keyed by checkpoint name.
+impl TensorSource for HashMap<String, Tensor> {
+    fn load(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        let err = |msg: String| Error::Weights {
+            what: format!("tensor '{name}'"),
+            path: "<memory>".into(),
+            msg,
+        };
+        let t = self.get(name).ok_or_else(|| err("tensor not found".into()))?;
+        if t.dims() != shape {
+            return Err(err(format!("expected shape {shape:?}, found {:?}", t.dims())));
+        }
+        Ok(t.to_dtype(dtype)?.to_device(device)?)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.contains_key(name)
+    }
+}
+
+/// A view of a [`TensorSource`] under a name prefix, with the dtype and device that
+/// loaded weights take.
+#[derive(Clone)]
+pub struct Weights<'a> {
+    source: &'a dyn TensorSource,
+    prefix: String,
+    dtype: DType,
+    device: &'a Device,
+}
+
+impl<'a> Weights<'a> {
+    pub fn new(source: &'a dyn TensorSource, dtype: DType, device: &'a Device) -> Self {
+        Self {
+            source,
+            prefix: String::new(),
+            dtype,
+            device,
+        }
+    }
+
+    /// The view one level down, e.g. `vb.pp("self_attn").pp("q_proj")`.
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        Self {
+            prefix: self.path(&name.to_string()),
+            ..self.clone()
+        }
+    }
+
+    fn path(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    pub fn get(&self, shape: impl Into<Vec<usize>>, name: &str) -> Result<Tensor> {
+        self.source
+            .load(&self.path(name), &shape.into(), self.dtype, self.device)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.source.contains(&self.path(name))
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &'a Device {
+        self.device
+    }
+}

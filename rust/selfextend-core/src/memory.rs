@@ -1,0 +1,59 @@
+//! A memory budget check, so that an oversized request fails with an error instead of
+//! an allocation abort or the OS's OOM killer.
+
+use crate::error::{Error, Result};
+
+/// Bytes the process can still allocate: the smaller of the system's available memory
+/// and the cgroup limit's headroom. `None` where neither can be read.
+pub fn available_bytes() -> Option<usize> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+            .map(|kb| kb.saturating_mul(1024))
+    });
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    let cgroup = read("/sys/fs/cgroup/memory.max")
+        .and_then(|max| max.trim().parse::<usize>().ok())
+        .map(|max| {
+            let used = read("/sys/fs/cgroup/memory.current")
+                .and_then(|u| u.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            max.saturating_sub(used)
+        });
+    match (meminfo, cgroup) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Fails with [`Error::OutOfMemory`] when `need` bytes exceed what is available;
+/// `per_position` turns the budget into a number of tokens for the message.
+pub fn ensure_fits(need: usize, per_position: usize) -> Result<()> {
+    let Some(available) = available_bytes() else {
+        return Ok(());
+    };
+    // Leave headroom for the weights' working set, allocator slack and the caller.
+    let budget = available / 10 * 9;
+    if need <= budget {
+        return Ok(());
+    }
+    Err(Error::OutOfMemory {
+        msg: format!(
+            "this request needs about {} of memory but only {} is available; \
+             about {} tokens would fit (try a shorter prompt, fewer new tokens, or a smaller chunk_size)",
+            human(need),
+            human(budget),
+            budget / per_position.max(1)
+        ),
+    })
+}
+
+fn human(bytes: usize) -> String {
+    let gib = bytes as f64 / (1u64 << 30) as f64;
+    if gib >= 1.0 {
+        format!("{gib:.1} GiB")
+    } else {
+        format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+    }
+}

@@ -1,0 +1,249 @@
+//! The Llama decoder (Touvron et al., "LLaMA: Open and Efficient Foundation Language
+//! Models", 2023), following `transformers`' `modeling_llama.py`, with attention that
+//! can apply SelfExtend (Jin et al., ICML 2024).
+//!
+//! Departures from the reference: the KV cache holds un-rotated keys and RoPE is
+//! applied inside attention (see [`crate::kv_cache`]), and logits are always f32.
+
+use candle_core::{DType, Module, Tensor, D};
+use candle_nn::{Embedding, Linear};
+
+use crate::attention::{run_attention, AttentionParams};
+use crate::config::Config;
+use crate::error::Result;
+use crate::kv_cache::{KvCache, LayerCache};
+use crate::loader::Weights;
+use crate::rope::RotaryEmbedding;
+
+fn linear(vb: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
+    let weight = vb.get([out_dim, in_dim], "weight")?;
+    let bias = if bias {
+        Some(vb.get([out_dim], "bias")?)
+    } else {
+        None
+    };
+    Ok(Linear::new(weight, bias))
+}
+
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn load(vb: &Weights, size: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get([size], "weight")?,
+            eps: eps as f32,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(xs, &self.weight, self.eps)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn load(vb: &Weights, cfg: &Config) -> Result<Self> {
+        let (h, i, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        Ok(Self {
+            gate_proj: linear(&vb.pp("gate_proj"), h, i, bias)?,
+            up_proj: linear(&vb.pp("up_proj"), h, i, bias)?,
+            down_proj: linear(&vb.pp("down_proj"), i, h, bias)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate_proj.forward(xs)?)?;
+        let up = self.up_proj.forward(xs)?;
+        Ok(self.down_proj.forward(&(gate * up)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(vb: &Weights, cfg: &Config) -> Result<Self> {
+        let (h, d, bias) = (cfg.hidden_size, cfg.head_dim, cfg.attention_bias);
+        let (n_q, n_kv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        Ok(Self {
+            q_proj: linear(&vb.pp("q_proj"), h, n_q * d, bias)?,
+            k_proj: linear(&vb.pp("k_proj"), h, n_kv * d, bias)?,
+            v_proj: linear(&vb.pp("v_proj"), h, n_kv * d, bias)?,
+            o_proj: linear(&vb.pp("o_proj"), n_q * d, h, bias)?,
+            num_heads: n_q,
+            num_kv_heads: n_kv,
+            head_dim: d,
+        })
+    }
+
+    /// `xs: (batch, seq, hidden)` at positions `cache.len() .. cache.len() + seq`.
+    fn forward(
+        &self,
+        xs: &Tensor,
+        cache: &mut LayerCache,
+        rope: &RotaryEmbedding,
+        params: &AttentionParams,
+    ) -> Result<Tensor> {
+        let (b_sz, seq_len, _) = xs.dims3()?;
+        let heads = |proj: &Linear, n: usize| -> Result<Tensor> {
+            Ok(proj
+                .forward(xs)?
+                .reshape((b_sz, seq_len, n, self.head_dim))?
+                .transpose(1, 2)?)
+        };
+        let q = heads(&self.q_proj, self.num_heads)?;
+        let k = heads(&self.k_proj, self.num_kv_heads)?;
+        let v = heads(&self.v_proj, self.num_kv_heads)?;
+        let (k, v) = cache.append(&k, &v)?;
+        let ys = run_attention(&q, &k, &v, rope, params)?;
+        let ys = ys
+            .transpose(1, 2)?
+            .reshape((b_sz, seq_len, self.num_heads * self.head_dim))?;
+        Ok(self.o_proj.forward(&ys)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    self_attn: Attention,
+    mlp: Mlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+}
+
+impl DecoderLayer {
+    fn load(vb: &Weights, cfg: &Config) -> Result<Self> {
+        Ok(Self {
+            self_attn: Attention::load(&vb.pp("self_attn"), cfg)?,
+            mlp: Mlp::load(&vb.pp("mlp"), cfg)?,
+            input_layernorm: RmsNorm::load(
+                &vb.pp("input_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
+            post_attention_layernorm: RmsNorm::load(
+                &vb.pp("post_attention_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
+        })
+    }
+
+    fn forward(
+        &self,
+        xs: &Tensor,
+        cache: &mut LayerCache,
+        rope: &RotaryEmbedding,
+        params: &AttentionParams,
+    ) -> Result<Tensor> {
+        let residual = xs;
+        let xs = self.input_layernorm.forward(xs)?;
+        let xs = (self.self_attn.forward(&xs, cache, rope, params)? + residual)?;
+        let residual = &xs;
+        let ys = self.mlp.forward(&self.post_attention_layernorm.forward(&xs)?)?;
+        Ok((ys + residual)?)
+    }
+}
+
+/// Which positions [`Llama::forward`] computes logits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// Every input position: `(batch, seq, vocab)`.
+    All,
+    /// Only the last position, which is all decoding needs: `(batch, 1, vocab)`.
+    Last,
+}
+
+/// `LlamaForCausalLM`.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: RotaryEmbedding,
+    cfg: Config,
+}
+
+impl Llama {
+    pub fn load(vb: &Weights, cfg: &Config) -> Result<Self> {
+        let vb_m = vb.pp("model");
+        let embed_weight = vb_m
+            .pp("embed_tokens")
+            .get([cfg.vocab_size, cfg.hidden_size], "weight")?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::new(embed_weight.clone(), None)
+        } else {
+            linear(&vb.pp("lm_head"), cfg.hidden_size, cfg.vocab_size, false)?
+        };
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::load(&vb_m.pp("layers").pp(i), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            embed_tokens: Embedding::new(embed_weight, cfg.hidden_size),
+            layers,
+            norm: RmsNorm::load(&vb_m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+            lm_head,
+            rope: RotaryEmbedding::new(cfg),
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.embeddings().dtype()
+    }
+
+    pub fn device(&self) -> &candle_core::Device {
+        self.embed_tokens.embeddings().device()
+    }
+
+    /// A cache for this model with room for `reserve` positions before it grows.
+    pub fn new_cache(&self, reserve: usize) -> KvCache {
+        KvCache::new(self.cfg.num_hidden_layers, reserve)
+    }
+
+    /// Runs `input_ids: (batch, seq)` (u32) at positions `cache.len() ..`, appends
+    /// them to `cache`, and returns f32 logits, `(batch, seq | 1, vocab)`.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        cache: &mut KvCache,
+        params: &AttentionParams,
+        logits_for: LogitsFor,
+    ) -> Result<Tensor> {
+        let mut xs = self.embed_tokens.forward(input_ids)?;
+        for (idx, layer) in self.layers.iter().enumerate() {
+            xs = layer.forward(&xs, cache.layer_mut(idx), &self.rope, params)?;
+        }
+        if logits_for == LogitsFor::Last {
+            let seq_len = xs.dim(1)?;
+            xs = xs.narrow(1, seq_len - 1, 1)?;
+        }
+        let xs = self.norm.forward(&xs)?;
+        let logits = self.lm_head.forward(&xs)?;
+        debug_assert_eq!(logits.dim(D::Minus1)?, self.cfg.vocab_size);
+        Ok(logits.to_dtype(DType::F32)?)
+    }
+}

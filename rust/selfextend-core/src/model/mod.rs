@@ -1,0 +1,247 @@
+//! A loaded model: weights, tokenizer and the chunked forward passes built on them.
+
+pub mod llama;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::attention::{AttentionParams, SelfExtend};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::kv_cache::KvCache;
+use crate::loader::safetensors::SafetensorsSource;
+use crate::loader::Weights;
+use crate::memory;
+use crate::tokenizer::Tokenizer;
+pub use llama::{Llama, LogitsFor};
+
+/// Prefill chunk length when the caller does not choose one. Bounds the attention
+/// workspace to `chunk * context` scores per head.
+pub const DEFAULT_CHUNK_SIZE: usize = 512;
+
+/// Called between prefill chunks with `(positions done, positions total)`; an error
+/// (typically [`Error::Interrupted`]) stops the computation.
+pub type ChunkCallback<'a> = dyn FnMut(usize, usize) -> Result<()> + 'a;
+
+/// A Llama-family model with its tokenizer, ready to run. Immutable: every call owns
+/// its own KV cache, so one model may serve many threads at once.
+#[derive(Debug, Clone)]
+pub struct Model {
+    llama: Llama,
+    tokenizer: Tokenizer,
+    source: PathBuf,
+}
+
+/// Parses `"f32" | "bf16" | "f16"` (and the long `float32`-style names).
+pub fn parse_dtype(name: &str) -> Result<DType> {
+    match name.to_ascii_lowercase().as_str() {
+        "f32" | "float32" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f16" | "float16" | "half" => Ok(DType::F16),
+        _ => Err(Error::invalid(
+            "dtype",
+            format!("unknown dtype '{name}' (expected 'f32', 'bf16' or 'f16')"),
+        )),
+    }
+}
+
+/// Parses `"cpu"`, `"cuda"`, `"cuda:N"` or `"metal"` into a device this build supports.
+pub fn parse_device(name: &str) -> Result<Device> {
+    let lower = name.to_ascii_lowercase();
+    let (kind, ordinal) = match lower.split_once(':') {
+        Some((kind, n)) => {
+            let n = n.parse::<usize>().map_err(|_| {
+                Error::invalid("device", format!("bad device ordinal in '{name}'"))
+            })?;
+            (kind, n)
+        }
+        None => (lower.as_str(), 0),
+    };
+    match kind {
+        "cpu" if ordinal == 0 => Ok(Device::Cpu),
+        "cuda" | "metal" => {
+            let available = match kind {
+                "cuda" => candle_core::utils::cuda_is_available(),
+                _ => candle_core::utils::metal_is_available(),
+            };
+            if !available {
+                return Err(Error::invalid(
+                    "device",
+                    format!("'{name}' is not available: this build of selfextend-rs was compiled without {kind} support"),
+                ));
+            }
+            Ok(if kind == "cuda" {
+                Device::new_cuda(ordinal)?
+            } else {
+                Device::new_metal(ordinal)?
+            })
+        }
+        _ => Err(Error::invalid(
+            "device",
+            format!("unknown device '{name}' (expected 'cpu', 'cuda', 'cuda:N' or 'metal')"),
+        )),
+    }
+}
+
+impl Model {
+    /// Loads a Hugging Face Llama directory: `config.json`, `tokenizer.json` and
+    /// `model.safetensors` (or a sharded `model.safetensors.index.json`).
+    ///
+    /// `dtype` is the compute dtype; `None` is f32.
+    pub fn load(path: &Path, device: &Device, dtype: Option<DType>) -> Result<Self> {
+        if !path.exists() {
+            return Err(Error::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+            ));
+        }
+        if !path.is_dir() {
+            return Err(Error::Unsupported {
+                path: path.to_path_buf(),
+                msg: "expected a model directory holding config.json, tokenizer.json and model.safetensors".into(),
+            });
+        }
+        let cfg = Config::from_hf_json_file(&path.join("config.json"))?;
+        let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json"))?;
+        let source = SafetensorsSource::open_dir(path)?;
+        let dtype = dtype.unwrap_or(DType::F32);
+        let llama = Llama::load(&Weights::new(&source, dtype, device), &cfg)?;
+        Ok(Self {
+            llama,
+            tokenizer,
+            source: path.to_path_buf(),
+        })
+    }
+
+    pub fn from_parts(llama: Llama, tokenizer: Tokenizer, source: PathBuf) -> Self {
+        Self {
+            llama,
+            tokenizer,
+            source,
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        self.llama.config()
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn llama(&self) -> &Llama {
+        &self.llama
+    }
+
+    pub fn source(&self) -> &Path {
+        &self.source
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.llama.dtype()
+    }
+
+    pub fn device(&self) -> &Device {
+        self.llama.device()
+    }
+
+    /// Attention settings for this model.
+    pub fn attention_params(&self, self_extend: Option<SelfExtend>) -> AttentionParams {
+        AttentionParams::new(self.config().head_dim, self_extend)
+    }
+
+    /// Rejects an empty sequence or ids outside the vocabulary.
+    pub fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        if ids.is_empty() {
+            return Err(Error::invalid("prompt", "is empty: at least one token is needed"));
+        }
+        let vocab = self.config().vocab_size;
+        if let Some((pos, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
+            return Err(Error::invalid(
+                "token_ids",
+                format!("id {id} at index {pos} is out of range for a vocabulary of {vocab}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Fails with [`Error::OutOfMemory`] when a sequence of `positions` tokens, run in
+    /// chunks of `chunk`, would not fit in memory. `logits_rows` extra rows of logits
+    /// are kept (all positions for [`Model::logits`], none for generation).
+    pub fn check_memory(&self, positions: usize, chunk: usize, logits_rows: usize) -> Result<()> {
+        let cfg = self.config();
+        let kv = KvCache::bytes_for(
+            1,
+            cfg.num_hidden_layers,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            self.dtype(),
+        );
+        // Returned logits live twice for a moment: ours, then the caller's copy.
+        let logits = if logits_rows > 0 { 2 * 4 * cfg.vocab_size } else { 0 };
+        // Naive attention holds about four f32 (heads, chunk, context) score buffers.
+        let workspace = 4 * 4 * cfg.num_attention_heads * chunk.min(positions);
+        let per_position = kv + logits + workspace;
+        let need = positions.saturating_mul(per_position);
+        memory::ensure_fits(need, per_position)
+    }
+
+    /// Runs `ids` through the model in chunks, appending to `cache`; returns the logits
+    /// of every position (`LogitsFor::All`, concatenated) or of the last one only.
+    pub fn forward_chunked(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        params: &AttentionParams,
+        chunk_size: usize,
+        logits_for: LogitsFor,
+        on_chunk: &mut ChunkCallback<'_>,
+    ) -> Result<Vec<f32>> {
+        let chunk_size = chunk_size.max(1);
+        let total = ids.len();
+        let mut out = Vec::new();
+        for (n, chunk) in ids.chunks(chunk_size).enumerate() {
+            let input = Tensor::new(chunk, self.device())?.unsqueeze(0)?;
+            let is_last = (n + 1) * chunk_size >= total;
+            let want = match logits_for {
+                LogitsFor::All => Some(LogitsFor::All),
+                LogitsFor::Last if is_last => Some(LogitsFor::Last),
+                LogitsFor::Last => None,
+            };
+            let logits = self
+                .llama
+                .forward(&input, cache, params, want.unwrap_or(LogitsFor::Last))?;
+            if want.is_some() {
+                out.extend(logits.flatten_all()?.to_vec1::<f32>()?);
+            }
+            on_chunk((n * chunk_size + chunk.len()).min(total), total)?;
+        }
+        Ok(out)
+    }
+
+    /// Logits of every position of `ids`, `ids.len() * vocab_size` f32 values, row-major.
+    pub fn logits(
+        &self,
+        ids: &[u32],
+        self_extend: Option<SelfExtend>,
+        chunk_size: Option<usize>,
+        on_chunk: &mut ChunkCallback<'_>,
+    ) -> Result<Vec<f32>> {
+        self.check_ids(ids)?;
+        let chunk = resolve_chunk_size(chunk_size)?;
+        self.check_memory(ids.len(), chunk, ids.len())?;
+        let mut cache = self.llama.new_cache(ids.len());
+        let params = self.attention_params(self_extend);
+        self.forward_chunked(ids, &mut cache, &params, chunk, LogitsFor::All, on_chunk)
+    }
+}
+
+/// `None` is [`DEFAULT_CHUNK_SIZE`]; zero is rejected.
+pub fn resolve_chunk_size(chunk_size: Option<usize>) -> Result<usize> {
+    match chunk_size {
+        None => Ok(DEFAULT_CHUNK_SIZE),
+        Some(0) => Err(Error::invalid("chunk_size", "must be >= 1 (or None for the default)")),
+        Some(n) => Ok(n),
+    }
+}
