@@ -1,0 +1,169 @@
+//! The attention backends against a brute-force, scalar, f64 evaluation of the
+//! SelfExtend formula written out here independently of the crate.
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use common::{max_rel_diff, Rng};
+use selfextend_core::rope::RotaryEmbedding;
+use selfextend_core::{attention::run_attention, AttentionParams, SelfExtend};
+
+const THETA: f64 = 10_000.0;
+
+/// Rotates one head vector to position `pos` ("rotate half" layout).
+fn rope(x: &[f32], pos: usize) -> Vec<f64> {
+    let d = x.len();
+    let half = d / 2;
+    let mut out = vec![0.0; d];
+    for i in 0..half {
+        let angle = pos as f64 / THETA.powf(2.0 * i as f64 / d as f64);
+        let (s, c) = angle.sin_cos();
+        let (a, b) = (x[i] as f64, x[i + half] as f64);
+        out[i] = a * c - b * s;
+        out[i + half] = b * c + a * s;
+    }
+    out
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// `q: [b][h][s][d]`, `k`, `v: [b][kvh][n][d]` flattened; queries sit at `n - s ..`.
+#[allow(clippy::too_many_arguments)]
+fn brute_force(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    (b, h, s, d): (usize, usize, usize, usize),
+    (kvh, n): (usize, usize),
+    se: Option<(usize, usize)>,
+) -> Vec<f32> {
+    let mut out = vec![0f32; b * h * s * d];
+    let scale = 1.0 / (d as f64).sqrt();
+    for bi in 0..b {
+        for hi in 0..h {
+            let kv = hi / (h / kvh);
+            for t in 0..s {
+                let i = n - s + t;
+                let qv = &q[((bi * h + hi) * s + t) * d..][..d];
+                let scores: Vec<f64> = (0..=i)
+                    .map(|j| {
+                        let kvec = &k[((bi * kvh + kv) * n + j) * d..][..d];
+                        let (qp, kp) = match se {
+                            Some((g, w)) if i - j >= w => (i / g + w - w / g, j / g),
+                            _ => (i, j),
+                        };
+                        dot(&rope(qv, qp), &rope(kvec, kp)) * scale
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let exps: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
+                let z: f64 = exps.iter().sum();
+                for e in 0..d {
+                    let acc: f64 = (0..=i)
+                        .map(|j| exps[j] / z * v[((bi * kvh + kv) * n + j) * d + e] as f64)
+                        .sum();
+                    out[((bi * h + hi) * s + t) * d + e] = acc as f32;
+                }
+            }
+        }
+    }
+    out
+}
+
+fn check(rng: &mut Rng, shape: (usize, usize, usize, usize), kv: (usize, usize), se: Option<(usize, usize)>) {
+    let (b, h, s, d) = shape;
+    let (kvh, n) = kv;
+    let dev = Device::Cpu;
+    // Large magnitudes make the softmax peaked, so a wrong position shows.
+    let q = rng.vec(b * h * s * d, 2.0);
+    let k = rng.vec(b * kvh * n * d, 2.0);
+    let v = rng.vec(b * kvh * n * d, 1.0);
+    let expected = brute_force(&q, &k, &v, shape, kv, se);
+    let qt = Tensor::from_vec(q, (b, h, s, d), &dev).unwrap();
+    let kt = Tensor::from_vec(k, (b, kvh, n, d), &dev).unwrap();
+    let vt = Tensor::from_vec(v, (b, kvh, n, d), &dev).unwrap();
+    let self_extend = se.map(|(g, w)| SelfExtend::new(g, w).unwrap());
+    let params = AttentionParams::new(d, self_extend);
+    let rope = RotaryEmbedding::with_params(d, THETA, None);
+    let got = run_attention(&qt, &kt, &vt, &rope, &params).unwrap();
+    let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let err = max_rel_diff(&got, &expected);
+    assert!(
+        err < 1e-5,
+        "shape {shape:?} kv {kv:?} se {se:?}: max relative error {err}"
+    );
+}
+
+#[test]
+fn matches_brute_force_across_shapes_and_settings() {
+    let mut rng = Rng::new(1);
+    let settings = [
+        None,
+        Some((1, 1)),
+        Some((2, 4)),
+        Some((3, 5)),
+        Some((4, 6)),
+        Some((5, 3)),
+        Some((7, 2)),
+        Some((2, 1000)),
+    ];
+    let heads = [(4, 4), (4, 2), (6, 2), (3, 1)];
+    for (case, se) in settings.iter().enumerate() {
+        for &(h, kvh) in &heads {
+            for d in [4, 8] {
+                let n = 17 + 5 * case;
+                // Full prefill, a chunk in the middle of the sequence, and one decode step.
+                for s in [n, 7, 1] {
+                    check(&mut rng, (1, h, s, d), (kvh, n), *se);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn batch_and_chunk_boundaries_at_the_window() {
+    let mut rng = Rng::new(2);
+    // Chunks ending just before, at and just after the first grouped pair (n == W + 1).
+    for (g, w) in [(2, 6), (3, 7), (4, 4)] {
+        for n in [w - 1, w, w + 1, w + 2, 3 * w] {
+            for s in [1, 2, n.min(5), n] {
+                check(&mut rng, (2, 4, s, 8), (2, n), Some((g, w)));
+            }
+        }
+    }
+}
+
+#[test]
+fn window_covering_the_sequence_is_vanilla() {
+    let mut rng = Rng::new(3);
+    let (h, n, d) = (4, 40, 8);
+    let q = Tensor::from_vec(rng.vec(h * n * d, 2.0), (1, h, n, d), &Device::Cpu).unwrap();
+    let k = Tensor::from_vec(rng.vec(h * n * d, 2.0), (1, h, n, d), &Device::Cpu).unwrap();
+    let v = Tensor::from_vec(rng.vec(h * n * d, 1.0), (1, h, n, d), &Device::Cpu).unwrap();
+    let rope = RotaryEmbedding::with_params(d, THETA, None);
+    let run = |se| {
+        run_attention(&q, &k, &v, &rope, &AttentionParams::new(d, se))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let vanilla = run(None);
+    assert_eq!(run(Some(SelfExtend::new(4, n).unwrap())), vanilla);
+    let grouped = run(Some(SelfExtend::new(4, 8).unwrap()));
+    assert!(max_rel_diff(&grouped, &vanilla) > 1e-2, "SelfExtend had no effect");
+}
+
+#[test]
+fn self_extend_parameters() {
+    assert!(SelfExtend::new(0, 4).is_err());
+    assert!(SelfExtend::new(4, 0).is_err());
+    let se = SelfExtend::new(4, 1024).unwrap();
+    assert_eq!(se.max_context(8192), (8192 - 1024) * 4 + 1024);
+    assert_eq!(SelfExtend::new(4, 9000).unwrap().max_context(8192), 8192);
+    assert_eq!(se.grouped_query_position(5000), 5000 / 4 + 1024 - 256);
+}

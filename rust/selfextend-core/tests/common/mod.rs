@@ -1,0 +1,120 @@
+#![allow(dead_code)]
+//! Helpers shared by the integration tests: a deterministic RNG and tiny random models.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use selfextend_core::loader::Weights;
+use selfextend_core::model::Llama;
+use selfextend_core::{Config, Model, Tokenizer};
+
+/// SplitMix64: small, seedable, and independent of any crate's RNG stream.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[-scale, scale)`.
+    pub fn uniform(&mut self, scale: f32) -> f32 {
+        let u = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        ((2.0 * u - 1.0) * scale as f64) as f32
+    }
+
+    pub fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.uniform(scale)).collect()
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+}
+
+pub fn tiny_config(num_kv_heads: usize, tie: bool) -> Config {
+    Config {
+        vocab_size: 50,
+        hidden_size: 32,
+        intermediate_size: 48,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: num_kv_heads,
+        head_dim: 8,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10_000.0,
+        rope_scaling: None,
+        max_position_embeddings: 16,
+        tie_word_embeddings: tie,
+        attention_bias: false,
+        mlp_bias: false,
+        bos_token_id: Some(0),
+        eos_token_ids: vec![1],
+    }
+}
+
+/// Random weights, with q/k scaled up so attention is sharp and positions matter.
+pub fn tiny_weights(cfg: &Config, seed: u64) -> HashMap<String, Tensor> {
+    let mut rng = Rng::new(seed);
+    let mut w = HashMap::new();
+    let dev = Device::Cpu;
+    let mut put = |name: String, shape: Vec<usize>, scale: f32, rng: &mut Rng| {
+        let n = shape.iter().product();
+        let t = Tensor::from_vec(rng.vec(n, scale), shape, &dev).unwrap();
+        w.insert(name, t);
+    };
+    let (h, i, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+    let (nq, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+    put("model.embed_tokens.weight".into(), vec![cfg.vocab_size, h], 1.0, &mut rng);
+    if !cfg.tie_word_embeddings {
+        put("lm_head.weight".into(), vec![cfg.vocab_size, h], 0.3, &mut rng);
+    }
+    put("model.norm.weight".into(), vec![h], 1.0, &mut rng);
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        put(format!("{p}.self_attn.q_proj.weight"), vec![nq * d, h], 0.8, &mut rng);
+        put(format!("{p}.self_attn.k_proj.weight"), vec![nkv * d, h], 0.8, &mut rng);
+        put(format!("{p}.self_attn.v_proj.weight"), vec![nkv * d, h], 0.3, &mut rng);
+        put(format!("{p}.self_attn.o_proj.weight"), vec![h, nq * d], 0.3, &mut rng);
+        put(format!("{p}.mlp.gate_proj.weight"), vec![i, h], 0.3, &mut rng);
+        put(format!("{p}.mlp.up_proj.weight"), vec![i, h], 0.3, &mut rng);
+        put(format!("{p}.mlp.down_proj.weight"), vec![h, i], 0.3, &mut rng);
+        put(format!("{p}.input_layernorm.weight"), vec![h], 1.0, &mut rng);
+        put(format!("{p}.post_attention_layernorm.weight"), vec![h], 1.0, &mut rng);
+    }
+    w
+}
+
+pub fn word_tokenizer(vocab_size: usize) -> Tokenizer {
+    let vocab: HashMap<String, u32> = (0..vocab_size as u32).map(|i| (format!("w{i}"), i)).collect();
+    let model = tokenizers::models::wordlevel::WordLevel::builder()
+        .vocab(vocab.into_iter().collect())
+        .unk_token("w0".into())
+        .build()
+        .unwrap();
+    let mut tok = tokenizers::Tokenizer::new(model);
+    tok.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::whitespace::Whitespace {}));
+    tok.with_decoder(Some(tokenizers::decoders::wordpiece::WordPiece::default()));
+    Tokenizer::from_inner(tok)
+}
+
+pub fn tiny_model(cfg: &Config, seed: u64) -> Model {
+    let weights = tiny_weights(cfg, seed);
+    let llama = Llama::load(&Weights::new(&weights, candle_core::DType::F32, &Device::Cpu), cfg)
+        .unwrap();
+    Model::from_parts(llama, word_tokenizer(cfg.vocab_size), PathBuf::from("<memory>"))
+}
+
+pub fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
