@@ -1,1 +1,24 @@
+//! `selfextend_rs._native`: Python bindings for `selfextend-core`.
+//!
+//! Every entry point converts its Python arguments first, then releases the GIL for
+//! all tensor work, re-taking it only between prefill chunks and decode steps to
+//! check for Ctrl-C.
 
+mod errors;
+mod model;
+mod types;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    errors::register(m)?;
+    m.add_class::<types::PySelfExtend>()?;
+    m.add_class::<types::PyModelConfig>()?;
+    m.add_class::<types::PyCompletion>()?;
+    m.add_class::<model::PyModel>()?;
+    m.add_class::<model::PyTokenizer>()?;
+    m.add_class::<model::PyTextStream>()?;
+    Ok(())
+}

@@ -1,0 +1,41 @@
+"""Run Llama-family models far beyond their trained context with exact SelfExtend
+attention (Jin et al., "LLM Maybe LongLM", ICML 2024), on a Rust/candle engine.
+
+>>> import selfextend_rs as se
+>>> model = se.Model.load("path/to/llama")                        # doctest: +SKIP
+>>> out = model.generate(long_prompt, self_extend=se.SelfExtend(4, 1024))  # doctest: +SKIP
+"""
+
+from selfextend_rs._native import (
+    Completion,
+    ContextLengthWarning,
+    InferenceError,
+    InvalidArgumentError,
+    Model,
+    ModelConfig,
+    ModelLoadError,
+    OutOfMemoryError,
+    SelfExtend,
+    SelfExtendError,
+    TextStream,
+    Tokenizer,
+    TokenizerError,
+    __version__,
+)
+
+__all__ = [
+    "Completion",
+    "ContextLengthWarning",
+    "InferenceError",
+    "InvalidArgumentError",
+    "Model",
+    "ModelConfig",
+    "ModelLoadError",
+    "OutOfMemoryError",
+    "SelfExtend",
+    "SelfExtendError",
+    "TextStream",
+    "Tokenizer",
+    "TokenizerError",
+    "__version__",
+]

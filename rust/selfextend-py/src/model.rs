@@ -1,0 +1,503 @@
+//! `Model`, `Tokenizer` and `TextStream`.
+
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use numpy::ndarray::Array2;
+use numpy::{IntoPyArray, PyArray2};
+use pyo3::exceptions::PyKeyboardInterrupt;
+use pyo3::prelude::*;
+use selfextend_core::generate::{Completion, GenerateOptions, Generation};
+use selfextend_core::model::{parse_device, parse_dtype};
+use selfextend_core::sampling::SamplingParams;
+use selfextend_core::{Error, Model, SelfExtend};
+
+use crate::errors::{invalid_argument, to_py, ContextLengthWarning, SelfExtendError};
+use crate::types::{PyCompletion, PyModelConfig, PySelfExtend};
+
+/// Releases the GIL and runs `f`, handing it a callback that re-takes the GIL between
+/// chunks to check for Ctrl-C. Panics are caught here and never cross into Python.
+fn detached<T: Send>(
+    py: Python<'_>,
+    during_load: bool,
+    f: impl FnOnce(&mut dyn FnMut(usize, usize) -> selfextend_core::Result<()>) -> selfextend_core::Result<T>
+        + Send,
+) -> PyResult<T> {
+    let mut signal: Option<PyErr> = None;
+    let result = py.detach(|| {
+        let mut check = |_done: usize, _total: usize| {
+            Python::attach(|py| py.check_signals()).map_err(|e| {
+                signal = Some(e);
+                Error::Interrupted
+            })
+        };
+        std::panic::catch_unwind(AssertUnwindSafe(|| f(&mut check)))
+    });
+    match result {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(Error::Interrupted)) => {
+            Err(signal.unwrap_or_else(|| PyKeyboardInterrupt::new_err("interrupted")))
+        }
+        Ok(Err(e)) => Err(to_py(e, during_load)),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("unknown panic");
+            Err(SelfExtendError::new_err(format!(
+                "internal error (please report it): {what}"
+            )))
+        }
+    }
+}
+
+/// A prompt: text, or token ids.
+#[derive(FromPyObject)]
+enum Prompt {
+    Text(String),
+    Ids(Vec<i64>),
+}
+
+#[derive(FromPyObject)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+fn to_ids(ids: &[i64], vocab: usize, name: &str) -> PyResult<Vec<u32>> {
+    ids.iter()
+        .enumerate()
+        .map(|(pos, &id)| {
+            u32::try_from(id)
+                .ok()
+                .filter(|&id| (id as usize) < vocab)
+                .ok_or_else(|| {
+                    invalid_argument(format!(
+                        "invalid argument `{name}`: id {id} at index {pos} is out of range for a vocabulary of {vocab}"
+                    ))
+                })
+        })
+        .collect()
+}
+
+fn optional_positive(value: Option<i64>, name: &str) -> PyResult<Option<usize>> {
+    match value {
+        None => Ok(None),
+        Some(v) if v >= 1 => Ok(Some(v as usize)),
+        Some(v) => Err(invalid_argument(format!(
+            "invalid argument `{name}`: must be >= 1 or None, got {v}"
+        ))),
+    }
+}
+
+/// A Llama-family model with its tokenizer.
+///
+/// Load one with `Model.load(path)`. A model is immutable and thread-safe: every call
+/// owns its KV cache, so several threads may use one model at the same time.
+#[pyclass(name = "Model", module = "selfextend_rs", frozen)]
+pub struct PyModel {
+    inner: Arc<Model>,
+}
+
+struct Request {
+    prompt: Vec<u32>,
+    opts: GenerateOptions,
+}
+
+impl PyModel {
+    fn encode_prompt(&self, py: Python<'_>, prompt: Prompt) -> PyResult<Vec<u32>> {
+        match prompt {
+            Prompt::Text(text) => {
+                let model = self.inner.clone();
+                detached(py, false, move |_| model.tokenizer().encode(&text, true))
+            }
+            Prompt::Ids(ids) => to_ids(&ids, self.inner.config().vocab_size, "prompt"),
+        }
+    }
+
+    /// Warns when the sequence outruns what the model (with this setting) covers.
+    fn warn_context(&self, py: Python<'_>, total: usize, se: Option<SelfExtend>) -> PyResult<()> {
+        let trained = self.inner.config().max_position_embeddings;
+        let covered = se.map_or(trained, |se| se.max_context(trained));
+        if total <= covered {
+            return Ok(());
+        }
+        let msg = match se {
+            None => format!(
+                "the sequence ({total} tokens) is longer than the model's trained context \
+                 ({trained}); plain attention degrades past it. Pass \
+                 self_extend=SelfExtend(group_size, window) with (L - W) * G + W >= {total}"
+            ),
+            Some(se) => format!(
+                "the sequence ({total} tokens) is longer than {se:?} covers \
+                 ((L - W) * G + W = {covered} for L = {trained}); increase group_size"
+            ),
+        };
+        let msg = std::ffi::CString::new(msg).expect("no NUL in message");
+        PyErr::warn(py, &py.get_type::<ContextLengthWarning>(), &msg, 2)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn request(
+        &self,
+        py: Python<'_>,
+        prompt: Prompt,
+        max_new_tokens: i64,
+        temperature: f64,
+        top_k: Option<i64>,
+        top_p: Option<f64>,
+        repetition_penalty: f64,
+        seed: Option<i128>,
+        stop: Option<Stop>,
+        self_extend: Option<PySelfExtend>,
+        chunk_size: Option<i64>,
+    ) -> PyResult<Request> {
+        if max_new_tokens < 0 {
+            return Err(invalid_argument(format!(
+                "invalid argument `max_new_tokens`: must be >= 0, got {max_new_tokens}"
+            )));
+        }
+        let seed = seed
+            .map(|s| {
+                u64::try_from(s).map_err(|_| {
+                    invalid_argument(format!(
+                        "invalid argument `seed`: must be in [0, 2**64), got {s}"
+                    ))
+                })
+            })
+            .transpose()?;
+        let prompt = self.encode_prompt(py, prompt)?;
+        let opts = GenerateOptions {
+            max_new_tokens: max_new_tokens as usize,
+            sampling: SamplingParams {
+                temperature,
+                top_k: optional_positive(top_k, "top_k")?,
+                top_p,
+                repetition_penalty,
+                seed,
+            },
+            stop: match stop {
+                None => vec![],
+                Some(Stop::One(s)) => vec![s],
+                Some(Stop::Many(v)) => v,
+            },
+            self_extend: self_extend.map(|s| s.0),
+            chunk_size: optional_positive(chunk_size, "chunk_size")?,
+        };
+        opts.sampling.validate().map_err(|e| to_py(e, false))?;
+        if opts.stop.iter().any(String::is_empty) {
+            return Err(invalid_argument("invalid argument `stop`: stop strings must not be empty"));
+        }
+        if prompt.is_empty() {
+            return Err(invalid_argument(
+                "invalid argument `prompt`: is empty: at least one token is needed",
+            ));
+        }
+        self.warn_context(py, prompt.len() + opts.max_new_tokens, opts.self_extend)?;
+        Ok(Request { prompt, opts })
+    }
+
+    fn start(&self, py: Python<'_>, req: Request) -> PyResult<Generation> {
+        let model = self.inner.clone();
+        detached(py, false, move |_| Generation::new(model, req.prompt, req.opts))
+    }
+}
+
+#[pymethods]
+impl PyModel {
+    /// Loads a model.
+    ///
+    /// Args:
+    ///     path: A Hugging Face Llama directory with config.json, tokenizer.json and
+    ///         model.safetensors (or a sharded model.safetensors.index.json).
+    ///     device: "cpu" (default), "cuda", "cuda:N" or "metal" where the build has them.
+    ///     dtype: Compute dtype: None (f32), "f32", "bf16" or "f16".
+    ///
+    /// Returns:
+    ///     The loaded Model.
+    ///
+    /// Raises:
+    ///     ModelLoadError: the files are missing, corrupt, inconsistent or unsupported.
+    ///     InvalidArgumentError: unknown device or dtype.
+    #[staticmethod]
+    #[pyo3(signature = (path, *, device = "cpu", dtype = None))]
+    fn load(py: Python<'_>, path: PathBuf, device: &str, dtype: Option<&str>) -> PyResult<Self> {
+        let device = parse_device(device).map_err(|e| to_py(e, false))?;
+        let dtype = dtype
+            .map(parse_dtype)
+            .transpose()
+            .map_err(|e| to_py(e, false))?;
+        let model = detached(py, true, move |_| Model::load(&path, &device, dtype))?;
+        Ok(Self {
+            inner: Arc::new(model),
+        })
+    }
+
+    /// The model's architecture.
+    #[getter]
+    fn config(&self) -> PyModelConfig {
+        self.inner.config().into()
+    }
+
+    /// The model's tokenizer.
+    #[getter]
+    fn tokenizer(&self) -> PyTokenizer {
+        PyTokenizer {
+            model: self.inner.clone(),
+        }
+    }
+
+    /// Where the model was loaded from.
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.inner.source().to_path_buf()
+    }
+
+    /// The compute dtype: "f32", "bf16" or "f16".
+    #[getter]
+    fn dtype(&self) -> String {
+        self.inner.dtype().as_str().to_string()
+    }
+
+    /// Logits of every position of a token sequence.
+    ///
+    /// Args:
+    ///     token_ids: The sequence, a list of ints below vocab_size.
+    ///     self_extend: A SelfExtend setting, or None for plain attention.
+    ///     chunk_size: Prefill chunk length (default 512); results do not depend on it.
+    ///
+    /// Returns:
+    ///     numpy.ndarray of float32, shape (len(token_ids), vocab_size).
+    #[pyo3(signature = (token_ids, *, self_extend = None, chunk_size = None))]
+    fn logits<'py>(
+        &self,
+        py: Python<'py>,
+        token_ids: Vec<i64>,
+        self_extend: Option<PySelfExtend>,
+        chunk_size: Option<i64>,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let vocab = self.inner.config().vocab_size;
+        let ids = to_ids(&token_ids, vocab, "token_ids")?;
+        if ids.is_empty() {
+            return Err(invalid_argument(
+                "invalid argument `token_ids`: is empty: at least one token is needed",
+            ));
+        }
+        let chunk_size = optional_positive(chunk_size, "chunk_size")?;
+        let se = self_extend.map(|s| s.0);
+        self.warn_context(py, ids.len(), se)?;
+        let model = self.inner.clone();
+        let n = ids.len();
+        let logits = detached(py, false, move |check| {
+            model.logits(&ids, se, chunk_size, check)
+        })?;
+        let array = Array2::from_shape_vec((n, vocab), logits)
+            .map_err(|e| SelfExtendError::new_err(format!("internal error: {e}")))?;
+        Ok(array.into_pyarray(py))
+    }
+
+    /// Generates a completion.
+    ///
+    /// Args:
+    ///     prompt: Text (encoded with the tokenizer's special tokens) or token ids.
+    ///     max_new_tokens: Upper bound on generated tokens (>= 0).
+    ///     temperature: 0.0 is greedy; higher samples more freely.
+    ///     top_k: Sample only among the k most likely tokens.
+    ///     top_p: Sample only from the smallest set of tokens with this much mass.
+    ///     repetition_penalty: > 1.0 discourages tokens already in the sequence.
+    ///     seed: Makes sampling reproducible.
+    ///     stop: A string or list of strings that end generation (excluded from text).
+    ///     self_extend: A SelfExtend setting, or None for plain attention.
+    ///     chunk_size: Prefill chunk length (default 512).
+    ///
+    /// Returns:
+    ///     A Completion with text, token_ids, finish_reason and timings.
+    #[pyo3(signature = (prompt, max_new_tokens = 128, *, temperature = 0.0, top_k = None,
+        top_p = None, repetition_penalty = 1.0, seed = None, stop = None, self_extend = None,
+        chunk_size = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn generate(
+        &self,
+        py: Python<'_>,
+        prompt: Prompt,
+        max_new_tokens: i64,
+        temperature: f64,
+        top_k: Option<i64>,
+        top_p: Option<f64>,
+        repetition_penalty: f64,
+        seed: Option<i128>,
+        stop: Option<Stop>,
+        self_extend: Option<PySelfExtend>,
+        chunk_size: Option<i64>,
+    ) -> PyResult<PyCompletion> {
+        let req = self.request(
+            py, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
+            stop, self_extend, chunk_size,
+        )?;
+        let generation = self.start(py, req)?;
+        let completion = detached(py, false, move |check| generation.run(check))?;
+        Ok(completion.into())
+    }
+
+    /// Like `generate`, but yields text pieces as they are decoded.
+    ///
+    /// Pieces always end on UTF-8 character boundaries, and text that might begin a
+    /// stop string is held back until it is known not to. Takes the same arguments
+    /// as `generate`.
+    ///
+    /// Returns:
+    ///     A TextStream: an iterator of str whose `completion` is set once exhausted.
+    #[pyo3(signature = (prompt, max_new_tokens = 128, *, temperature = 0.0, top_k = None,
+        top_p = None, repetition_penalty = 1.0, seed = None, stop = None, self_extend = None,
+        chunk_size = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn stream(
+        &self,
+        py: Python<'_>,
+        prompt: Prompt,
+        max_new_tokens: i64,
+        temperature: f64,
+        top_k: Option<i64>,
+        top_p: Option<f64>,
+        repetition_penalty: f64,
+        seed: Option<i128>,
+        stop: Option<Stop>,
+        self_extend: Option<PySelfExtend>,
+        chunk_size: Option<i64>,
+    ) -> PyResult<PyTextStream> {
+        let req = self.request(
+            py, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
+            stop, self_extend, chunk_size,
+        )?;
+        let generation = self.start(py, req)?;
+        Ok(PyTextStream {
+            state: Mutex::new(StreamState::Running(Box::new(generation))),
+        })
+    }
+
+    fn __repr__(&self) -> String {
+        let c = self.inner.config();
+        format!(
+            "Model(path={:?}, layers={}, trained_context={}, dtype={})",
+            self.inner.source().display().to_string(),
+            c.num_hidden_layers,
+            c.max_position_embeddings,
+            self.inner.dtype().as_str()
+        )
+    }
+}
+
+/// The tokenizer of a model (from its tokenizer.json).
+#[pyclass(name = "Tokenizer", module = "selfextend_rs", frozen)]
+pub struct PyTokenizer {
+    model: Arc<Model>,
+}
+
+#[pymethods]
+impl PyTokenizer {
+    /// Encodes text to token ids.
+    ///
+    /// Args:
+    ///     text: The text.
+    ///     add_special_tokens: Apply the tokenizer's post-processor (e.g. a BOS token).
+    ///
+    /// Returns:
+    ///     list[int]
+    #[pyo3(signature = (text, add_special_tokens = false))]
+    fn encode(&self, py: Python<'_>, text: String, add_special_tokens: bool) -> PyResult<Vec<u32>> {
+        let model = self.model.clone();
+        detached(py, false, move |_| model.tokenizer().encode(&text, add_special_tokens))
+    }
+
+    /// Decodes token ids to text.
+    ///
+    /// Args:
+    ///     ids: Token ids below vocab_size.
+    ///     skip_special_tokens: Drop special tokens such as BOS/EOS from the text.
+    ///
+    /// Returns:
+    ///     str
+    #[pyo3(signature = (ids, skip_special_tokens = true))]
+    fn decode(&self, py: Python<'_>, ids: Vec<i64>, skip_special_tokens: bool) -> PyResult<String> {
+        let ids = to_ids(&ids, self.model.config().vocab_size, "ids")?;
+        let model = self.model.clone();
+        detached(py, false, move |_| model.tokenizer().decode(&ids, skip_special_tokens))
+    }
+
+    /// Number of tokens, added tokens included.
+    #[getter]
+    fn vocab_size(&self) -> usize {
+        self.model.tokenizer().vocab_size()
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Tokenizer(vocab_size={})", self.model.tokenizer().vocab_size())
+    }
+}
+
+enum StreamState {
+    Running(Box<Generation>),
+    Done(Option<Completion>),
+}
+
+/// An iterator of generated text pieces, from `Model.stream`.
+///
+/// Closing it (or dropping it) stops generation and frees its KV cache.
+#[pyclass(name = "TextStream", module = "selfextend_rs", frozen)]
+pub struct PyTextStream {
+    state: Mutex<StreamState>,
+}
+
+#[pymethods]
+impl PyTextStream {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<String>> {
+        let state = &self.state;
+        detached(py, false, move |check| {
+            let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                let StreamState::Running(generation) = &mut *state else {
+                    return Ok(None);
+                };
+                match generation.step(check) {
+                    Ok(Some(piece)) if piece.is_empty() => continue,
+                    Ok(Some(piece)) => return Ok(Some(piece)),
+                    Ok(None) => {
+                        let done = std::mem::replace(&mut *state, StreamState::Done(None));
+                        if let StreamState::Running(g) = done {
+                            *state = StreamState::Done(Some(g.into_completion()));
+                        }
+                        return Ok(None);
+                    }
+                    Err(e) => {
+                        *state = StreamState::Done(None);
+                        return Err(e);
+                    }
+                }
+            }
+        })
+    }
+
+    /// Stops generation and frees its memory; iteration then ends.
+    fn close(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if matches!(*state, StreamState::Running(_)) {
+            *state = StreamState::Done(None);
+        }
+    }
+
+    /// The finished Completion once the stream is exhausted, else None.
+    #[getter]
+    fn completion(&self) -> Option<PyCompletion> {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match &*state {
+            StreamState::Done(Some(c)) => Some(c.clone().into()),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! Small value types: `SelfExtend`, `ModelConfig`, `Completion`.
+
+use pyo3::prelude::*;
+use selfextend_core::generate::Completion;
+use selfextend_core::{Config, SelfExtend};
+
+use crate::errors::{invalid_argument, to_py};
+
+/// SelfExtend's two knobs.
+///
+/// Keys closer than `window` tokens to a query keep their ordinary positions;
+/// farther keys are seen at positions floor-divided by `group_size`, so a model
+/// trained on L tokens reads about (L - window) * group_size + window tokens.
+///
+/// Args:
+///     group_size: G >= 1, how many distant positions share one position.
+///     window: W >= 1, the neighbor window that keeps exact positions.
+#[pyclass(name = "SelfExtend", module = "selfextend_rs", frozen, eq, hash, from_py_object)]
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct PySelfExtend(pub SelfExtend);
+
+#[pymethods]
+impl PySelfExtend {
+    #[new]
+    #[pyo3(signature = (group_size, window))]
+    fn new(group_size: i64, window: i64) -> PyResult<Self> {
+        for (name, value) in [("group_size", group_size), ("window", window)] {
+            if value < 1 {
+                return Err(invalid_argument(format!(
+                    "invalid argument `{name}`: must be >= 1, got {value}"
+                )));
+            }
+        }
+        SelfExtend::new(group_size as usize, window as usize)
+            .map(Self)
+            .map_err(|e| to_py(e, false))
+    }
+
+    /// G: how many distant positions share one position.
+    #[getter]
+    fn group_size(&self) -> usize {
+        self.0.group_size()
+    }
+
+    /// W: the neighbor window that keeps exact positions.
+    #[getter]
+    fn window(&self) -> usize {
+        self.0.window()
+    }
+
+    /// The context reachable from a model trained on `trained_context` tokens:
+    /// (L - W) * G + W, and never less than L.
+    ///
+    /// Args:
+    ///     trained_context: L, the model's trained context length.
+    ///
+    /// Returns:
+    ///     The number of tokens the model can read with this setting.
+    #[pyo3(signature = (trained_context))]
+    fn max_context(&self, trained_context: usize) -> usize {
+        self.0.max_context(trained_context)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "SelfExtend(group_size={}, window={})",
+            self.0.group_size(),
+            self.0.window()
+        )
+    }
+}
+
+/// The architecture of a loaded model.
+#[pyclass(name = "ModelConfig", module = "selfextend_rs", frozen, get_all)]
+#[derive(Clone)]
+pub struct PyModelConfig {
+    /// The context length the model was trained on (`max_position_embeddings`).
+    pub trained_context: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    pub rope_theta: f64,
+    pub rms_norm_eps: f64,
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl From<&Config> for PyModelConfig {
+    fn from(c: &Config) -> Self {
+        Self {
+            trained_context: c.max_position_embeddings,
+            num_layers: c.num_hidden_layers,
+            num_heads: c.num_attention_heads,
+            num_kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size,
+            vocab_size: c.vocab_size,
+            rope_theta: c.rope_theta,
+            rms_norm_eps: c.rms_norm_eps,
+            tie_word_embeddings: c.tie_word_embeddings,
+            bos_token_id: c.bos_token_id,
+            eos_token_ids: c.eos_token_ids.clone(),
+        }
+    }
+}
+
+#[pymethods]
+impl PyModelConfig {
+    fn __repr__(&self) -> String {
+        format!(
+            "ModelConfig(trained_context={}, num_layers={}, num_heads={}, num_kv_heads={}, \
+             head_dim={}, hidden_size={}, vocab_size={}, rope_theta={})",
+            self.trained_context,
+            self.num_layers,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.hidden_size,
+            self.vocab_size,
+            self.rope_theta
+        )
+    }
+}
+
+/// The result of `Model.generate`.
+#[pyclass(name = "Completion", module = "selfextend_rs", frozen, get_all)]
+#[derive(Clone)]
+pub struct PyCompletion {
+    /// The generated text (without the prompt, cut before a stop string).
+    pub text: String,
+    /// The generated token ids (without the prompt or a final EOS).
+    pub token_ids: Vec<u32>,
+    /// "eos", "stop" or "length".
+    pub finish_reason: &'static str,
+    pub prompt_tokens: usize,
+    pub prefill_seconds: f64,
+    pub decode_tokens_per_second: f64,
+}
+
+impl From<Completion> for PyCompletion {
+    fn from(c: Completion) -> Self {
+        Self {
+            decode_tokens_per_second: c.decode_tokens_per_second(),
+            finish_reason: c.finish_reason.as_str(),
+            text: c.text,
+            token_ids: c.token_ids,
+            prompt_tokens: c.prompt_tokens,
+            prefill_seconds: c.prefill_seconds,
+        }
+    }
+}
+
+#[pymethods]
+impl PyCompletion {
+    fn __repr__(&self) -> String {
+        format!(
+            "Completion(text={:?}, finish_reason={:?}, prompt_tokens={}, new_tokens={})",
+            self.text,
+            self.finish_reason,
+            self.prompt_tokens,
+            self.token_ids.len()
+        )
+    }
+}
