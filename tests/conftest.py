@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -44,3 +45,11 @@ def random_ids(n: int, vocab: int, seed: int = 0) -> list[int]:
     """Ids that avoid the special tokens (0..2), so EOS never appears by accident."""
     rng = np.random.default_rng(seed)
     return [int(x) for x in rng.integers(3, vocab, size=n)]
+
+
+@pytest.fixture
+def quiet_context():
+    """Silences ContextLengthWarning: tests run tiny models far past their context."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", se.ContextLengthWarning)
+        yield

@@ -109,6 +109,9 @@ struct Request {
 impl PyModel {
     fn encode_prompt(&self, py: Python<'_>, prompt: Prompt) -> PyResult<Vec<u32>> {
         match prompt {
+            Prompt::Text(text) if text.is_empty() => Err(invalid_argument(
+                "invalid argument `prompt`: is empty: at least one token is needed",
+            )),
             Prompt::Text(text) => {
                 let model = self.inner.clone();
                 detached(py, false, move |_| model.tokenizer().encode(&text, true))

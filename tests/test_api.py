@@ -1,0 +1,129 @@
+"""The Python API surface: types, defaults, sampling, stop strings, warnings."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import random_ids
+
+import selfextend_rs as se
+
+pytestmark = pytest.mark.usefixtures("quiet_context")
+
+
+def test_exports_and_version() -> None:
+    assert se.__version__ == "0.1.0"
+    for name in se.__all__:
+        assert hasattr(se, name), name
+    assert issubclass(se.ModelLoadError, se.SelfExtendError)
+    assert issubclass(se.InvalidArgumentError, se.SelfExtendError)
+    assert issubclass(se.InvalidArgumentError, ValueError)
+    assert issubclass(se.OutOfMemoryError, se.SelfExtendError)
+    assert issubclass(se.ContextLengthWarning, UserWarning)
+
+
+def test_self_extend_value_type() -> None:
+    s = se.SelfExtend(4, 1024)
+    assert (s.group_size, s.window) == (4, 1024)
+    assert s.max_context(8192) == (8192 - 1024) * 4 + 1024
+    assert se.SelfExtend(3, 5).max_context(32) == (32 - 5) * 3 + 5
+    assert se.SelfExtend(4, 64).max_context(32) == 32
+    assert s == se.SelfExtend(4, 1024) and s != se.SelfExtend(4, 512)
+    assert len({s, se.SelfExtend(4, 1024)}) == 1
+    assert repr(s) == "SelfExtend(group_size=4, window=1024)"
+
+
+def test_config(model: se.Model) -> None:
+    c = model.config
+    assert (c.trained_context, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim) == (32, 2, 4, 2, 16)
+    assert c.vocab_size == model.tokenizer.vocab_size
+    assert c.rope_theta == 10000.0
+    assert "trained_context=32" in repr(c)
+
+
+def test_tokenizer_round_trip(model: se.Model) -> None:
+    tok = model.tokenizer
+    text = "The passkey is 4817. Ünïcödé 🦀 漢字"
+    ids = tok.encode(text)
+    assert all(isinstance(i, int) for i in ids)
+    assert tok.decode(ids) == text
+    with_bos = tok.encode(text, add_special_tokens=True)
+    assert with_bos == [model.config.bos_token_id] + ids
+    assert tok.decode(with_bos) == text
+    assert tok.decode(with_bos, skip_special_tokens=False).startswith("<s>")
+
+
+def test_generate_from_text_and_completion_fields(model: se.Model) -> None:
+    out = model.generate("Once upon a time", max_new_tokens=8)
+    assert isinstance(out, se.Completion)
+    assert out.prompt_tokens == len(model.tokenizer.encode("Once upon a time", add_special_tokens=True))
+    assert len(out.token_ids) <= 8
+    assert out.finish_reason in ("eos", "length")
+    assert out.text == model.tokenizer.decode(out.token_ids)
+    assert out.prefill_seconds > 0
+    assert out.decode_tokens_per_second > 0
+    assert "Completion(" in repr(out)
+
+
+def test_zero_new_tokens(model: se.Model) -> None:
+    out = model.generate("hello", max_new_tokens=0)
+    assert (out.text, out.token_ids, out.finish_reason) == ("", [], "length")
+
+
+def test_seeded_sampling_is_reproducible(model: se.Model) -> None:
+    prompt = random_ids(20, model.config.vocab_size, seed=8)
+    kwargs = dict(temperature=1.2, seed=1234)
+    a = model.generate(prompt, 30, **kwargs).token_ids
+    assert a == model.generate(prompt, 30, **kwargs).token_ids
+    assert a != model.generate(prompt, 30, temperature=1.2, seed=99).token_ids
+    greedy = model.generate(prompt, 30).token_ids
+    assert greedy == model.generate(prompt, 30, top_k=1, temperature=1.0, seed=5).token_ids
+
+
+def test_stop_strings_cut_the_text(model: se.Model) -> None:
+    prompt = random_ids(20, model.config.vocab_size, seed=9)
+    free = model.generate(prompt, 40)
+    assert len(free.text) > 6, "the tiny model should produce some text"
+    stop = free.text[3:6]
+    cut = model.generate(prompt, 40, stop=[stop, "\x00never"])
+    assert cut.finish_reason == "stop"
+    assert cut.text == free.text[: free.text.index(stop)]
+    streamed = "".join(model.stream(prompt, 40, stop=stop))
+    assert streamed == cut.text
+
+
+def test_stream_can_be_closed_early(model: se.Model) -> None:
+    stream = model.stream(random_ids(20, model.config.vocab_size), 50)
+    first = next(iter(stream))
+    assert isinstance(first, str)
+    stream.close()
+    assert list(stream) == []
+    assert stream.completion is None
+
+
+def test_context_warnings(model: se.Model) -> None:
+    ids = random_ids(40, model.config.vocab_size)
+    with pytest.warns(se.ContextLengthWarning, match="trained context"):
+        model.logits(ids)
+    with pytest.warns(se.ContextLengthWarning, match="increase group_size"):
+        model.logits(ids + ids + ids, self_extend=se.SelfExtend(2, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.logits(ids[:32])
+        model.logits(ids, self_extend=se.SelfExtend(2, 16))
+    with pytest.warns(se.ContextLengthWarning):
+        model.generate(ids[:30], 10)
+
+
+def test_load_accepts_pathlike_and_reports(model_path: Path) -> None:
+    m = se.Model.load(model_path, device="CPU", dtype="float32")
+    assert str(m.path) == str(model_path)
+    assert "Model(" in repr(m) and "trained_context=32" in repr(m)
+
+
+def test_logits_accepts_numpy_ids(model: se.Model) -> None:
+    ids = np.array(random_ids(10, model.config.vocab_size), dtype=np.int64)
+    np.testing.assert_array_equal(model.logits(ids), model.logits(ids.tolist()))
