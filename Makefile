@@ -1,0 +1,42 @@
+# selfextend-rs: `make help` lists the targets.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CARGO_TARGET_DIR ?= $(CURDIR)/target
+export CARGO_TARGET_DIR
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## Show this help.
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+
+$(VENV)/.ready: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "maturin>=1.7,<2" "numpy>=1.21" "pytest>=7" "safetensors>=0.4" "tokenizers>=0.19"
+	touch $@
+
+.PHONY: venv
+venv: $(VENV)/.ready ## Create the virtualenv with the build and test tools.
+
+.PHONY: develop
+develop: venv ## Build the extension (dev profile) into the virtualenv.
+	$(VENV)/bin/maturin develop --quiet
+
+.PHONY: test
+test: develop ## Run every test: Rust unit/integration tests, then pytest.
+	cargo test --workspace --exclude selfextend-py
+	cargo build --quiet -p selfextend-bench
+	SELFEXTEND_BENCH=$(CARGO_TARGET_DIR)/debug/selfextend-bench $(PY) -m pytest -q
+
+.PHONY: bench
+bench: venv ## Build the release benchmark and run it on a tiny random checkpoint.
+	cargo build --release -p selfextend-bench
+	$(PY) tests/tiny_models.py $(CARGO_TARGET_DIR)/tiny-gqa --name gqa >/dev/null
+	$(CARGO_TARGET_DIR)/release/selfextend-bench --model $(CARGO_TARGET_DIR)/tiny-gqa
+
+.PHONY: clean
+clean: ## Remove the virtualenv and build outputs.
+	rm -rf $(VENV) target dist

@@ -1,0 +1,46 @@
+"""Smoke test of the benchmark binary: it runs and its JSON parses (not its speed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def bench_binary() -> Path:
+    explicit = os.environ.get("SELFEXTEND_BENCH")
+    if explicit:
+        return Path(explicit)
+    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    return target / "debug" / "selfextend-bench"
+
+
+def test_bench_json(model_path: Path) -> None:
+    exe = bench_binary()
+    assert exe.exists(), f"build it first: cargo build -p selfextend-bench ({exe})"
+    out = subprocess.run(
+        [str(exe), "--model", str(model_path), "--prefill", "40,80", "--decode-context", "60",
+         "--decode-tokens", "4", "--group-size", "2", "--window", "8", "--repeats", "2", "--json"],
+        check=True, capture_output=True, text=True, timeout=300,
+    )
+    report = json.loads(out.stdout)
+    phases = [(m["phase"], m["attention"], m["context"]) for m in report["measurements"]]
+    assert phases == [
+        ("prefill", "vanilla", 40), ("prefill", "selfextend", 40),
+        ("prefill", "vanilla", 80), ("prefill", "selfextend", 80),
+        ("decode", "vanilla", 60), ("decode", "selfextend", 60),
+    ]
+    assert all(m["median_seconds"] > 0 and len(m["seconds"]) == 2 for m in report["measurements"])
+    assert report["kv_cache_bytes"] > 0
+
+
+def test_bench_help_and_errors(tmp_path: Path) -> None:
+    exe = bench_binary()
+    help_text = subprocess.run([str(exe), "--help"], check=True, capture_output=True, text=True).stdout
+    assert "(L - W) * G + W" in help_text
+    bad = subprocess.run([str(exe), "--model", str(tmp_path / "missing")], capture_output=True, text=True)
+    assert bad.returncode == 1 and "cannot read" in bad.stderr
