@@ -111,6 +111,8 @@ def test_one_stream_from_two_threads(model: se.Model) -> None:
 @pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="needs POSIX signals")
 def test_ctrl_c_interrupts_a_long_prefill(model: se.Model) -> None:
     ids = random_ids(6000, model.config.vocab_size, seed=5)
+    # Shells that start jobs in the background ignore SIGINT; restore Python's handler.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT))
     timer.start()
     start = time.monotonic()
@@ -118,6 +120,7 @@ def test_ctrl_c_interrupts_a_long_prefill(model: se.Model) -> None:
         model.logits(ids, chunk_size=32)
     elapsed = time.monotonic() - start
     timer.join()
+    signal.signal(signal.SIGINT, previous)
     full_time = _timed(lambda: model.logits(ids[:600], chunk_size=32))
     # Interrupted long before the 6000-token call could have finished, and still works.
     assert elapsed < 10 * (full_time[1] - full_time[0]) + 2

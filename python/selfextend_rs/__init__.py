@@ -22,6 +22,7 @@ from selfextend_rs._native import (
     TokenizerError,
     __version__,
 )
+from selfextend_rs._models import default_model
 
 __all__ = [
     "Completion",
@@ -38,4 +39,5 @@ __all__ = [
     "Tokenizer",
     "TokenizerError",
     "__version__",
+    "default_model",
 ]

@@ -109,3 +109,265 @@ impl StreamDecoder {
         }
     }
 }
+
+/// Building a `tokenizers::Tokenizer` from GGUF `tokenizer.ggml.*` metadata.
+pub mod gguf {
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    use tokenizers::decoders::byte_fallback::ByteFallback;
+    use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+    use tokenizers::decoders::fuse::Fuse;
+    use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+    use tokenizers::decoders::strip::Strip;
+    use tokenizers::models::bpe::{Vocab, BPE};
+    use tokenizers::normalizers::{Prepend, Replace};
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    use tokenizers::pre_tokenizers::digits::Digits;
+    use tokenizers::pre_tokenizers::sequence::Sequence;
+    use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+    use tokenizers::processors::template::TemplateProcessing;
+    use tokenizers::{AddedToken, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior};
+
+    use super::Tokenizer;
+    use crate::error::{Error, Result};
+    use crate::loader::gguf::Value;
+
+    const TOKEN_CONTROL: i64 = 3;
+    const TOKEN_USER_DEFINED: i64 = 4;
+
+    /// The Llama 3 ("llama-bpe") pre-tokenizer split.
+    const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+    struct Meta<'a> {
+        map: &'a BTreeMap<String, Value>,
+        path: &'a Path,
+    }
+
+    impl Meta<'_> {
+        fn err(&self, msg: String) -> Error {
+            Error::Tokenizer {
+                context: format!("building the tokenizer from {}", self.path.display()),
+                msg,
+            }
+        }
+
+        fn strings(&self, key: &str) -> Result<Vec<&str>> {
+            let arr = self
+                .map
+                .get(key)
+                .and_then(Value::as_array)
+                .ok_or_else(|| self.err(format!("missing array '{key}'")))?;
+            arr.iter()
+                .map(|v| v.as_str().ok_or_else(|| self.err(format!("'{key}' must hold strings"))))
+                .collect()
+        }
+
+        fn numbers<T>(&self, key: &str, f: impl Fn(&Value) -> Option<T>) -> Result<Option<Vec<T>>> {
+            let Some(v) = self.map.get(key) else { return Ok(None) };
+            let arr = v
+                .as_array()
+                .ok_or_else(|| self.err(format!("'{key}' must be an array")))?;
+            arr.iter()
+                .map(|v| f(v).ok_or_else(|| self.err(format!("'{key}' must hold numbers"))))
+                .collect::<Result<Vec<_>>>()
+                .map(Some)
+        }
+
+        fn token(&self, key: &str, tokens: &[&str]) -> Option<String> {
+            let id = self.map.get(key)?.as_u64()? as usize;
+            tokens.get(id).map(|t| t.to_string())
+        }
+
+        fn flag(&self, key: &str) -> Option<bool> {
+            self.map.get(key).and_then(Value::as_bool)
+        }
+    }
+
+    /// Builds the tokenizer llama.cpp would use for this file.
+    pub fn from_metadata(map: &BTreeMap<String, Value>, path: &Path) -> Result<Tokenizer> {
+        let meta = Meta { map, path };
+        let model = map
+            .get("tokenizer.ggml.model")
+            .and_then(Value::as_str)
+            .ok_or_else(|| meta.err("missing 'tokenizer.ggml.model'".into()))?;
+        let tokens = meta.strings("tokenizer.ggml.tokens")?;
+        let vocab: Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), i as u32))
+            .collect();
+        let types = meta
+            .numbers("tokenizer.ggml.token_type", Value::as_i64)?
+            .unwrap_or_default();
+        if !types.is_empty() && types.len() != tokens.len() {
+            return Err(meta.err(format!(
+                "{} token types for {} tokens",
+                types.len(),
+                tokens.len()
+            )));
+        }
+        let (mut tok, add_bos_default) = match model {
+            "gpt2" => (gpt2(&meta, vocab, &tokens)?, false),
+            "llama" => (sentencepiece(&meta, vocab, &tokens)?, true),
+            other => {
+                return Err(meta.err(format!(
+                    "tokenizer model '{other}' is not supported (expected 'gpt2' or 'llama')"
+                )))
+            }
+        };
+        let added: Vec<AddedToken> = types
+            .iter()
+            .enumerate()
+            .filter(|(_, &t)| t == TOKEN_CONTROL || t == TOKEN_USER_DEFINED)
+            .map(|(i, &t)| {
+                AddedToken::from(tokens[i], t == TOKEN_CONTROL)
+                    .normalized(false)
+            })
+            .collect();
+        tok.add_special_tokens(&added);
+
+        let bos = meta.token("tokenizer.ggml.bos_token_id", &tokens);
+        let eos = meta.token("tokenizer.ggml.eos_token_id", &tokens);
+        let add_bos = meta.flag("tokenizer.ggml.add_bos_token").unwrap_or(add_bos_default);
+        let add_eos = meta.flag("tokenizer.ggml.add_eos_token").unwrap_or(false);
+        let mut template = vec![];
+        let mut specials = vec![];
+        for (add, token) in [(add_bos, &bos), (add_eos, &eos)] {
+            if let (true, Some(t)) = (add, token) {
+                specials.push((t.clone(), tokens.iter().position(|x| x == t).unwrap() as u32));
+            }
+        }
+        if add_bos {
+            if let Some(b) = &bos {
+                template.push(b.clone());
+            }
+        }
+        template.push("$A".to_string());
+        if add_eos {
+            if let Some(e) = &eos {
+                template.push(e.clone());
+            }
+        }
+        if !specials.is_empty() {
+            let processor = TemplateProcessing::builder()
+                .try_single(template.join(" "))
+                .map_err(|e| meta.err(e.to_string()))?
+                .special_tokens(specials)
+                .build()
+                .map_err(|e| meta.err(e.to_string()))?;
+            tok.with_post_processor(Some(processor));
+        }
+        Ok(Tokenizer::from_inner(tok))
+    }
+
+    fn gpt2(
+        meta: &Meta,
+        vocab: Vocab,
+        tokens: &[&str],
+    ) -> Result<tokenizers::Tokenizer> {
+        let merges = meta
+            .strings("tokenizer.ggml.merges")?
+            .into_iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| meta.err(format!("merge '{m}' is not two tokens")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (a, b) in &merges {
+            if !vocab.contains_key(a) || !vocab.contains_key(b) {
+                return Err(meta.err(format!("merge '{a} {b}' uses a token not in the vocabulary")));
+            }
+        }
+        let _ = tokens;
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| meta.err(e.to_string()))?;
+        let mut tok = tokenizers::Tokenizer::new(bpe);
+        let pre = meta
+            .map
+            .get("tokenizer.ggml.pre")
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        let byte_level = ByteLevel::new(false, true, true);
+        let pre_tokenizer: PreTokenizerWrapper = match pre {
+            "default" | "gpt2" | "gpt-2" => byte_level.into(),
+            "smollm" => Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
+            "llama-bpe" | "llama3" => {
+                let split = Split::new(
+                    SplitPattern::Regex(LLAMA3_SPLIT.into()),
+                    SplitDelimiterBehavior::Isolated,
+                    false,
+                )
+                .map_err(|e| meta.err(e.to_string()))?;
+                Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into()
+            }
+            other => {
+                return Err(meta.err(format!(
+                    "pre-tokenizer '{other}' is not supported (supported: default, gpt2, smollm, llama-bpe)"
+                )))
+            }
+        };
+        tok.with_pre_tokenizer(Some(pre_tokenizer));
+        tok.with_decoder(Some(ByteLevelDecoder::default()));
+        Ok(tok)
+    }
+
+    /// SentencePiece-style BPE, as `transformers` converts Llama 1/2 tokenizers:
+    /// merges derived from the piece scores, byte fallback, and "▁" for spaces.
+    fn sentencepiece(
+        meta: &Meta,
+        vocab: Vocab,
+        tokens: &[&str],
+    ) -> Result<tokenizers::Tokenizer> {
+        let scores = meta
+            .numbers("tokenizer.ggml.scores", Value::as_f64)?
+            .ok_or_else(|| meta.err("missing 'tokenizer.ggml.scores'".into()))?;
+        if scores.len() != tokens.len() {
+            return Err(meta.err(format!("{} scores for {} tokens", scores.len(), tokens.len())));
+        }
+        let mut merges: Vec<(f64, u32, u32, String, String)> = vec![];
+        for (piece, &score) in tokens.iter().zip(&scores) {
+            for (split, _) in piece.char_indices().skip(1) {
+                let (l, r) = piece.split_at(split);
+                if let (Some(&li), Some(&ri)) = (vocab.get(l), vocab.get(r)) {
+                    merges.push((score, li, ri, l.to_string(), r.to_string()));
+                }
+            }
+        }
+        merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+        let merges = merges.into_iter().map(|(_, _, _, l, r)| (l, r)).collect();
+        let unk = meta
+            .token("tokenizer.ggml.unknown_token_id", tokens)
+            .unwrap_or_else(|| "<unk>".into());
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .unk_token(unk)
+            .byte_fallback(true)
+            .fuse_unk(true)
+            .build()
+            .map_err(|e| meta.err(e.to_string()))?;
+        let mut tok = tokenizers::Tokenizer::new(bpe);
+        let mut normalizers: Vec<NormalizerWrapper> = vec![];
+        let space_prefix = meta.flag("tokenizer.ggml.add_space_prefix").unwrap_or(true);
+        if space_prefix {
+            normalizers.push(Prepend::new("▁".into()).into());
+        }
+        normalizers.push(Replace::new(" ", "▁").map_err(|e| meta.err(e.to_string()))?.into());
+        tok.with_normalizer(Some(tokenizers::normalizers::Sequence::new(normalizers)));
+        let mut decoders = vec![
+            tokenizers::decoders::DecoderWrapper::Replace(
+                Replace::new("▁", " ").map_err(|e| meta.err(e.to_string()))?,
+            ),
+            ByteFallback::new().into(),
+            Fuse::new().into(),
+        ];
+        if space_prefix {
+            decoders.push(Strip::new(' ', 1, 0).into());
+        }
+        tok.with_decoder(Some(DecoderSequence::new(decoders)));
+        Ok(tok)
+    }
+}

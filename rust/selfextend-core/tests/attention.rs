@@ -6,7 +6,8 @@ mod common;
 use candle_core::{Device, Tensor};
 use common::{max_rel_diff, Rng};
 use selfextend_core::rope::RotaryEmbedding;
-use selfextend_core::{attention::run_attention, AttentionParams, SelfExtend};
+use selfextend_core::attention::{run_attention, Positions};
+use selfextend_core::{AttentionParams, SelfExtend};
 
 const THETA: f64 = 10_000.0;
 
@@ -87,7 +88,7 @@ fn check(rng: &mut Rng, shape: (usize, usize, usize, usize), kv: (usize, usize),
     let self_extend = se.map(|(g, w)| SelfExtend::new(g, w).unwrap());
     let params = AttentionParams::new(d, self_extend);
     let rope = RotaryEmbedding::with_params(d, THETA, None);
-    let got = run_attention(&qt, &kt, &vt, &rope, &params).unwrap();
+    let got = run_attention(&qt, &kt, &vt, &Positions::new(&rope, s, n), &params).unwrap();
     let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let err = max_rel_diff(&got, &expected);
     assert!(
@@ -145,7 +146,7 @@ fn window_covering_the_sequence_is_vanilla() {
     let v = Tensor::from_vec(rng.vec(h * n * d, 1.0), (1, h, n, d), &Device::Cpu).unwrap();
     let rope = RotaryEmbedding::with_params(d, THETA, None);
     let run = |se| {
-        run_attention(&q, &k, &v, &rope, &AttentionParams::new(d, se))
+        run_attention(&q, &k, &v, &Positions::new(&rope, n, n), &AttentionParams::new(d, se))
             .unwrap()
             .flatten_all()
             .unwrap()
@@ -166,4 +167,28 @@ fn self_extend_parameters() {
     assert_eq!(se.max_context(8192), (8192 - 1024) * 4 + 1024);
     assert_eq!(SelfExtend::new(4, 9000).unwrap().max_context(8192), 8192);
     assert_eq!(se.grouped_query_position(5000), 5000 / 4 + 1024 - 256);
+}
+
+#[test]
+fn auto_obeys_its_rules() {
+    for trained in [32, 100, 256, 2048, 4096, 8192, 32768] {
+        for target in [1, trained / 2, trained, 2 * trained, 3 * trained + 7, 4 * trained, 16 * trained] {
+            let target = target.max(1);
+            let se = SelfExtend::auto(target, trained).unwrap();
+            let (g, w) = (se.group_size(), se.window());
+            assert!(se.max_context(trained) >= target, "{target} {trained} {se:?}");
+            assert!((target - 1) / g + w - w / g <= 2 * trained / 3, "{target} {trained} {se:?}");
+            if g > 1 {
+                // Minimal: one group fewer would break the 2L/3 rule.
+                let g1 = g - 1;
+                assert!((target - 1) / g1 + w - w / g1 > 2 * trained / 3);
+            }
+            if trained >= 256 {
+                assert_eq!(w % 64, 0);
+                assert!(w * 8 >= trained && w * 8 <= 3 * trained);
+            }
+        }
+    }
+    assert_eq!(SelfExtend::auto(4000, 8192).unwrap().group_size(), 1);
+    assert!(SelfExtend::auto(0, 8192).is_err());
 }

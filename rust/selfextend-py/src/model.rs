@@ -1,6 +1,7 @@
 //! `Model`, `Tokenizer` and `TextStream`.
 
 use std::panic::AssertUnwindSafe;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -11,24 +12,40 @@ use pyo3::prelude::*;
 use selfextend_core::generate::{Completion, GenerateOptions, Generation};
 use selfextend_core::model::{parse_device, parse_dtype};
 use selfextend_core::sampling::SamplingParams;
+use selfextend_core::chat::Message;
 use selfextend_core::{Error, Model, SelfExtend};
 
 use crate::errors::{invalid_argument, to_py, ContextLengthWarning, SelfExtendError};
 use crate::types::{PyCompletion, PyModelConfig, PySelfExtend};
 
+type Check<'a> = dyn FnMut(usize, usize) -> selfextend_core::Result<()> + 'a;
+
 /// Releases the GIL and runs `f`, handing it a callback that re-takes the GIL between
-/// chunks to check for Ctrl-C. Panics are caught here and never cross into Python.
+/// chunks and steps to check for Ctrl-C and to report prefill progress. Panics are
+/// caught here and never cross into Python.
 fn detached<T: Send>(
     py: Python<'_>,
     during_load: bool,
-    f: impl FnOnce(&mut dyn FnMut(usize, usize) -> selfextend_core::Result<()>) -> selfextend_core::Result<T>
-        + Send,
+    progress: Option<&Py<PyAny>>,
+    f: impl FnOnce(&mut Check<'_>) -> selfextend_core::Result<T> + Send,
 ) -> PyResult<T> {
-    let mut signal: Option<PyErr> = None;
+    let mut raised: Option<PyErr> = None;
+    let mut reported = 0usize;
     let result = py.detach(|| {
-        let mut check = |_done: usize, _total: usize| {
-            Python::attach(|py| py.check_signals()).map_err(|e| {
-                signal = Some(e);
+        let mut check = |done: usize, total: usize| {
+            Python::attach(|py| {
+                py.check_signals()?;
+                // Decode steps repeat (total, total); report each position once.
+                if let Some(callback) = progress {
+                    if done > reported || (done == 0 && reported == 0 && total == 0) {
+                        reported = done;
+                        callback.bind(py).call1((done, total))?;
+                    }
+                }
+                Ok::<(), PyErr>(())
+            })
+            .map_err(|e| {
+                raised = Some(e);
                 Error::Interrupted
             })
         };
@@ -37,7 +54,7 @@ fn detached<T: Send>(
     match result {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(Error::Interrupted)) => {
-            Err(signal.unwrap_or_else(|| PyKeyboardInterrupt::new_err("interrupted")))
+            Err(raised.unwrap_or_else(|| PyKeyboardInterrupt::new_err("interrupted")))
         }
         Ok(Err(e)) => Err(to_py(e, during_load)),
         Err(panic) => {
@@ -49,6 +66,52 @@ fn detached<T: Send>(
             Err(SelfExtendError::new_err(format!(
                 "internal error (please report it): {what}"
             )))
+        }
+    }
+}
+
+/// `progress=True` draws the built-in bar; a callable is called as `fn(done, total)`.
+fn progress_callback(py: Python<'_>, progress: Option<Bound<'_, PyAny>>, desc: &str) -> PyResult<Option<Py<PyAny>>> {
+    let Some(progress) = progress else { return Ok(None) };
+    if progress.is_none() {
+        return Ok(None);
+    }
+    if let Ok(flag) = progress.cast::<pyo3::types::PyBool>() {
+        if !flag.is_true() {
+            return Ok(None);
+        }
+        let bar = py
+            .import("selfextend_rs._progress")?
+            .getattr("ProgressBar")?
+            .call1((desc,))?;
+        return Ok(Some(bar.unbind()));
+    }
+    if !progress.is_callable() {
+        return Err(pyo3::exceptions::PyTypeError::new_err(
+            "progress must be a bool or a callable taking (done, total)",
+        ));
+    }
+    Ok(Some(progress.unbind()))
+}
+
+/// `self_extend=`: a `SelfExtend`, `"auto"`, or `None`.
+#[derive(FromPyObject)]
+enum SelfExtendArg {
+    Setting(PySelfExtend),
+    Named(String),
+}
+
+impl SelfExtendArg {
+    /// Resolves `"auto"` for a sequence of `total` tokens.
+    fn resolve(self, total: usize, trained: usize) -> PyResult<SelfExtend> {
+        match self {
+            Self::Setting(s) => Ok(s.0),
+            Self::Named(name) if name == "auto" => {
+                SelfExtend::auto(total.max(1), trained).map_err(|e| to_py(e, false))
+            }
+            Self::Named(name) => Err(invalid_argument(format!(
+                "invalid argument `self_extend`: expected a SelfExtend, \"auto\" or None, got {name:?}"
+            ))),
         }
     }
 }
@@ -114,7 +177,7 @@ impl PyModel {
             )),
             Prompt::Text(text) => {
                 let model = self.inner.clone();
-                detached(py, false, move |_| model.tokenizer().encode(&text, true))
+                detached(py, false, None, move |_| model.tokenizer().encode(&text, true))
             }
             Prompt::Ids(ids) => to_ids(&ids, self.inner.config().vocab_size, "prompt"),
         }
@@ -154,7 +217,7 @@ impl PyModel {
         repetition_penalty: f64,
         seed: Option<i128>,
         stop: Option<Stop>,
-        self_extend: Option<PySelfExtend>,
+        self_extend: Option<SelfExtendArg>,
         chunk_size: Option<i64>,
     ) -> PyResult<Request> {
         if max_new_tokens < 0 {
@@ -172,6 +235,9 @@ impl PyModel {
             })
             .transpose()?;
         let prompt = self.encode_prompt(py, prompt)?;
+        let trained = self.inner.config().max_position_embeddings;
+        let total = prompt.len().saturating_add(max_new_tokens as usize);
+        let self_extend = self_extend.map(|s| s.resolve(total, trained)).transpose()?;
         let opts = GenerateOptions {
             max_new_tokens: max_new_tokens as usize,
             sampling: SamplingParams {
@@ -186,7 +252,7 @@ impl PyModel {
                 Some(Stop::One(s)) => vec![s],
                 Some(Stop::Many(v)) => v,
             },
-            self_extend: self_extend.map(|s| s.0),
+            self_extend,
             chunk_size: optional_positive(chunk_size, "chunk_size")?,
         };
         opts.sampling.validate().map_err(|e| to_py(e, false))?;
@@ -204,8 +270,50 @@ impl PyModel {
 
     fn start(&self, py: Python<'_>, req: Request) -> PyResult<Generation> {
         let model = self.inner.clone();
-        detached(py, false, move |_| Generation::new(model, req.prompt, req.opts))
+        detached(py, false, None, move |_| Generation::new(model, req.prompt, req.opts))
     }
+
+    /// Renders a conversation with the model's chat template into prompt ids.
+    fn chat_prompt(&self, py: Python<'_>, messages: Vec<HashMap<String, String>>) -> PyResult<Prompt> {
+        let messages = messages
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut m)| match (m.remove("role"), m.remove("content")) {
+                (Some(role), Some(content)) => Ok(Message::new(role, content)),
+                _ => Err(invalid_argument(format!(
+                    "invalid argument `messages`: message {i} needs 'role' and 'content' keys"
+                ))),
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        let model = self.inner.clone();
+        let ids = detached(py, false, None, move |_| {
+            let template = model.chat_template().ok_or_else(|| Error::InvalidArgument {
+                name: "messages",
+                msg: "this model has no chat template; use generate() with a plain prompt".into(),
+            })?;
+            let text = selfextend_core::chat::render(template, &messages, true)?;
+            model.tokenizer().encode(&text, false)
+        })?;
+        Ok(Prompt::Ids(ids.into_iter().map(i64::from).collect()))
+    }
+}
+
+macro_rules! generation_doc {
+    () => {
+        r#"    prompt: Text (encoded with the tokenizer's special tokens) or token ids.
+    max_new_tokens: Upper bound on generated tokens (>= 0).
+    temperature: 0.0 is greedy; higher samples more freely.
+    top_k: Sample only among the k most likely tokens.
+    top_p: Sample only from the smallest set of tokens with this much mass.
+    repetition_penalty: > 1.0 discourages tokens already in the sequence.
+    seed: Makes sampling reproducible.
+    stop: A string or list of strings that end generation (excluded from text).
+    self_extend: A SelfExtend, "auto" (chosen for prompt + max_new_tokens), or None
+        for plain attention.
+    chunk_size: Prefill chunk length (default 512); results do not depend on it.
+    progress: True draws a prefill progress bar on stderr; a callable is called
+        as fn(done, total) after each prefill chunk."#
+    };
 }
 
 #[pymethods]
@@ -213,10 +321,13 @@ impl PyModel {
     /// Loads a model.
     ///
     /// Args:
-    ///     path: A Hugging Face Llama directory with config.json, tokenizer.json and
-    ///         model.safetensors (or a sharded model.safetensors.index.json).
+    ///     path: A llama.cpp GGUF file, or a Hugging Face Llama directory with
+    ///         config.json, tokenizer.json and model.safetensors (or a sharded
+    ///         model.safetensors.index.json). None loads the default model,
+    ///         SmolLM2-135M-Instruct (see default_model()).
     ///     device: "cpu" (default), "cuda", "cuda:N" or "metal" where the build has them.
-    ///     dtype: Compute dtype: None (f32), "f32", "bf16" or "f16".
+    ///     dtype: Compute dtype: None, "f32", "bf16" or "f16". None is f32 and keeps
+    ///         GGUF weights quantized; naming a dtype dequantizes them.
     ///
     /// Returns:
     ///     The loaded Model.
@@ -225,14 +336,22 @@ impl PyModel {
     ///     ModelLoadError: the files are missing, corrupt, inconsistent or unsupported.
     ///     InvalidArgumentError: unknown device or dtype.
     #[staticmethod]
-    #[pyo3(signature = (path, *, device = "cpu", dtype = None))]
-    fn load(py: Python<'_>, path: PathBuf, device: &str, dtype: Option<&str>) -> PyResult<Self> {
+    #[pyo3(signature = (path = None, *, device = "cpu", dtype = None))]
+    fn load(py: Python<'_>, path: Option<PathBuf>, device: &str, dtype: Option<&str>) -> PyResult<Self> {
+        let path = match path {
+            Some(p) => p,
+            None => py
+                .import("selfextend_rs._models")?
+                .getattr("default_model")?
+                .call0()?
+                .extract()?,
+        };
         let device = parse_device(device).map_err(|e| to_py(e, false))?;
         let dtype = dtype
             .map(parse_dtype)
             .transpose()
             .map_err(|e| to_py(e, false))?;
-        let model = detached(py, true, move |_| Model::load(&path, &device, dtype))?;
+        let model = detached(py, true, None, move |_| Model::load(&path, &device, dtype))?;
         Ok(Self {
             inner: Arc::new(model),
         })
@@ -264,22 +383,37 @@ impl PyModel {
         self.inner.dtype().as_str().to_string()
     }
 
+    /// Whether linear layers run on quantized GGUF weights.
+    #[getter]
+    fn quantized(&self) -> bool {
+        self.inner.is_quantized()
+    }
+
+    /// The chat template from the model's files, or None.
+    #[getter]
+    fn chat_template(&self) -> Option<String> {
+        self.inner.chat_template().map(|t| t.source.clone())
+    }
+
     /// Logits of every position of a token sequence.
     ///
     /// Args:
     ///     token_ids: The sequence, a list of ints below vocab_size.
-    ///     self_extend: A SelfExtend setting, or None for plain attention.
+    ///     self_extend: A SelfExtend, "auto", or None for plain attention.
     ///     chunk_size: Prefill chunk length (default 512); results do not depend on it.
+    ///     progress: True draws a progress bar on stderr; a callable is called as
+    ///         fn(done, total) after each chunk.
     ///
     /// Returns:
     ///     numpy.ndarray of float32, shape (len(token_ids), vocab_size).
-    #[pyo3(signature = (token_ids, *, self_extend = None, chunk_size = None))]
+    #[pyo3(signature = (token_ids, *, self_extend = None, chunk_size = None, progress = None))]
     fn logits<'py>(
         &self,
         py: Python<'py>,
         token_ids: Vec<i64>,
-        self_extend: Option<PySelfExtend>,
+        self_extend: Option<SelfExtendArg>,
         chunk_size: Option<i64>,
+        progress: Option<Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
         let vocab = self.inner.config().vocab_size;
         let ids = to_ids(&token_ids, vocab, "token_ids")?;
@@ -289,11 +423,13 @@ impl PyModel {
             ));
         }
         let chunk_size = optional_positive(chunk_size, "chunk_size")?;
-        let se = self_extend.map(|s| s.0);
+        let trained = self.inner.config().max_position_embeddings;
+        let se = self_extend.map(|s| s.resolve(ids.len(), trained)).transpose()?;
+        let progress = progress_callback(py, progress, "prefill")?;
         self.warn_context(py, ids.len(), se)?;
         let model = self.inner.clone();
         let n = ids.len();
-        let logits = detached(py, false, move |check| {
+        let logits = detached(py, false, progress.as_ref(), move |check| {
             model.logits(&ids, se, chunk_size, check)
         })?;
         let array = Array2::from_shape_vec((n, vocab), logits)
@@ -301,25 +437,10 @@ impl PyModel {
         Ok(array.into_pyarray(py))
     }
 
-    /// Generates a completion.
-    ///
-    /// Args:
-    ///     prompt: Text (encoded with the tokenizer's special tokens) or token ids.
-    ///     max_new_tokens: Upper bound on generated tokens (>= 0).
-    ///     temperature: 0.0 is greedy; higher samples more freely.
-    ///     top_k: Sample only among the k most likely tokens.
-    ///     top_p: Sample only from the smallest set of tokens with this much mass.
-    ///     repetition_penalty: > 1.0 discourages tokens already in the sequence.
-    ///     seed: Makes sampling reproducible.
-    ///     stop: A string or list of strings that end generation (excluded from text).
-    ///     self_extend: A SelfExtend setting, or None for plain attention.
-    ///     chunk_size: Prefill chunk length (default 512).
-    ///
-    /// Returns:
-    ///     A Completion with text, token_ids, finish_reason and timings.
+    #[doc = concat!("Generates a completion.\n\nArgs:\n", generation_doc!(), "\n\nReturns:\n    A Completion with text, token_ids, finish_reason and timings.")]
     #[pyo3(signature = (prompt, max_new_tokens = 128, *, temperature = 0.0, top_k = None,
         top_p = None, repetition_penalty = 1.0, seed = None, stop = None, self_extend = None,
-        chunk_size = None))]
+        chunk_size = None, progress = None))]
     #[allow(clippy::too_many_arguments)]
     fn generate(
         &self,
@@ -332,29 +453,24 @@ impl PyModel {
         repetition_penalty: f64,
         seed: Option<i128>,
         stop: Option<Stop>,
-        self_extend: Option<PySelfExtend>,
+        self_extend: Option<SelfExtendArg>,
         chunk_size: Option<i64>,
+        progress: Option<Bound<'_, PyAny>>,
     ) -> PyResult<PyCompletion> {
         let req = self.request(
             py, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
             stop, self_extend, chunk_size,
         )?;
+        let progress = progress_callback(py, progress, "prefill")?;
         let generation = self.start(py, req)?;
-        let completion = detached(py, false, move |check| generation.run(check))?;
+        let completion = detached(py, false, progress.as_ref(), move |check| generation.run(check))?;
         Ok(completion.into())
     }
 
-    /// Like `generate`, but yields text pieces as they are decoded.
-    ///
-    /// Pieces always end on UTF-8 character boundaries, and text that might begin a
-    /// stop string is held back until it is known not to. Takes the same arguments
-    /// as `generate`.
-    ///
-    /// Returns:
-    ///     A TextStream: an iterator of str whose `completion` is set once exhausted.
+    #[doc = concat!("Like generate(), but yields text pieces as they are decoded.\n\nPieces end on UTF-8 character boundaries, and text that might begin a stop string\nis held back until it is known not to.\n\nArgs:\n", generation_doc!(), "\n\nReturns:\n    A TextStream: an iterator of str whose `completion` is set once exhausted.")]
     #[pyo3(signature = (prompt, max_new_tokens = 128, *, temperature = 0.0, top_k = None,
         top_p = None, repetition_penalty = 1.0, seed = None, stop = None, self_extend = None,
-        chunk_size = None))]
+        chunk_size = None, progress = None))]
     #[allow(clippy::too_many_arguments)]
     fn stream(
         &self,
@@ -367,27 +483,85 @@ impl PyModel {
         repetition_penalty: f64,
         seed: Option<i128>,
         stop: Option<Stop>,
-        self_extend: Option<PySelfExtend>,
+        self_extend: Option<SelfExtendArg>,
         chunk_size: Option<i64>,
+        progress: Option<Bound<'_, PyAny>>,
     ) -> PyResult<PyTextStream> {
         let req = self.request(
             py, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
             stop, self_extend, chunk_size,
         )?;
+        let progress = progress_callback(py, progress, "prefill")?;
         let generation = self.start(py, req)?;
         Ok(PyTextStream {
             state: Mutex::new(StreamState::Running(Box::new(generation))),
+            progress,
         })
+    }
+
+    #[doc = concat!("Answers a conversation, formatted with the model's own chat template.\n\nArgs:\n    messages: A list of {\"role\": ..., \"content\": ...} dicts, e.g. roles\n        \"system\", \"user\" and \"assistant\".\n", generation_doc!(), "\n\nReturns:\n    A Completion; its text is the assistant's reply.")]
+    #[pyo3(signature = (messages, max_new_tokens = 128, *, temperature = 0.0, top_k = None,
+        top_p = None, repetition_penalty = 1.0, seed = None, stop = None, self_extend = None,
+        chunk_size = None, progress = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn chat(
+        &self,
+        py: Python<'_>,
+        messages: Vec<HashMap<String, String>>,
+        max_new_tokens: i64,
+        temperature: f64,
+        top_k: Option<i64>,
+        top_p: Option<f64>,
+        repetition_penalty: f64,
+        seed: Option<i128>,
+        stop: Option<Stop>,
+        self_extend: Option<SelfExtendArg>,
+        chunk_size: Option<i64>,
+        progress: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<PyCompletion> {
+        let prompt = self.chat_prompt(py, messages)?;
+        self.generate(
+            py, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
+            stop, self_extend, chunk_size, progress,
+        )
+    }
+
+    #[doc = concat!("Like chat(), but yields the reply as text pieces.\n\nArgs:\n    messages: A list of {\"role\": ..., \"content\": ...} dicts.\n", generation_doc!(), "\n\nReturns:\n    A TextStream.")]
+    #[pyo3(signature = (messages, max_new_tokens = 128, *, temperature = 0.0, top_k = None,
+        top_p = None, repetition_penalty = 1.0, seed = None, stop = None, self_extend = None,
+        chunk_size = None, progress = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn chat_stream(
+        &self,
+        py: Python<'_>,
+        messages: Vec<HashMap<String, String>>,
+        max_new_tokens: i64,
+        temperature: f64,
+        top_k: Option<i64>,
+        top_p: Option<f64>,
+        repetition_penalty: f64,
+        seed: Option<i128>,
+        stop: Option<Stop>,
+        self_extend: Option<SelfExtendArg>,
+        chunk_size: Option<i64>,
+        progress: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<PyTextStream> {
+        let prompt = self.chat_prompt(py, messages)?;
+        self.stream(
+            py, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
+            stop, self_extend, chunk_size, progress,
+        )
     }
 
     fn __repr__(&self) -> String {
         let c = self.inner.config();
         format!(
-            "Model(path={:?}, layers={}, trained_context={}, dtype={})",
+            "Model(path={:?}, layers={}, trained_context={}, dtype={}{})",
             self.inner.source().display().to_string(),
             c.num_hidden_layers,
             c.max_position_embeddings,
-            self.inner.dtype().as_str()
+            self.inner.dtype().as_str(),
+            if self.inner.is_quantized() { ", quantized" } else { "" }
         )
     }
 }
@@ -411,7 +585,7 @@ impl PyTokenizer {
     #[pyo3(signature = (text, add_special_tokens = false))]
     fn encode(&self, py: Python<'_>, text: String, add_special_tokens: bool) -> PyResult<Vec<u32>> {
         let model = self.model.clone();
-        detached(py, false, move |_| model.tokenizer().encode(&text, add_special_tokens))
+        detached(py, false, None, move |_| model.tokenizer().encode(&text, add_special_tokens))
     }
 
     /// Decodes token ids to text.
@@ -426,7 +600,7 @@ impl PyTokenizer {
     fn decode(&self, py: Python<'_>, ids: Vec<i64>, skip_special_tokens: bool) -> PyResult<String> {
         let ids = to_ids(&ids, self.model.config().vocab_size, "ids")?;
         let model = self.model.clone();
-        detached(py, false, move |_| model.tokenizer().decode(&ids, skip_special_tokens))
+        detached(py, false, None, move |_| model.tokenizer().decode(&ids, skip_special_tokens))
     }
 
     /// Number of tokens, added tokens included.
@@ -451,6 +625,7 @@ enum StreamState {
 #[pyclass(name = "TextStream", module = "selfextend_rs", frozen)]
 pub struct PyTextStream {
     state: Mutex<StreamState>,
+    progress: Option<Py<PyAny>>,
 }
 
 #[pymethods]
@@ -461,7 +636,7 @@ impl PyTextStream {
 
     fn __next__(&self, py: Python<'_>) -> PyResult<Option<String>> {
         let state = &self.state;
-        detached(py, false, move |check| {
+        detached(py, false, self.progress.as_ref(), move |check| {
             let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
             loop {
                 let StreamState::Running(generation) = &mut *state else {

@@ -36,6 +36,36 @@ impl PySelfExtend {
             .map_err(|e| to_py(e, false))
     }
 
+    /// Picks a setting for reading `target_length` tokens with a model trained on
+    /// `trained_context` tokens, by the paper's rules:
+    ///
+    /// - W is a quarter of L (a multiple of 64 once L >= 256): the authors use
+    ///   windows of L/8 to 3L/8.
+    /// - G is the smallest group size that keeps every grouped position at or below
+    ///   2L/3, which implies (L - W) * G + W >= target_length.
+    /// - Targets within 2L/3 get G = 1, which is exactly plain attention.
+    ///
+    /// Args:
+    ///     target_length: Tokens to cover (prompt plus new tokens).
+    ///     trained_context: L, the model's trained context (config.trained_context).
+    ///
+    /// Returns:
+    ///     A SelfExtend.
+    #[staticmethod]
+    #[pyo3(signature = (target_length, trained_context))]
+    fn auto(target_length: i64, trained_context: i64) -> PyResult<Self> {
+        for (name, value, min) in [("target_length", target_length, 1), ("trained_context", trained_context, 4)] {
+            if value < min {
+                return Err(invalid_argument(format!(
+                    "invalid argument `{name}`: must be >= {min}, got {value}"
+                )));
+            }
+        }
+        SelfExtend::auto(target_length as usize, trained_context as usize)
+            .map(Self)
+            .map_err(|e| to_py(e, false))
+    }
+
     /// G: how many distant positions share one position.
     #[getter]
     fn group_size(&self) -> usize {

@@ -11,6 +11,8 @@
 
 mod naive;
 
+use std::cell::OnceCell;
+
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
@@ -32,6 +34,38 @@ impl SelfExtend {
             return Err(Error::invalid("window", format!("must be >= 1, got {window}")));
         }
         Ok(Self { group_size, window })
+    }
+
+    /// Picks `(G, W)` so a model trained on `trained_context` tokens reads
+    /// `target_length` tokens, following the paper's guidance:
+    ///
+    /// 1. `W = L / 4`, rounded down to a multiple of 64 once `L >= 256`. The authors
+    ///    use windows of 512 to 1536 for 4k-context Llama-2, 1/8 to 3/8 of `L`;
+    ///    a quarter is the middle of that range.
+    /// 2. `G` is the smallest group size that keeps every grouped query position,
+    ///    `(target - 1) / G + W - W / G`, at or below `2L / 3`: the model then only
+    ///    sees positions well inside the range it was trained on.
+    /// 3. That implies `(L - W) * G + W >= target`, the coverage rule.
+    ///
+    /// A target within `2L / 3` gets `G = 1`, which is exactly plain attention.
+    pub fn auto(target_length: usize, trained_context: usize) -> Result<Self> {
+        if target_length < 1 {
+            return Err(Error::invalid("target_length", "must be >= 1"));
+        }
+        if trained_context < 4 {
+            return Err(Error::invalid(
+                "trained_context",
+                format!("must be >= 4, got {trained_context}"),
+            ));
+        }
+        let l = trained_context;
+        let window = if l >= 256 { (l / 4) / 64 * 64 } else { (l / 4).max(1) };
+        let limit = 2 * l / 3;
+        let fits = |g: usize| (target_length - 1) / g + window - window / g <= limit;
+        // Past g = max(target, W) the grouped positions collapse to W <= 2L/3, so the
+        // search ends.
+        let group_size = (1..).find(|&g| fits(g)).expect("g = max(target, W) + 1 fits");
+        Self::new(group_size, window)
     }
 
     pub fn group_size(&self) -> usize {
@@ -97,10 +131,35 @@ impl AttentionParams {
     }
 }
 
+/// The positions of one forward call: `q_len` queries at `kv_len - q_len .. kv_len`
+/// over keys at `0 .. kv_len`. Rotary tables and masks depend on nothing else, so the
+/// backends build them once here and every layer reuses them.
+pub struct Positions<'a> {
+    rope: &'a RotaryEmbedding,
+    q_len: usize,
+    kv_len: usize,
+    naive: OnceCell<naive::Tables>,
+}
+
+impl<'a> Positions<'a> {
+    pub fn new(rope: &'a RotaryEmbedding, q_len: usize, kv_len: usize) -> Self {
+        Self {
+            rope,
+            q_len,
+            kv_len,
+            naive: OnceCell::new(),
+        }
+    }
+
+    pub fn rope(&self) -> &RotaryEmbedding {
+        self.rope
+    }
+}
+
 /// Causal (optionally SelfExtend) attention of a chunk of queries over the whole cache.
 ///
 /// - `q`: `(batch, n_heads, q_len, head_dim)`, un-rotated, at absolute positions
-///   `kv_len - q_len .. kv_len`;
+///   `kv_len - q_len .. kv_len` (as described by `positions`);
 /// - `k`, `v`: `(batch, n_kv_heads, kv_len, head_dim)`, keys un-rotated, at positions
 ///   `0 .. kv_len`; `n_heads` must be a multiple of `n_kv_heads` (GQA).
 ///
@@ -110,7 +169,7 @@ pub fn run_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    rope: &RotaryEmbedding,
+    positions: &Positions,
     params: &AttentionParams,
 ) -> Result<Tensor> {
     let (b, n_heads, q_len, head_dim) = q.dims4()?;
@@ -124,6 +183,16 @@ pub fn run_attention(
         ))
         .into());
     }
+    if (q_len, kv_len) != (positions.q_len, positions.kv_len) {
+        return Err(candle_core::Error::Msg(format!(
+            "attention positions are for q_len {} and kv_len {}, got q {:?}, k {:?}",
+            positions.q_len,
+            positions.kv_len,
+            q.dims(),
+            k.dims()
+        ))
+        .into());
+    }
     if n_kv_heads == 0 || n_heads % n_kv_heads != 0 || q_len > kv_len {
         return Err(candle_core::Error::Msg(format!(
             "attention needs n_heads % n_kv_heads == 0 and q_len <= kv_len, got q {:?}, k {:?}",
@@ -133,6 +202,6 @@ pub fn run_attention(
         .into());
     }
     match params.backend {
-        AttentionBackend::Naive => naive::attention(q, k, v, rope, params),
+        AttentionBackend::Naive => naive::attention(q, k, v, positions, params),
     }
 }

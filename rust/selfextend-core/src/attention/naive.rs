@@ -4,52 +4,96 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
-use super::AttentionParams;
+use super::{AttentionParams, Positions};
 use crate::error::Result;
 use crate::rope::RotaryEmbedding;
+
+/// cos/sin tables for one set of query and key positions.
+struct Rotation {
+    q: (Tensor, Tensor),
+    k: (Tensor, Tensor),
+}
+
+impl Rotation {
+    fn new(rope: &RotaryEmbedding, q_pos: &[usize], k_pos: &[usize], dev: &Device) -> Result<Self> {
+        Ok(Self {
+            q: rope.cos_sin(q_pos, DType::F32, dev)?,
+            k: rope.cos_sin(k_pos, DType::F32, dev)?,
+        })
+    }
+}
+
+/// Everything position-dependent, shared by all layers of one forward call.
+pub(super) struct Tables {
+    neighbor: Rotation,
+    /// Grouped rotations and the `(q_len, kv_len)` mask of neighbor pairs, when the
+    /// call has any grouped pair at all.
+    grouped: Option<(Rotation, Tensor)>,
+    causal_bias: Tensor,
+}
+
+impl Tables {
+    fn new(positions: &Positions, params: &AttentionParams, dev: &Device) -> Result<Self> {
+        let (q_len, kv_len, rope) = (positions.q_len, positions.kv_len, positions.rope);
+        let index_pos = kv_len - q_len;
+        let q_pos: Vec<usize> = (index_pos..kv_len).collect();
+        let k_pos: Vec<usize> = (0..kv_len).collect();
+        let neighbor = Rotation::new(rope, &q_pos, &k_pos, dev)?;
+        // Grouped pairs exist only once some query is W or more past key 0.
+        let grouped = match params.self_extend {
+            Some(se) if kv_len > se.window() => {
+                let gq: Vec<usize> = q_pos.iter().map(|&i| se.grouped_query_position(i)).collect();
+                let gk: Vec<usize> = k_pos.iter().map(|&j| se.grouped_key_position(j)).collect();
+                let mask = pair_mask(q_len, kv_len, index_pos, dev, |i, j| {
+                    j > i || se.is_neighbor(i, j)
+                })?;
+                Some((Rotation::new(rope, &gq, &gk, dev)?, mask))
+            }
+            _ => None,
+        };
+        Ok(Self {
+            neighbor,
+            grouped,
+            causal_bias: causal_bias(q_len, kv_len, index_pos, dev)?,
+        })
+    }
+}
 
 pub(super) fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    rope: &RotaryEmbedding,
+    positions: &Positions,
     params: &AttentionParams,
 ) -> Result<Tensor> {
     let (b, n_heads, q_len, head_dim) = q.dims4()?;
-    let (_, n_kv_heads, kv_len, _) = k.dims4()?;
-    let index_pos = kv_len - q_len;
-    let device = q.device();
+    let n_kv_heads = k.dim(1)?;
     let out_dtype = q.dtype();
-    let q = q.to_dtype(DType::F32)?;
-    let k = k.to_dtype(DType::F32)?;
+    let tables = match positions.naive.get() {
+        Some(t) => t,
+        None => {
+            let t = Tables::new(positions, params, q.device())?;
+            positions.naive.get_or_init(|| t)
+        }
+    };
+    let q = q.to_dtype(DType::F32)?.contiguous()?;
+    let k = k.to_dtype(DType::F32)?.contiguous()?;
     let v = v.to_dtype(DType::F32)?;
 
-    let q_pos: Vec<usize> = (index_pos..kv_len).collect();
-    let k_pos: Vec<usize> = (0..kv_len).collect();
-    let scores_at = |q_pos: &[usize], k_pos: &[usize]| -> Result<Tensor> {
-        let q = rope.apply(&q, q_pos)?;
-        let k = rope.apply(&k, k_pos)?;
+    let scores_at = |rot: &Rotation| -> Result<Tensor> {
+        let q = candle_nn::rotary_emb::rope(&q, &rot.q.0, &rot.q.1)?;
+        let k = candle_nn::rotary_emb::rope(&k, &rot.k.0, &rot.k.1)?;
         let scores = gqa_matmul(&q, &k.t()?, n_kv_heads)?;
         Ok((scores * params.scale)?)
     };
-
-    let mut scores = scores_at(&q_pos, &k_pos)?;
-    if let Some(se) = params.self_extend {
-        // Grouped pairs exist only once some query is W or more past key 0.
-        if kv_len > se.window() {
-            let gq: Vec<usize> = q_pos.iter().map(|&i| se.grouped_query_position(i)).collect();
-            let gk: Vec<usize> = k_pos.iter().map(|&j| se.grouped_key_position(j)).collect();
-            let grouped = scores_at(&gq, &gk)?;
-            let neighbor = pair_mask(q_len, kv_len, index_pos, device, |i, j| {
-                j > i || se.is_neighbor(i, j)
-            })?;
-            scores = neighbor
-                .broadcast_as(scores.shape())?
-                .where_cond(&scores, &grouped)?;
-        }
+    let mut scores = scores_at(&tables.neighbor)?;
+    if let Some((rotation, neighbor)) = &tables.grouped {
+        let grouped = scores_at(rotation)?;
+        scores = neighbor
+            .broadcast_as(scores.shape())?
+            .where_cond(&scores, &grouped)?;
     }
-    let causal = causal_bias(q_len, kv_len, index_pos, device)?;
-    let scores = scores.broadcast_add(&causal)?;
+    let scores = scores.broadcast_add(&tables.causal_bias)?;
     let probs = candle_nn::ops::softmax_last_dim(&scores)?;
     let out = gqa_matmul(&probs, &v, n_kv_heads)?;
     debug_assert_eq!(out.dims(), [b, n_heads, q_len, head_dim]);

@@ -1,10 +1,12 @@
 //! Weight loading: a source of named tensors, and a prefix-scoped view over it that
 //! model code uses the way candle models use a `VarBuilder`.
 
+pub mod gguf;
 pub mod safetensors;
 
 use std::collections::HashMap;
 
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
@@ -15,6 +17,17 @@ pub trait TensorSource: Send + Sync {
     fn load(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor>;
 
     fn contains(&self, name: &str) -> bool;
+
+    /// The tensor in its quantized form, for sources that keep weights quantized;
+    /// `None` means "load it dense".
+    fn load_quantized(
+        &self,
+        _name: &str,
+        _shape: &[usize],
+        _device: &Device,
+    ) -> Result<Option<QTensor>> {
+        Ok(None)
+    }
 }
 
 /// Tensors already in memory, keyed by checkpoint name.
@@ -76,6 +89,16 @@ impl<'a> Weights<'a> {
     pub fn get(&self, shape: impl Into<Vec<usize>>, name: &str) -> Result<Tensor> {
         self.source
             .load(&self.path(name), &shape.into(), self.dtype, self.device)
+    }
+
+    /// The quantized tensor when the source keeps this weight quantized.
+    pub fn get_quantized(
+        &self,
+        shape: impl Into<Vec<usize>>,
+        name: &str,
+    ) -> Result<Option<QTensor>> {
+        self.source
+            .load_quantized(&self.path(name), &shape.into(), self.device)
     }
 
     pub fn contains(&self, name: &str) -> bool {

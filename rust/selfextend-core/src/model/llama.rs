@@ -5,24 +5,53 @@
 //! Departures from the reference: the KV cache holds un-rotated keys and RoPE is
 //! applied inside attention (see [`crate::kv_cache`]), and logits are always f32.
 
+use candle_core::quantized::QMatMul;
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{Embedding, Linear};
+use candle_nn::Embedding;
 
-use crate::attention::{run_attention, AttentionParams};
+use crate::attention::{run_attention, AttentionParams, Positions};
 use crate::config::Config;
 use crate::error::Result;
 use crate::kv_cache::{KvCache, LayerCache};
 use crate::loader::Weights;
 use crate::rope::RotaryEmbedding;
 
+/// A linear layer over dense weights (gemm) or quantized GGUF blocks (`QMatMul`).
+#[derive(Debug, Clone)]
+enum Linear {
+    Dense(candle_nn::Linear),
+    Quantized { weight: QMatMul, bias: Option<Tensor> },
+}
+
+impl Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Dense(l) => l.forward(xs)?,
+            Self::Quantized { weight, bias } => {
+                let ys = weight.forward(xs)?;
+                match bias {
+                    Some(b) => ys.broadcast_add(b)?,
+                    None => ys,
+                }
+            }
+        })
+    }
+}
+
 fn linear(vb: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
-    let weight = vb.get([out_dim, in_dim], "weight")?;
     let bias = if bias {
         Some(vb.get([out_dim], "bias")?)
     } else {
         None
     };
-    Ok(Linear::new(weight, bias))
+    if let Some(q) = vb.get_quantized([out_dim, in_dim], "weight")? {
+        return Ok(Linear::Quantized {
+            weight: QMatMul::from_qtensor(q)?,
+            bias,
+        });
+    }
+    let weight = vb.get([out_dim, in_dim], "weight")?;
+    Ok(Linear::Dense(candle_nn::Linear::new(weight, bias)))
 }
 
 #[derive(Debug, Clone)]
@@ -99,7 +128,7 @@ impl Attention {
         &self,
         xs: &Tensor,
         cache: &mut LayerCache,
-        rope: &RotaryEmbedding,
+        positions: &Positions,
         params: &AttentionParams,
     ) -> Result<Tensor> {
         let (b_sz, seq_len, _) = xs.dims3()?;
@@ -113,7 +142,7 @@ impl Attention {
         let k = heads(&self.k_proj, self.num_kv_heads)?;
         let v = heads(&self.v_proj, self.num_kv_heads)?;
         let (k, v) = cache.append(&k, &v)?;
-        let ys = run_attention(&q, &k, &v, rope, params)?;
+        let ys = run_attention(&q, &k, &v, positions, params)?;
         let ys = ys
             .transpose(1, 2)?
             .reshape((b_sz, seq_len, self.num_heads * self.head_dim))?;
@@ -151,12 +180,12 @@ impl DecoderLayer {
         &self,
         xs: &Tensor,
         cache: &mut LayerCache,
-        rope: &RotaryEmbedding,
+        positions: &Positions,
         params: &AttentionParams,
     ) -> Result<Tensor> {
         let residual = xs;
         let xs = self.input_layernorm.forward(xs)?;
-        let xs = (self.self_attn.forward(&xs, cache, rope, params)? + residual)?;
+        let xs = (self.self_attn.forward(&xs, cache, positions, params)? + residual)?;
         let residual = &xs;
         let ys = self.mlp.forward(&self.post_attention_layernorm.forward(&xs)?)?;
         Ok((ys + residual)?)
@@ -190,7 +219,14 @@ impl Llama {
             .pp("embed_tokens")
             .get([cfg.vocab_size, cfg.hidden_size], "weight")?;
         let lm_head = if cfg.tie_word_embeddings {
-            Linear::new(embed_weight.clone(), None)
+            let shape = [cfg.vocab_size, cfg.hidden_size];
+            match vb_m.pp("embed_tokens").get_quantized(shape, "weight")? {
+                Some(q) => Linear::Quantized {
+                    weight: QMatMul::from_qtensor(q)?,
+                    bias: None,
+                },
+                None => Linear::Dense(candle_nn::Linear::new(embed_weight.clone(), None)),
+            }
         } else {
             linear(&vb.pp("lm_head"), cfg.hidden_size, cfg.vocab_size, false)?
         };
@@ -233,9 +269,11 @@ impl Llama {
         params: &AttentionParams,
         logits_for: LogitsFor,
     ) -> Result<Tensor> {
+        let seq_len = input_ids.dim(1)?;
+        let positions = Positions::new(&self.rope, seq_len, cache.len() + seq_len);
         let mut xs = self.embed_tokens.forward(input_ids)?;
         for (idx, layer) in self.layers.iter().enumerate() {
-            xs = layer.forward(&xs, cache.layer_mut(idx), &self.rope, params)?;
+            xs = layer.forward(&xs, cache.layer_mut(idx), &positions, params)?;
         }
         if logits_for == LogitsFor::Last {
             let seq_len = xs.dim(1)?;

@@ -10,6 +10,7 @@ use crate::attention::{AttentionParams, SelfExtend};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
+use crate::loader::gguf::{GgufFile, GgufSource};
 use crate::loader::safetensors::SafetensorsSource;
 use crate::loader::Weights;
 use crate::memory;
@@ -31,6 +32,16 @@ pub struct Model {
     llama: Llama,
     tokenizer: Tokenizer,
     source: PathBuf,
+    chat: Option<ChatTemplate>,
+    quantized: bool,
+}
+
+/// A Jinja chat template with the special tokens it may refer to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatTemplate {
+    pub source: String,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
 }
 
 /// Parses `"f32" | "bf16" | "f16"` (and the long `float32`-style names).
@@ -85,10 +96,11 @@ pub fn parse_device(name: &str) -> Result<Device> {
 }
 
 impl Model {
-    /// Loads a Hugging Face Llama directory: `config.json`, `tokenizer.json` and
-    /// `model.safetensors` (or a sharded `model.safetensors.index.json`).
+    /// Loads a model from a Hugging Face Llama directory (`config.json`,
+    /// `tokenizer.json`, `model.safetensors` or a sharded index) or a llama.cpp GGUF file.
     ///
-    /// `dtype` is the compute dtype; `None` is f32.
+    /// `dtype` is the compute dtype, f32 when `None`. GGUF weights stay quantized when
+    /// `dtype` is `None`; naming a dtype dequantizes them into a dense model.
     pub fn load(path: &Path, device: &Device, dtype: Option<DType>) -> Result<Self> {
         if !path.exists() {
             return Err(Error::io(
@@ -96,21 +108,58 @@ impl Model {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
             ));
         }
-        if !path.is_dir() {
-            return Err(Error::Unsupported {
-                path: path.to_path_buf(),
-                msg: "expected a model directory holding config.json, tokenizer.json and model.safetensors".into(),
-            });
+        if path.is_dir() {
+            return Self::load_hf_dir(path, device, dtype);
         }
+        if is_gguf(path) {
+            return Self::load_gguf(path, device, dtype);
+        }
+        Err(Error::Unsupported {
+            path: path.to_path_buf(),
+            msg: "expected a .gguf file or a model directory holding config.json, tokenizer.json and model.safetensors".into(),
+        })
+    }
+
+    fn load_hf_dir(path: &Path, device: &Device, dtype: Option<DType>) -> Result<Self> {
         let cfg = Config::from_hf_json_file(&path.join("config.json"))?;
         let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json"))?;
         let source = SafetensorsSource::open_dir(path)?;
         let dtype = dtype.unwrap_or(DType::F32);
         let llama = Llama::load(&Weights::new(&source, dtype, device), &cfg)?;
+        let chat = hf_chat_template(path)?;
         Ok(Self {
             llama,
             tokenizer,
             source: path.to_path_buf(),
+            chat,
+            quantized: false,
+        })
+    }
+
+    fn load_gguf(path: &Path, device: &Device, dtype: Option<DType>) -> Result<Self> {
+        let file = GgufFile::open(path)?;
+        let cfg = file.config()?;
+        let tokenizer = crate::tokenizer::gguf::from_metadata(&file.metadata, path)?;
+        let token = |id: Option<u32>| {
+            id.and_then(|id| tokenizer.inner().id_to_token(id))
+        };
+        let chat = file.chat_template().map(|t| ChatTemplate {
+            source: t.to_string(),
+            bos_token: token(cfg.bos_token_id),
+            eos_token: token(cfg.eos_token_ids.first().copied()),
+        });
+        let quantized = dtype.is_none();
+        let source = GgufSource::new(file, &cfg, quantized);
+        let llama = Llama::load(
+            &Weights::new(&source, dtype.unwrap_or(DType::F32), device),
+            &cfg,
+        )?;
+        Ok(Self {
+            llama,
+            tokenizer,
+            source: path.to_path_buf(),
+            chat,
+            quantized,
         })
     }
 
@@ -119,7 +168,19 @@ impl Model {
             llama,
             tokenizer,
             source,
+            chat: None,
+            quantized: false,
         }
+    }
+
+    /// The model's chat template, when its files carry one.
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat.as_ref()
+    }
+
+    /// Whether linear layers run on quantized GGUF blocks.
+    pub fn is_quantized(&self) -> bool {
+        self.quantized
     }
 
     pub fn config(&self) -> &Config {
@@ -244,4 +305,53 @@ pub fn resolve_chunk_size(chunk_size: Option<usize>) -> Result<usize> {
         Some(0) => Err(Error::invalid("chunk_size", "must be >= 1 (or None for the default)")),
         Some(n) => Ok(n),
     }
+}
+
+fn is_gguf(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let has_magic = std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == b"GGUF";
+    has_magic || path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+/// `chat_template.jinja`, or `chat_template` in `tokenizer_config.json` (a string, or
+/// a list of named templates of which "default" is taken).
+fn hf_chat_template(dir: &Path) -> Result<Option<ChatTemplate>> {
+    let config_path = dir.join("tokenizer_config.json");
+    let config: Option<serde_json::Value> = if config_path.is_file() {
+        let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+        Some(serde_json::from_str(&text).map_err(|e| Error::Config {
+            path: config_path.clone(),
+            msg: format!("not valid JSON: {e}"),
+        })?)
+    } else {
+        None
+    };
+    let token = |key: &str| -> Option<String> {
+        let v = config.as_ref()?.get(key)?;
+        v.as_str()
+            .or_else(|| v.get("content").and_then(|c| c.as_str()))
+            .map(str::to_string)
+    };
+    let jinja = dir.join("chat_template.jinja");
+    let source = if jinja.is_file() {
+        Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?)
+    } else {
+        match config.as_ref().and_then(|c| c.get("chat_template")) {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Array(named)) => named
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
+            _ => None,
+        }
+    };
+    Ok(source.map(|source| ChatTemplate {
+        source,
+        bos_token: token("bos_token"),
+        eos_token: token("eos_token"),
+    }))
 }

