@@ -19,6 +19,9 @@ const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
 const MAX_DIMS: usize = 4;
 
+/// Block types whose candle CPU dot product has no SIMD path (see `load_quantized`).
+const SCALAR_ONLY: [GgmlDType; 4] = [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q8_1];
+
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
@@ -576,7 +579,7 @@ impl GgufSource {
             ));
         }
         let raw = self.file.bytes(info);
-        let heads = if std::env::var("SE_NOPERM").is_ok() { None } else if hf_name.contains("self_attn.q_proj") {
+        let heads = if hf_name.contains("self_attn.q_proj") {
             Some(self.num_heads)
         } else if hf_name.contains("self_attn.k_proj") {
             Some(self.num_kv_heads)
@@ -652,13 +655,24 @@ impl TensorSource for GgufSource {
         if !self.keep_quantized {
             return Ok(None);
         }
-        if let Ok(skip) = std::env::var("SE_DENSE") {
-            if name.contains(&skip) { return Ok(None); }
-        }
         let info = gguf_name(name).and_then(|n| self.file.tensors.get(&n));
         match info {
             Some(info) if !matches!(info.dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => {
-                self.qtensor(name, shape, device).map(Some)
+                let q = self.qtensor(name, shape, &Device::Cpu)?;
+                let q = if SCALAR_ONLY.contains(&info.dtype) {
+                    // candle has SIMD dot products for Q4_0, Q8_0 and the K-quants only;
+                    // these blocks (32 values, like Q8_0) would run on a scalar loop.
+                    // Re-quantizing to Q8_0 costs 1.7x the memory of Q4_1 and adds an
+                    // error far below the 4/5-bit one already there.
+                    let dense = q.dequantize(&Device::Cpu)?;
+                    QTensor::quantize(&dense, GgmlDType::Q8_0)?
+                } else {
+                    q
+                };
+                Ok(Some(match device {
+                    Device::Cpu => q,
+                    _ => QTensor::quantize(&q.dequantize(&Device::Cpu)?.to_device(device)?, q.dtype())?,
+                }))
             }
             _ => Ok(None),
         }

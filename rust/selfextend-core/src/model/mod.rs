@@ -148,7 +148,11 @@ impl Model {
             bos_token: token(cfg.bos_token_id),
             eos_token: token(cfg.eos_token_ids.first().copied()),
         });
-        let quantized = dtype.is_none();
+        let has_blocks = file.tensors.values().any(|t| {
+            use candle_core::quantized::GgmlDType as G;
+            !matches!(t.dtype, G::F32 | G::F16 | G::BF16)
+        });
+        let quantized = dtype.is_none() && has_blocks;
         let source = GgufSource::new(file, &cfg, quantized);
         let llama = Llama::load(
             &Weights::new(&source, dtype.unwrap_or(DType::F32), device),
