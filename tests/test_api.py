@@ -127,3 +127,37 @@ def test_load_accepts_pathlike_and_reports(model_path: Path) -> None:
 def test_logits_accepts_numpy_ids(model: se.Model) -> None:
     ids = np.array(random_ids(10, model.config.vocab_size), dtype=np.int64)
     np.testing.assert_array_equal(model.logits(ids), model.logits(ids.tolist()))
+
+
+def test_self_extend_auto() -> None:
+    s = se.SelfExtend.auto(32768, 8192)
+    assert s.max_context(8192) >= 32768
+    # W = L/4; G = 9 is the first with (32768 - 1) // G + W - W // G <= 2L/3.
+    assert s.window == 2048 and s.group_size == 9
+    assert se.SelfExtend.auto(4000, 8192).group_size == 1
+    with pytest.raises(se.InvalidArgumentError):
+        se.SelfExtend.auto(0, 8192)
+
+
+def test_self_extend_auto_in_calls(model: se.Model) -> None:
+    ids = random_ids(90, model.config.vocab_size, seed=12)
+    auto = se.SelfExtend.auto(len(ids), model.config.trained_context)
+    np.testing.assert_array_equal(model.logits(ids, self_extend="auto"), model.logits(ids, self_extend=auto))
+    out = model.generate(ids[:60], 30, self_extend="auto")
+    expected = model.generate(ids[:60], 30, self_extend=se.SelfExtend.auto(90, model.config.trained_context))
+    assert out.token_ids == expected.token_ids
+    with pytest.raises(se.InvalidArgumentError, match="self_extend"):
+        model.logits(ids, self_extend="sometimes")
+
+
+def test_progress_callback(model: se.Model) -> None:
+    calls: list[tuple[int, int]] = []
+    model.logits(random_ids(100, model.config.vocab_size), chunk_size=30, progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(30, 100), (60, 100), (90, 100), (100, 100)]
+    calls.clear()
+    model.generate(random_ids(50, model.config.vocab_size), 5, chunk_size=20, progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(20, 50), (40, 50), (50, 50)]
+    with pytest.raises(ZeroDivisionError):
+        model.logits([5, 6, 7], progress=lambda d, t: 1 / 0)
+    with pytest.raises(TypeError):
+        model.logits([5, 6, 7], progress="yes")  # type: ignore[arg-type]

@@ -188,6 +188,20 @@ def passkey_prompt(model: se.Model, length: int, depth: float, key: str) -> str:
     return text
 
 
+def extract_key(text: str, digits: int) -> str:
+    """The first run of digits in the answer, or a printable excerpt of it."""
+    run = ""
+    for ch in text:
+        if ch.isdigit():
+            run += ch
+        elif run:
+            break
+    if run:
+        return run[:digits]
+    shown = "".join(ch if ch.isprintable() else "?" for ch in text.strip())[:10]
+    return shown or "(empty)"
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     model = _load(args)
     trained = model.config.trained_context
@@ -198,27 +212,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("the model answers with plain attention and with SelfExtend (auto G/W).")
     print("Long prompts take minutes on a laptop CPU; a progress bar shows each prefill.\n",
           flush=True)
-    header = f"{'tokens':>7} {'method':<22} {'expected':>10} {'answer':>12} {'ok':>3} {'prefill s':>10} {'tok/s':>8}"
-    rows = []
+    print(f"{'tokens':>7} {'method':<24} {'expected':>10} {'answer':>12} {'ok':>3} "
+          f"{'prefill s':>10} {'tok/s':>8}", flush=True)
+    correct = 0
     for length in lengths:
         key = "".join(rng.choice("0123456789") for _ in range(args.digits))
         depth = rng.random()
         prompt = passkey_prompt(model, length, depth, key)
         ids = model.tokenizer.encode(prompt, add_special_tokens=True)
         setting = se.SelfExtend.auto(len(ids) + 8, trained)
-        for name, self_extend in [("plain", None), (f"SelfExtend G={setting.group_size} W={setting.window}", setting)]:
+        methods = [("plain", None), (f"SelfExtend G={setting.group_size} W={setting.window}", setting)]
+        for name, self_extend in methods:
             print(f"{len(ids)} tokens, key at depth {depth:.2f}, {name}:", file=sys.stderr, flush=True)
             with _quiet():
-                out = model.generate(ids, 8, self_extend=self_extend, chunk_size=args.chunk_size,
-                                     progress=not args.no_progress)
-            answer = "".join(ch for ch in out.text if ch.isdigit())[: len(key)] or out.text.strip()[:12]
+                out = model.generate(ids, args.digits + 4, self_extend=self_extend,
+                                     chunk_size=args.chunk_size, progress=not args.no_progress)
+            answer = extract_key(out.text, len(key))
             ok = answer == key
-            rate = len(ids) / out.prefill_seconds
-            rows.append(f"{len(ids):>7} {name:<22} {key:>10} {answer:>12} {'✓' if ok else '✗':>3} "
-                        f"{out.prefill_seconds:>10.1f} {rate:>8.0f}")
-            print(header)
-            print("\n".join(rows), flush=True)
-            print()
+            correct += ok
+            rate = len(ids) / out.prefill_seconds if out.prefill_seconds > 0 else float("nan")
+            print(f"{len(ids):>7} {name:<24} {key:>10} {answer:>12} {'✓' if ok else '✗':>3} "
+                  f"{out.prefill_seconds:>10.1f} {rate:>8.0f}", flush=True)
+    print(f"\n{correct} of {2 * len(lengths)} answers correct.")
     return 0
 
 

@@ -208,8 +208,10 @@ impl Generation {
 
     /// Runs to the end and returns the result.
     pub fn run(mut self, on_chunk: &mut ChunkCallback<'_>) -> Result<Completion> {
+        // Between tokens the callback is a cancellation point; prefill progress is
+        // complete, so it sees (prompt, prompt) again.
         while self.step(on_chunk)?.is_some() {
-            on_chunk(self.tokens.len(), self.tokens.len())?;
+            on_chunk(self.prompt_len, self.prompt_len)?;
         }
         Ok(self.into_completion())
     }
