@@ -7,7 +7,7 @@ use candle_core::{Device, Tensor};
 use common::{max_rel_diff, Rng};
 use selfextend_core::rope::RotaryEmbedding;
 use selfextend_core::attention::{run_attention, Positions};
-use selfextend_core::{AttentionParams, SelfExtend};
+use selfextend_core::{AttentionBackend, AttentionParams, SelfExtend};
 
 const THETA: f64 = 10_000.0;
 
@@ -86,15 +86,20 @@ fn check(rng: &mut Rng, shape: (usize, usize, usize, usize), kv: (usize, usize),
     let kt = Tensor::from_vec(k, (b, kvh, n, d), &dev).unwrap();
     let vt = Tensor::from_vec(v, (b, kvh, n, d), &dev).unwrap();
     let self_extend = se.map(|(g, w)| SelfExtend::new(g, w).unwrap());
-    let params = AttentionParams::new(d, self_extend);
     let rope = RotaryEmbedding::with_params(d, THETA, None);
-    let got = run_attention(&qt, &kt, &vt, &Positions::new(&rope, s, n), &params).unwrap();
-    let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let err = max_rel_diff(&got, &expected);
-    assert!(
-        err < 1e-5,
-        "shape {shape:?} kv {kv:?} se {se:?}: max relative error {err}"
-    );
+    for backend in [AttentionBackend::Naive, AttentionBackend::Fused] {
+        let params = AttentionParams {
+            backend,
+            ..AttentionParams::new(d, self_extend)
+        };
+        let got = run_attention(&qt, &kt, &vt, &Positions::new(&rope, s, n), &params).unwrap();
+        let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let err = max_rel_diff(&got, &expected);
+        assert!(
+            err < 1e-5,
+            "{backend:?} shape {shape:?} kv {kv:?} se {se:?}: max relative error {err}"
+        );
+    }
 }
 
 #[test]
@@ -121,6 +126,15 @@ fn matches_brute_force_across_shapes_and_settings() {
                 }
             }
         }
+    }
+}
+
+#[test]
+fn tiles_larger_than_one_block() {
+    // Several query and key tiles, with the window boundary crossing some of them.
+    let mut rng = Rng::new(4);
+    for (se, n, s) in [(Some((4, 100)), 300, 300), (Some((3, 37)), 290, 161), (None, 260, 260), (Some((2, 200)), 400, 1)] {
+        check(&mut rng, (1, 6, s, 8), (2, n), se);
     }
 }
 

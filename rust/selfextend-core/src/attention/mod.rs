@@ -9,6 +9,7 @@
 //! [`crate::kv_cache`]), so each backend rotates queries and keys to whichever
 //! positions it needs.
 
+mod fused;
 mod naive;
 
 use std::cell::OnceCell;
@@ -106,9 +107,12 @@ impl SelfExtend {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AttentionBackend {
     /// Materialises the `(q_len, kv_len)` score matrices with candle ops. Simple enough
-    /// to trust, and kept as the oracle for every faster backend.
-    #[default]
+    /// to trust, and kept as the oracle for every faster backend. Runs on any device.
     Naive,
+    /// The tiled CPU kernel with an online softmax: `O(tile)` memory and about one
+    /// attention's work with SelfExtend on. Falls back to [`Self::Naive`] off the CPU.
+    #[default]
+    Fused,
 }
 
 /// Everything that varies between attention calls.
@@ -132,13 +136,15 @@ impl AttentionParams {
 }
 
 /// The positions of one forward call: `q_len` queries at `kv_len - q_len .. kv_len`
-/// over keys at `0 .. kv_len`. Rotary tables and masks depend on nothing else, so the
-/// backends build them once here and every layer reuses them.
+/// over keys at `0 .. kv_len`. Rotary tables and masks depend on nothing else (and on
+/// the call's one [`AttentionParams`]), so the backends build them once here and every
+/// layer reuses them.
 pub struct Positions<'a> {
     rope: &'a RotaryEmbedding,
     q_len: usize,
     kv_len: usize,
     naive: OnceCell<naive::Tables>,
+    fused: OnceCell<fused::RopeTable>,
 }
 
 impl<'a> Positions<'a> {
@@ -148,6 +154,7 @@ impl<'a> Positions<'a> {
             q_len,
             kv_len,
             naive: OnceCell::new(),
+            fused: OnceCell::new(),
         }
     }
 
@@ -203,5 +210,9 @@ pub fn run_attention(
     }
     match params.backend {
         AttentionBackend::Naive => naive::attention(q, k, v, positions, params),
+        AttentionBackend::Fused => match fused::attention(q, k, v, positions, params)? {
+            Some(out) => Ok(out),
+            None => naive::attention(q, k, v, positions, params),
+        },
     }
 }
