@@ -1,5 +1,5 @@
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Literal, Optional, Union, final
 
 import numpy as np
@@ -17,6 +17,9 @@ class ContextLengthWarning(UserWarning): ...
 
 Prompt = Union[str, Sequence[int]]
 FinishReason = Literal["eos", "stop", "length"]
+SelfExtendArg = Union["SelfExtend", Literal["auto"], None]
+Progress = Union[bool, Callable[[int, int], object], None]
+Messages = Sequence[Mapping[str, str]]
 
 @final
 class SelfExtend:
@@ -28,6 +31,8 @@ class SelfExtend:
     @property
     def window(self) -> int: ...
     def max_context(self, trained_context: int) -> int: ...
+    @staticmethod
+    def auto(target_length: int, trained_context: int) -> SelfExtend: ...
     def __eq__(self, other: object) -> bool: ...
     def __hash__(self) -> int: ...
 
@@ -94,7 +99,7 @@ class TextStream(Iterator[str]):
 class Model:
     @staticmethod
     def load(
-        path: Union[str, os.PathLike[str]],
+        path: Union[str, os.PathLike[str], None] = None,
         *,
         device: str = "cpu",
         dtype: Optional[Literal["f32", "bf16", "f16"]] = None,
@@ -104,15 +109,20 @@ class Model:
     @property
     def tokenizer(self) -> Tokenizer: ...
     @property
-    def path(self) -> str: ...
+    def path(self) -> os.PathLike[str]: ...
     @property
     def dtype(self) -> str: ...
+    @property
+    def quantized(self) -> bool: ...
+    @property
+    def chat_template(self) -> Optional[str]: ...
     def logits(
         self,
         token_ids: Sequence[int],
         *,
-        self_extend: Optional[SelfExtend] = None,
+        self_extend: SelfExtendArg = None,
         chunk_size: Optional[int] = None,
+        progress: Progress = None,
     ) -> npt.NDArray[np.float32]: ...
     def generate(
         self,
@@ -125,8 +135,9 @@ class Model:
         repetition_penalty: float = 1.0,
         seed: Optional[int] = None,
         stop: Union[str, Sequence[str], None] = None,
-        self_extend: Optional[SelfExtend] = None,
+        self_extend: SelfExtendArg = None,
         chunk_size: Optional[int] = None,
+        progress: Progress = None,
     ) -> Completion: ...
     def stream(
         self,
@@ -139,6 +150,37 @@ class Model:
         repetition_penalty: float = 1.0,
         seed: Optional[int] = None,
         stop: Union[str, Sequence[str], None] = None,
-        self_extend: Optional[SelfExtend] = None,
+        self_extend: SelfExtendArg = None,
         chunk_size: Optional[int] = None,
+        progress: Progress = None,
+    ) -> TextStream: ...
+    def chat(
+        self,
+        messages: Messages,
+        max_new_tokens: int = 128,
+        *,
+        temperature: float = 0.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        repetition_penalty: float = 1.0,
+        seed: Optional[int] = None,
+        stop: Union[str, Sequence[str], None] = None,
+        self_extend: SelfExtendArg = None,
+        chunk_size: Optional[int] = None,
+        progress: Progress = None,
+    ) -> Completion: ...
+    def chat_stream(
+        self,
+        messages: Messages,
+        max_new_tokens: int = 128,
+        *,
+        temperature: float = 0.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        repetition_penalty: float = 1.0,
+        seed: Optional[int] = None,
+        stop: Union[str, Sequence[str], None] = None,
+        self_extend: SelfExtendArg = None,
+        chunk_size: Optional[int] = None,
+        progress: Progress = None,
     ) -> TextStream: ...
