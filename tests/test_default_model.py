@@ -91,3 +91,16 @@ def test_self_extend_with_a_wide_window_is_vanilla(default: se.Model) -> None:
     ids = default.tokenizer.encode(shakespeare()[:3000])
     np.testing.assert_array_equal(default.logits(ids, self_extend=se.SelfExtend(4, len(ids))),
                                   default.logits(ids))
+
+
+@pytest.mark.usefixtures("quiet_context")
+def test_passkey_at_2k_with_and_without_self_extend(default: se.Model) -> None:
+    from selfextend_rs import cli
+
+    prompt = cli.passkey_prompt(default, 2000, 0.3, "48213")
+    ids = default.tokenizer.encode(prompt, add_special_tokens=True)
+    assert abs(len(ids) - 2000) <= 20
+    # W = 512 < 2000: most of the prompt is read through grouped positions.
+    for setting in [None, se.SelfExtend(4, 512)]:
+        out = default.generate(ids, 8, self_extend=setting)
+        assert cli.extract_key(out.text, 5) == "48213", (setting, out.text)
