@@ -371,3 +371,60 @@ pub mod gguf {
         Ok(tok)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    use crate::loader::gguf::Value;
+
+    fn meta(model: &str, tokens: &[&str], extra: Vec<(&str, Value)>) -> BTreeMap<String, Value> {
+        let mut m = BTreeMap::new();
+        m.insert("tokenizer.ggml.model".into(), Value::String(model.into()));
+        m.insert(
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(tokens.iter().map(|t| Value::String(t.to_string())).collect()),
+        );
+        for (k, v) in extra {
+            m.insert(k.into(), v);
+        }
+        m
+    }
+
+    #[test]
+    fn sentencepiece_bpe_from_scores() {
+        let tokens = ["<unk>", "<s>", "</s>", "▁", "a", "b", "▁a", "ab", "▁ab"];
+        // Higher score merges first: "▁ab" (from "▁a" + "b") beats everything.
+        let scores = [0.0, 0.0, 0.0, -1.0, -2.0, -3.0, -0.5, -0.6, -0.1];
+        let types = [2, 3, 3, 1, 1, 1, 1, 1, 1];
+        let m = meta(
+            "llama",
+            &tokens,
+            vec![
+                ("tokenizer.ggml.scores", Value::Array(scores.iter().map(|&s| Value::F32(s)).collect())),
+                ("tokenizer.ggml.token_type", Value::Array(types.iter().map(|&t| Value::I32(t)).collect())),
+                ("tokenizer.ggml.bos_token_id", Value::U32(1)),
+                ("tokenizer.ggml.eos_token_id", Value::U32(2)),
+            ],
+        );
+        let tok = super::gguf::from_metadata(&m, Path::new("t.gguf")).unwrap();
+        assert_eq!(tok.encode("ab ab", false).unwrap(), [8, 8]);
+        assert_eq!(tok.encode("ab", true).unwrap(), [1, 8]);
+        assert_eq!(tok.encode("ba", false).unwrap(), [3, 5, 4]);
+        assert_eq!(tok.decode(&[1, 8, 8], true).unwrap(), "ab ab");
+    }
+
+    #[test]
+    fn unsupported_tokenizers_are_named() {
+        let m = meta("bert", &["a"], vec![]);
+        let err = super::gguf::from_metadata(&m, Path::new("t.gguf")).unwrap_err();
+        assert!(err.to_string().contains("'bert'"), "{err}");
+        let m = meta("gpt2", &["a"], vec![
+            ("tokenizer.ggml.merges", Value::Array(vec![])),
+            ("tokenizer.ggml.pre", Value::String("qwen2".into())),
+        ]);
+        let err = super::gguf::from_metadata(&m, Path::new("t.gguf")).unwrap_err();
+        assert!(err.to_string().contains("'qwen2'"), "{err}");
+    }
+}
