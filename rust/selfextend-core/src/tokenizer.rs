@@ -208,7 +208,7 @@ pub mod gguf {
             )));
         }
         let (mut tok, add_bos_default) = match model {
-            "gpt2" => (gpt2(&meta, vocab, &tokens)?, false),
+            "gpt2" => (gpt2(&meta, vocab)?, false),
             "llama" => (sentencepiece(&meta, vocab, &tokens)?, true),
             other => {
                 return Err(meta.err(format!(
@@ -261,11 +261,7 @@ pub mod gguf {
         Ok(Tokenizer::from_inner(tok))
     }
 
-    fn gpt2(
-        meta: &Meta,
-        vocab: Vocab,
-        tokens: &[&str],
-    ) -> Result<tokenizers::Tokenizer> {
+    fn gpt2(meta: &Meta, vocab: Vocab) -> Result<tokenizers::Tokenizer> {
         let merges = meta
             .strings("tokenizer.ggml.merges")?
             .into_iter()
@@ -280,7 +276,6 @@ pub mod gguf {
                 return Err(meta.err(format!("merge '{a} {b}' uses a token not in the vocabulary")));
             }
         }
-        let _ = tokens;
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .build()

@@ -93,7 +93,7 @@ impl Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let gate = candle_nn::ops::silu(&self.gate_proj.forward(xs)?)?;
         let up = self.up_proj.forward(xs)?;
-        Ok(self.down_proj.forward(&(gate * up)?)?)
+        self.down_proj.forward(&(gate * up)?)
     }
 }
 
@@ -146,7 +146,7 @@ impl Attention {
         let ys = ys
             .transpose(1, 2)?
             .reshape((b_sz, seq_len, self.num_heads * self.head_dim))?;
-        Ok(self.o_proj.forward(&ys)?)
+        self.o_proj.forward(&ys)
     }
 }
 
