@@ -1,4 +1,5 @@
 import os
+import pathlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Literal, Optional, Union, final
 
@@ -109,7 +110,7 @@ class Model:
     @property
     def tokenizer(self) -> Tokenizer: ...
     @property
-    def path(self) -> os.PathLike[str]: ...
+    def path(self) -> pathlib.Path: ...
     @property
     def dtype(self) -> str: ...
     @property
