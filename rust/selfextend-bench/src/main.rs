@@ -28,7 +28,7 @@ use serde::Serialize;
 #[derive(Parser, Debug)]
 #[command(version, verbatim_doc_comment)]
 struct Args {
-    /// Model directory (config.json, tokenizer.json, model.safetensors).
+    /// A GGUF file, or a directory with config.json, tokenizer.json and safetensors.
     #[arg(long)]
     model: PathBuf,
     /// Comma-separated prompt lengths to time prefill at.
@@ -52,15 +52,27 @@ struct Args {
     /// Repetitions per measurement; the median is reported.
     #[arg(long, default_value_t = 3)]
     repeats: usize,
-    /// Compute dtype: f32, bf16 or f16.
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    /// Compute dtype: f32, bf16 or f16. Naming one dequantizes a GGUF model into a
+    /// dense one; by default quantized weights stay quantized and compute is f32.
+    #[arg(long)]
+    dtype: Option<String>,
     /// Device: cpu, cuda, cuda:N or metal (if compiled in).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Which attention to time: both (vanilla and SelfExtend, interleaved), vanilla or
+    /// selfextend. Run one at a time to read the peak RSS of that one alone.
+    #[arg(long, value_enum, default_value_t = Which::Both)]
+    attention: Which,
     /// Print JSON to stdout instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Which {
+    Both,
+    Vanilla,
+    Selfextend,
 }
 
 #[derive(Serialize)]
@@ -194,8 +206,8 @@ fn run(args: Args) -> BenchResult<Report> {
     }
     let se = SelfExtend::new(args.group_size, args.window)?;
     let device: Device = parse_device(&args.device)?;
-    let dtype = parse_dtype(&args.dtype)?;
-    let model = Model::load(&args.model, &device, Some(dtype))?;
+    let dtype = args.dtype.as_deref().map(parse_dtype).transpose()?;
+    let model = Model::load(&args.model, &device, dtype)?;
     let longest = args
         .prefill
         .iter()
@@ -219,14 +231,19 @@ fn run(args: Args) -> BenchResult<Report> {
         ids,
         kv_cache_bytes: 0,
     };
+    let modes = match bench.args.attention {
+        Which::Both => vec![None, Some(se)],
+        Which::Vanilla => vec![None],
+        Which::Selfextend => vec![Some(se)],
+    };
     let mut measurements = vec![];
     for &n in &bench.args.prefill.clone() {
-        for mode in [None, Some(se)] {
+        for &mode in &modes {
             measurements.push(bench.measure("prefill", n, mode)?);
         }
     }
     if bench.args.decode_context > 0 && bench.args.decode_tokens > 0 {
-        for mode in [None, Some(se)] {
+        for &mode in &modes {
             measurements.push(bench.measure("decode", bench.args.decode_context, mode)?);
         }
     }
@@ -234,8 +251,12 @@ fn run(args: Args) -> BenchResult<Report> {
     Ok(Report {
         model: args.model.display().to_string(),
         device: args.device.clone(),
-        dtype: args.dtype.clone(),
-        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        dtype: match &args.dtype {
+            Some(d) => d.clone(),
+            None if bench.model.is_quantized() => "quantized (f32 compute)".into(),
+            None => "f32".into(),
+        },
+        threads: rayon::current_num_threads(),
         group_size: args.group_size,
         window: args.window,
         chunk_size: args.chunk_size,
@@ -251,6 +272,24 @@ fn print_table(r: &Report) {
         "SelfExtend G={} W={}, {} on {} ({} threads), chunk {}, median of {}",
         r.group_size, r.window, r.dtype, r.device, r.threads, r.chunk_size, r.repeats
     );
+    if r.measurements.iter().any(|m| m.attention != r.measurements[0].attention) {
+        print_pairs(r);
+    } else {
+        println!("{:<8} {:>8} {:>11} {:>9}", "phase", "context", "attention", "tok/s");
+        for m in &r.measurements {
+            println!(
+                "{:<8} {:>8} {:>11} {:>9.1}",
+                m.phase, m.context, m.attention, m.tokens_per_second
+            );
+        }
+    }
+    println!("KV cache (largest run): {:.1} MiB", r.kv_cache_bytes as f64 / (1 << 20) as f64);
+    if let Some(rss) = r.peak_rss_bytes {
+        println!("peak RSS: {:.1} MiB", rss as f64 / (1 << 20) as f64);
+    }
+}
+
+fn print_pairs(r: &Report) {
     println!(
         "{:<8} {:>8} {:>14} {:>17} {:>18}",
         "phase", "context", "vanilla tok/s", "selfextend tok/s", "time ratio SE/van"
@@ -265,10 +304,6 @@ fn print_table(r: &Report) {
             ext.tokens_per_second,
             ext.median_seconds / van.median_seconds
         );
-    }
-    println!("KV cache (largest run): {:.1} MiB", r.kv_cache_bytes as f64 / (1 << 20) as f64);
-    if let Some(rss) = r.peak_rss_bytes {
-        println!("peak RSS: {:.1} MiB", rss as f64 / (1 << 20) as f64);
     }
 }
 

@@ -2,8 +2,11 @@
 //! "rotate half" layout, evaluated at arbitrary integer positions.
 //!
 //! SelfExtend needs every query and key rotated at two different positions, so there
-//! is no fixed cos/sin table: angles are computed per call, in f64, for exactly the
-//! positions asked for. That also means nothing caps the position a model can reach.
+//! is no fixed cos/sin table: angles are computed in f64 for exactly the positions
+//! asked for, and the table the fused kernel reads grows on demand. Nothing caps the
+//! position a model can reach.
+
+use std::sync::{Arc, RwLock};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -13,6 +16,54 @@ use crate::error::Result;
 #[derive(Debug, Clone)]
 pub struct RotaryEmbedding {
     inv_freq: Vec<f64>,
+    /// Shared by clones: the table depends only on `inv_freq`.
+    table: Arc<RwLock<Arc<CosSinTable>>>,
+}
+
+/// f32 cos/sin of positions `0 .. len`, row `p` at `p * half`.
+#[derive(Debug)]
+pub struct CosSinTable {
+    half: usize,
+    len: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl CosSinTable {
+    fn new(inv_freq: &[f64], len: usize) -> Self {
+        let half = inv_freq.len();
+        let mut cos = Vec::with_capacity(len * half);
+        let mut sin = Vec::with_capacity(len * half);
+        for p in 0..len {
+            for &f in inv_freq {
+                let (s, c) = (p as f64 * f).sin_cos();
+                cos.push(c as f32);
+                sin.push(s as f32);
+            }
+        }
+        Self { half, len, cos, sin }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Writes `x` rotated to position `pos` into `out` ("rotate half" layout).
+    #[inline]
+    pub fn rotate(&self, x: &[f32], pos: usize, out: &mut [f32]) {
+        let h = self.half;
+        let (cos, sin) = (&self.cos[pos * h..][..h], &self.sin[pos * h..][..h]);
+        let (x1, x2) = x.split_at(h);
+        let (o1, o2) = out.split_at_mut(h);
+        for i in 0..h {
+            o1[i] = x1[i] * cos[i] - x2[i] * sin[i];
+            o2[i] = x2[i] * cos[i] + x1[i] * sin[i];
+        }
+    }
 }
 
 impl RotaryEmbedding {
@@ -52,11 +103,31 @@ impl RotaryEmbedding {
                     .collect()
             }
         };
-        Self { inv_freq }
+        Self {
+            inv_freq,
+            table: Arc::new(RwLock::new(Arc::new(CosSinTable::new(&[], 0)))),
+        }
     }
 
     pub fn inv_freq(&self) -> &[f64] {
         &self.inv_freq
+    }
+
+    /// A table covering at least positions `0 .. len`. Grown geometrically and kept,
+    /// so decoding one token does not recompute the angles of the whole context.
+    pub fn table(&self, len: usize) -> Arc<CosSinTable> {
+        {
+            let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+            if table.len >= len {
+                return Arc::clone(&table);
+            }
+        }
+        let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
+        if table.len < len {
+            let grown = len.max(2 * table.len).max(4096);
+            *table = Arc::new(CosSinTable::new(&self.inv_freq, grown));
+        }
+        Arc::clone(&table)
     }
 
     /// `cos` and `sin` of shape `(positions.len(), head_dim / 2)`.

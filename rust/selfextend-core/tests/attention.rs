@@ -139,6 +139,26 @@ fn tiles_larger_than_one_block() {
 }
 
 #[test]
+fn every_fused_kernel_path() {
+    // Head dims with and without a 32-lane remainder; row-major keys (few rows) and
+    // transposed keys (many rows); decode with the key range split across items; a
+    // window of 1, where almost every pair is grouped.
+    let mut rng = Rng::new(5);
+    let cases = [
+        ((1, 6, 1, 64), (2, 1100), Some((4, 300))),
+        ((1, 6, 1, 64), (2, 1100), None),
+        ((1, 4, 3, 40), (1, 700), Some((3, 50))),
+        ((2, 8, 70, 64), (2, 600), Some((5, 128))),
+        ((1, 2, 40, 96), (1, 40), None),
+        ((1, 4, 64, 64), (4, 64), Some((2, 1))),
+        ((1, 3, 1, 32), (3, 900), Some((8, 1))),
+    ];
+    for (shape, kv, se) in cases {
+        check(&mut rng, shape, kv, se);
+    }
+}
+
+#[test]
 fn batch_and_chunk_boundaries_at_the_window() {
     let mut rng = Rng::new(2);
     // Chunks ending just before, at and just after the first grouped pair (n == W + 1).

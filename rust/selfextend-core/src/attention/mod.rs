@@ -144,7 +144,7 @@ pub struct Positions<'a> {
     q_len: usize,
     kv_len: usize,
     naive: OnceCell<naive::Tables>,
-    fused: OnceCell<fused::RopeTable>,
+    fused: OnceCell<std::sync::Arc<crate::rope::CosSinTable>>,
 }
 
 impl<'a> Positions<'a> {

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Builds llama.cpp's `llama-bench` from the llama-cpp-python sdist on PyPI (pinned),
+# runs it beside `selfextend-bench` on the same GGUF with the same thread count, plain
+# attention, and prints our throughput as a ratio of llama.cpp's.
+#
+#   bench/compare_llamacpp.sh                 # default model, 2 threads, pp2048 / tg128
+#   THREADS=4 PROMPT=4096 bench/compare_llamacpp.sh path/to/model.gguf
+#
+# Everything it downloads or builds goes under $SCRATCH (default target/llamacpp),
+# which git ignores. Needs a C/C++ compiler and Python; cmake comes from PyPI.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+LLAMA_CPP_PYTHON_VERSION=0.3.36
+LLAMA_CPP_PYTHON_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+SCRATCH=${SCRATCH:-$ROOT/target/llamacpp}
+THREADS=${THREADS:-2}
+PROMPT=${PROMPT:-2048}
+GEN=${GEN:-128}
+REPEATS=${REPEATS:-3}
+PY=${PY:-$ROOT/.venv/bin/python}
+MODEL=${1:-$("$PY" -c 'import selfextend_rs; print(selfextend_rs.default_model())')}
+
+mkdir -p "$SCRATCH"
+LLAMA_BENCH=$SCRATCH/build/bin/llama-bench
+if [[ ! -x $LLAMA_BENCH ]]; then
+    echo "== building llama.cpp (llama-cpp-python $LLAMA_CPP_PYTHON_VERSION sdist) in $SCRATCH" >&2
+    [[ -x $SCRATCH/venv/bin/cmake ]] || {
+        python3 -m venv "$SCRATCH/venv"
+        "$SCRATCH/venv/bin/pip" install --quiet "cmake>=3.24,<5"
+    }
+    "$SCRATCH/venv/bin/python" - "$SCRATCH" "$LLAMA_CPP_PYTHON_VERSION" "$LLAMA_CPP_PYTHON_SHA256" <<'PY'
+import hashlib, re, sys, tarfile, urllib.request
+from pathlib import Path
+
+scratch, version, sha256 = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+name = f"llama_cpp_python-{version}.tar.gz"
+sdist = scratch / name
+if not sdist.exists():
+    index = urllib.request.urlopen("https://pypi.org/simple/llama-cpp-python/").read().decode()
+    url = re.search(r'href="(https://[^"#]*/' + re.escape(name) + ')', index).group(1)
+    sdist.write_bytes(urllib.request.urlopen(url).read())
+digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
+if digest != sha256:
+    sdist.unlink()
+    sys.exit(f"{name}: sha256 {digest}, expected {sha256}")
+with tarfile.open(sdist) as tar:
+    tar.extractall(scratch / "src", filter="data")
+PY
+    # A native build would use AMX, which these VMs advertise but kill with SIGILL.
+    "$SCRATCH/venv/bin/cmake" -S "$SCRATCH/src/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp" \
+        -B "$SCRATCH/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
+        -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+        -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+        -DLLAMA_BUILD_TOOLS=ON >/dev/null
+    "$SCRATCH/venv/bin/cmake" --build "$SCRATCH/build" --target llama-bench -j "$(nproc)" >/dev/null
+fi
+
+OURS=${SELFEXTEND_BENCH:-$ROOT/target/opt/selfextend-bench}
+if [[ ! -x $OURS ]]; then
+    echo "== building selfextend-bench (profile opt)" >&2
+    cargo build --quiet --profile opt -p selfextend-bench
+    OURS=$ROOT/target/opt/selfextend-bench
+fi
+
+echo "== llama.cpp: pp$PROMPT and tg$GEN, $THREADS threads, $REPEATS repetitions" >&2
+"$LLAMA_BENCH" -m "$MODEL" -t "$THREADS" -p "$PROMPT" -n "$GEN" -r "$REPEATS" -o json >"$SCRATCH/llamacpp.json"
+echo "== selfextend-rs: prefill $PROMPT, decode $GEN tokens after it, $THREADS threads" >&2
+RAYON_NUM_THREADS=$THREADS "$OURS" --model "$MODEL" --prefill "$PROMPT" --decode-context "$PROMPT" \
+    --decode-tokens "$GEN" --repeats "$REPEATS" --attention vanilla --json >"$SCRATCH/selfextend.json"
+
+"$PY" - "$SCRATCH/llamacpp.json" "$SCRATCH/selfextend.json" "$PROMPT" "$GEN" <<'PY'
+import json, sys
+
+llama, ours = (json.load(open(p)) for p in sys.argv[1:3])
+prompt, gen = int(sys.argv[3]), int(sys.argv[4])
+llama_pp = next(r["avg_ts"] for r in llama if r["n_prompt"] == prompt and r["n_gen"] == 0)
+llama_tg = next(r["avg_ts"] for r in llama if r["n_gen"] == gen and r["n_prompt"] == 0)
+ours_pp = next(m["tokens_per_second"] for m in ours["measurements"] if m["phase"] == "prefill")
+ours_tg = next(m["tokens_per_second"] for m in ours["measurements"] if m["phase"] == "decode")
+print(f"{'metric':<34}{'llama.cpp':>12}{'selfextend-rs':>15}{'ratio':>8}")
+print(f"{f'prefill {prompt} tok/s':<34}{llama_pp:>12.1f}{ours_pp:>15.1f}{ours_pp / llama_pp:>8.2f}")
+print(f"{f'decode tok/s (llama.cpp tg{gen} from empty;':<34}")
+print(f"{f' ours {gen} tokens after {prompt})':<34}{llama_tg:>12.1f}{ours_tg:>15.1f}{ours_tg / llama_tg:>8.2f}")
+PY
