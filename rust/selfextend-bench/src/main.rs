@@ -308,6 +308,7 @@ fn print_pairs(r: &Report) {
 }
 
 fn main() -> std::process::ExitCode {
+    selfextend_core::tune_thread_pools();
     let args = Args::parse();
     let json = args.json;
     match run(args) {

@@ -31,6 +31,25 @@ pub mod rope;
 pub mod sampling;
 pub mod tokenizer;
 
+/// The spin limit [`tune_thread_pools`] gives candle's quantized-matmul workers.
+pub const CANDLE_SPIN_LIMIT: u32 = 2000;
+
+/// candle runs quantized matmuls on its own worker pool, whose idle workers spin for
+/// 25 000 `pause`s (about a millisecond) before parking. Between two matmuls the
+/// attention kernel runs on rayon, and on a machine with few cores a spinning worker
+/// takes a core from it. On the 2-core CI machine, decoding at 2k context went from
+/// 24 to 35 tokens/s with a limit of [`CANDLE_SPIN_LIMIT`] (see `BENCHMARKS.md`).
+///
+/// Sets `CANDLE_BARRIER_POOL_SPIN_LIMIT` unless it is already set. candle reads it
+/// once, when its pool starts, so call this before the first quantized matmul, at a
+/// point where no other thread reads the environment (program or module start).
+pub fn tune_thread_pools() {
+    const VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
+    if std::env::var_os(VAR).is_none() {
+        std::env::set_var(VAR, CANDLE_SPIN_LIMIT.to_string());
+    }
+}
+
 pub use attention::{AttentionBackend, AttentionParams, SelfExtend};
 pub use config::{Config, RopeScaling};
 pub use error::{Error, Result};

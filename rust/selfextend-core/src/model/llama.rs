@@ -5,7 +5,9 @@
 //! Departures from the reference: the KV cache holds un-rotated keys and RoPE is
 //! applied inside attention (see [`crate::kv_cache`]), and logits are always f32.
 
-use candle_core::quantized::QMatMul;
+use std::sync::Arc;
+
+use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::Embedding;
 
@@ -16,19 +18,49 @@ use crate::kv_cache::{KvCache, LayerCache};
 use crate::loader::Weights;
 use crate::rope::RotaryEmbedding;
 
+/// From this many input rows on, a quantized layer on the CPU dequantizes its weight
+/// for the call and runs the dense gemm. `QMatMul` quantizes activations to 8 bits and
+/// wins on the few rows of decode, where reading weights is the cost; on prefill
+/// chunks the gemm is several times faster, the one-off dequantization is amortised
+/// over the rows, and logits are those of the exact dequantized weights.
+const DENSE_FROM_ROWS: usize = 32;
+
 /// A linear layer over dense weights (gemm) or quantized GGUF blocks (`QMatMul`).
 #[derive(Debug, Clone)]
 enum Linear {
     Dense(candle_nn::Linear),
-    Quantized { weight: QMatMul, bias: Option<Tensor> },
+    Quantized {
+        weight: QMatMul,
+        blocks: Arc<QTensor>,
+        bias: Option<Tensor>,
+    },
 }
 
 impl Linear {
+    fn quantized(blocks: QTensor, bias: Option<Tensor>) -> Result<Self> {
+        let blocks = Arc::new(blocks);
+        Ok(Self::Quantized {
+            weight: QMatMul::from_arc(Arc::clone(&blocks))?,
+            blocks,
+            bias,
+        })
+    }
+
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Self::Dense(l) => l.forward(xs)?,
-            Self::Quantized { weight, bias } => {
-                let ys = weight.forward(xs)?;
+            Self::Quantized {
+                weight,
+                blocks,
+                bias,
+            } => {
+                let rows = xs.elem_count() / xs.dim(D::Minus1)?.max(1);
+                let ys = if rows >= DENSE_FROM_ROWS && xs.device().is_cpu() {
+                    let dense = blocks.dequantize(xs.device())?.to_dtype(xs.dtype())?;
+                    candle_nn::Linear::new(dense, None).forward(xs)?
+                } else {
+                    weight.forward(xs)?
+                };
                 match bias {
                     Some(b) => ys.broadcast_add(b)?,
                     None => ys,
@@ -45,10 +77,7 @@ fn linear(vb: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Lin
         None
     };
     if let Some(q) = vb.get_quantized([out_dim, in_dim], "weight")? {
-        return Ok(Linear::Quantized {
-            weight: QMatMul::from_qtensor(q)?,
-            bias,
-        });
+        return Linear::quantized(q, bias);
     }
     let weight = vb.get([out_dim, in_dim], "weight")?;
     Ok(Linear::Dense(candle_nn::Linear::new(weight, bias)))
@@ -221,10 +250,7 @@ impl Llama {
         let lm_head = if cfg.tie_word_embeddings {
             let shape = [cfg.vocab_size, cfg.hidden_size];
             match vb_m.pp("embed_tokens").get_quantized(shape, "weight")? {
-                Some(q) => Linear::Quantized {
-                    weight: QMatMul::from_qtensor(q)?,
-                    bias: None,
-                },
+                Some(q) => Linear::quantized(q, None)?,
                 None => Linear::Dense(candle_nn::Linear::new(embed_weight.clone(), None)),
             }
         } else {
