@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds llama.cpp's `llama-bench` from the llama-cpp-python sdist on PyPI (pinned),
 # runs it beside `selfextend-bench` on the same GGUF with the same thread count, plain
-# attention, and prints our throughput as a ratio of llama.cpp's.
+# attention, and prints our throughput as a ratio of llama.cpp's: prefill of a
+# $PROMPT-token prompt, and $GEN decode steps after $PROMPT tokens of context.
 #
 #   bench/compare_llamacpp.sh                 # default model, 2 threads, pp2048 / tg128
 #   THREADS=4 PROMPT=4096 bench/compare_llamacpp.sh path/to/model.gguf
@@ -64,23 +65,23 @@ if [[ ! -x $OURS ]]; then
     OURS=$ROOT/target/opt/selfextend-bench
 fi
 
-echo "== llama.cpp: pp$PROMPT and tg$GEN, $THREADS threads, $REPEATS repetitions" >&2
-"$LLAMA_BENCH" -m "$MODEL" -t "$THREADS" -p "$PROMPT" -n "$GEN" -r "$REPEATS" -o json >"$SCRATCH/llamacpp.json"
+echo "== llama.cpp: pp$PROMPT, and tg$GEN at depth $PROMPT, $THREADS threads, $REPEATS repetitions" >&2
+"$LLAMA_BENCH" -m "$MODEL" -t "$THREADS" -p "$PROMPT" -n 0 -r "$REPEATS" -o json >"$SCRATCH/llamacpp-pp.json"
+"$LLAMA_BENCH" -m "$MODEL" -t "$THREADS" -p 0 -n "$GEN" -d "$PROMPT" -r "$REPEATS" -o json >"$SCRATCH/llamacpp-tg.json"
 echo "== selfextend-rs: prefill $PROMPT, decode $GEN tokens after it, $THREADS threads" >&2
 RAYON_NUM_THREADS=$THREADS "$OURS" --model "$MODEL" --prefill "$PROMPT" --decode-context "$PROMPT" \
     --decode-tokens "$GEN" --repeats "$REPEATS" --attention vanilla --json >"$SCRATCH/selfextend.json"
 
-"$PY" - "$SCRATCH/llamacpp.json" "$SCRATCH/selfextend.json" "$PROMPT" "$GEN" <<'PY'
+"$PY" - "$SCRATCH/llamacpp-pp.json" "$SCRATCH/llamacpp-tg.json" "$SCRATCH/selfextend.json" "$PROMPT" "$GEN" <<'PY'
 import json, sys
 
-llama, ours = (json.load(open(p)) for p in sys.argv[1:3])
-prompt, gen = int(sys.argv[3]), int(sys.argv[4])
-llama_pp = next(r["avg_ts"] for r in llama if r["n_prompt"] == prompt and r["n_gen"] == 0)
-llama_tg = next(r["avg_ts"] for r in llama if r["n_gen"] == gen and r["n_prompt"] == 0)
+llama_pp, llama_tg, ours = (json.load(open(p)) for p in sys.argv[1:4])
+prompt, gen = int(sys.argv[4]), int(sys.argv[5])
+llama_pp = llama_pp[0]["avg_ts"]
+llama_tg = llama_tg[0]["avg_ts"]
 ours_pp = next(m["tokens_per_second"] for m in ours["measurements"] if m["phase"] == "prefill")
 ours_tg = next(m["tokens_per_second"] for m in ours["measurements"] if m["phase"] == "decode")
 print(f"{'metric':<34}{'llama.cpp':>12}{'selfextend-rs':>15}{'ratio':>8}")
 print(f"{f'prefill {prompt} tok/s':<34}{llama_pp:>12.1f}{ours_pp:>15.1f}{ours_pp / llama_pp:>8.2f}")
-print(f"{f'decode tok/s (llama.cpp tg{gen} from empty;':<34}")
-print(f"{f' ours {gen} tokens after {prompt})':<34}{llama_tg:>12.1f}{ours_tg:>15.1f}{ours_tg / llama_tg:>8.2f}")
+print(f"{f'decode {gen} after {prompt} tok/s':<34}{llama_tg:>12.1f}{ours_tg:>15.1f}{ours_tg / llama_tg:>8.2f}")
 PY

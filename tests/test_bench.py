@@ -38,6 +38,18 @@ def test_bench_json(model_path: Path) -> None:
     assert report["kv_cache_bytes"] > 0
 
 
+def test_bench_one_attention_decoding_after_its_prefill(model_path: Path) -> None:
+    out = subprocess.run(
+        [str(bench_binary()), "--model", str(model_path), "--prefill", "40", "--decode-context", "40",
+         "--decode-tokens", "3", "--attention", "selfextend", "--repeats", "1", "--json"],
+        check=True, capture_output=True, text=True, timeout=300,
+    )
+    report = json.loads(out.stdout)
+    phases = [(m["phase"], m["attention"], m["context"], m["tokens"]) for m in report["measurements"]]
+    assert phases == [("prefill", "selfextend", 40, 40), ("decode", "selfextend", 40, 3)]
+    assert report["peak_rss_bytes"] > 0
+
+
 def test_bench_help_and_errors(tmp_path: Path) -> None:
     exe = bench_binary()
     help_text = subprocess.run([str(exe), "--help"], check=True, capture_output=True, text=True).stdout

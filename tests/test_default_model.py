@@ -73,13 +73,18 @@ def test_default_model_config(default: se.Model) -> None:
     assert "<|im_start|>" in (default.chat_template or "")
 
 
-def test_dense_chat_answers_paris() -> None:
-    # The Q4_1 weights dequantized: the quantized path's 8-bit activations flip this
-    # 135M model's (close) first-token choice, see README "Limits".
-    dense = se.Model.load(dtype="f32")
-    out = dense.chat([{"role": "user", "content": "What is the capital of France?"}], 20)
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_chat_answers_paris(default: se.Model) -> None:
+    out = default.chat(FRANCE, 20)
     assert "Paris" in out.text, out.text
     assert out.finish_reason == "eos"
+
+
+def test_dense_chat_answers_paris() -> None:
+    out = se.Model.load(dtype="f32").chat(FRANCE, 20)
+    assert "Paris" in out.text, out.text
 
 
 def test_quantized_completes_a_fact(default: se.Model) -> None:

@@ -14,9 +14,10 @@ use serde::Serialize;
 /// Benchmark prefill and decode speed, plain attention vs SelfExtend.
 ///
 /// Prompts are random token ids (the content does not change the cost). Prefill is
-/// timed from an empty cache; decode is timed per token after an untimed prefill of
-/// `--decode-context` tokens. Every measurement is repeated `--repeats` times and the
-/// median is reported.
+/// timed from an empty cache; decode is timed over `--decode-tokens` single-token
+/// steps right after the prefill of `--decode-context` tokens, reusing its cache.
+/// Every measurement is repeated `--repeats` times and the median is reported. Peak
+/// RSS is the whole process's: use `--attention` to measure one kind alone.
 ///
 /// SelfExtend has two knobs: the neighbor window W keeps exact positions for the W
 /// closest keys, and the group size G floor-divides the positions of farther ones, so a
@@ -136,67 +137,64 @@ struct Bench {
 }
 
 impl Bench {
-    fn prefill(&mut self, n: usize, se: Option<SelfExtend>) -> BenchResult<f64> {
-        let params = self.model.attention_params(se);
-        let mut cache = self.model.llama().new_cache(n);
-        let start = Instant::now();
-        self.model.forward_chunked(
-            &self.ids[..n],
-            &mut cache,
-            &params,
-            self.args.chunk_size,
-            LogitsFor::Last,
-            &mut |_, _| Ok(()),
-        )?;
-        let secs = start.elapsed().as_secs_f64();
-        self.kv_cache_bytes = self.kv_cache_bytes.max(cache.allocated_bytes());
-        Ok(secs)
-    }
-
-    fn decode(&mut self, context: usize, se: Option<SelfExtend>) -> BenchResult<f64> {
+    /// Times a prefill of `n` tokens and, when `n` is the decode context, the decode
+    /// steps after it, which then reuse its cache. Returns `(prefill, decode)` seconds.
+    fn prefill_then_decode(&mut self, n: usize, se: Option<SelfExtend>) -> BenchResult<(f64, Option<f64>)> {
         let params = self.model.attention_params(se);
         let steps = self.args.decode_tokens;
-        let mut cache = self.model.llama().new_cache(context + steps);
+        let decode = n == self.args.decode_context && steps > 0;
+        let mut cache = self.model.llama().new_cache(n + if decode { steps } else { 0 });
         let noop = &mut |_, _| Ok(());
+        let start = Instant::now();
         let chunk = self.args.chunk_size;
         self.model
-            .forward_chunked(&self.ids[..context], &mut cache, &params, chunk, LogitsFor::Last, noop)?;
-        let start = Instant::now();
-        for &id in &self.ids[context..context + steps] {
-            self.model
-                .forward_chunked(&[id], &mut cache, &params, 1, LogitsFor::Last, noop)?;
-        }
-        Ok(start.elapsed().as_secs_f64())
+            .forward_chunked(&self.ids[..n], &mut cache, &params, chunk, LogitsFor::Last, noop)?;
+        let prefill = start.elapsed().as_secs_f64();
+        let decode = if decode {
+            let start = Instant::now();
+            for &id in &self.ids[n..n + steps] {
+                self.model
+                    .forward_chunked(&[id], &mut cache, &params, 1, LogitsFor::Last, noop)?;
+            }
+            Some(start.elapsed().as_secs_f64())
+        } else {
+            None
+        };
+        self.kv_cache_bytes = self.kv_cache_bytes.max(cache.allocated_bytes());
+        Ok((prefill, decode))
     }
 
-    fn measure(
-        &mut self,
-        phase: &'static str,
-        context: usize,
-        se: Option<SelfExtend>,
-    ) -> BenchResult<Measurement> {
-        let mut seconds = Vec::with_capacity(self.args.repeats);
+    /// Prefill at `context` (and decode after it, if it is the decode context), repeated.
+    fn measure(&mut self, context: usize, se: Option<SelfExtend>) -> BenchResult<Vec<Measurement>> {
+        let mut prefill = Vec::with_capacity(self.args.repeats);
+        let mut decode = Vec::with_capacity(self.args.repeats);
         for _ in 0..self.args.repeats {
-            seconds.push(match phase {
-                "prefill" => self.prefill(context, se)?,
-                _ => self.decode(context, se)?,
+            let (p, d) = self.prefill_then_decode(context, se)?;
+            prefill.push(p);
+            decode.extend(d);
+        }
+        let attention = if se.is_some() { "selfextend" } else { "vanilla" };
+        let mut out = vec![];
+        for (phase, seconds, tokens) in [
+            ("prefill", prefill, context),
+            ("decode", decode, self.args.decode_tokens),
+        ] {
+            if seconds.is_empty() {
+                continue;
+            }
+            let median_seconds = median(&seconds);
+            eprintln!("  {phase:<7} {attention:<10} context {context:>7}: {median_seconds:.3} s");
+            out.push(Measurement {
+                phase,
+                attention,
+                context,
+                tokens,
+                median_seconds,
+                tokens_per_second: tokens as f64 / median_seconds,
+                seconds,
             });
         }
-        let tokens = if phase == "prefill" { context } else { self.args.decode_tokens };
-        let median_seconds = median(&seconds);
-        eprintln!(
-            "  {phase:<7} {:<10} context {context:>7}: {median_seconds:.3} s",
-            if se.is_some() { "selfextend" } else { "vanilla" }
-        );
-        Ok(Measurement {
-            phase,
-            attention: if se.is_some() { "selfextend" } else { "vanilla" },
-            context,
-            tokens,
-            median_seconds,
-            tokens_per_second: tokens as f64 / median_seconds,
-            seconds,
-        })
+        Ok(out)
     }
 }
 
@@ -236,17 +234,20 @@ fn run(args: Args) -> BenchResult<Report> {
         Which::Vanilla => vec![None],
         Which::Selfextend => vec![Some(se)],
     };
+    let mut lengths = bench.args.prefill.clone();
+    if bench.args.decode_context > 0 && !lengths.contains(&bench.args.decode_context) {
+        lengths.push(bench.args.decode_context);
+    }
     let mut measurements = vec![];
-    for &n in &bench.args.prefill.clone() {
+    for &n in &lengths {
         for &mode in &modes {
-            measurements.push(bench.measure("prefill", n, mode)?);
+            let timed = bench.measure(n, mode)?;
+            // A decode context that is not a prefill length: its prefill is not reported.
+            measurements.extend(timed.into_iter().filter(|m| m.phase == "decode" || bench.args.prefill.contains(&n)));
         }
     }
-    if bench.args.decode_context > 0 && bench.args.decode_tokens > 0 {
-        for &mode in &modes {
-            measurements.push(bench.measure("decode", bench.args.decode_context, mode)?);
-        }
-    }
+    // Tables pair vanilla with SelfExtend per (phase, context).
+    measurements.sort_by_key(|m| (m.phase == "decode", m.context, m.attention == "selfextend"));
     let args = &bench.args;
     Ok(Report {
         model: args.model.display().to_string(),
