@@ -152,6 +152,10 @@ fn every_fused_kernel_path() {
         ((1, 2, 40, 96), (1, 40), None),
         ((1, 4, 64, 64), (4, 64), Some((2, 1))),
         ((1, 3, 1, 32), (3, 900), Some((8, 1))),
+        // Row counts that leave 1, 2 and 3 rows after the blocks of four.
+        ((1, 3, 23, 40), (1, 300), Some((3, 20))),
+        ((1, 6, 45, 64), (2, 200), Some((4, 30))),
+        ((1, 2, 41, 48), (2, 130), None),
     ];
     for (shape, kv, se) in cases {
         check(&mut rng, shape, kv, se);

@@ -57,7 +57,10 @@ fn exp_nonpositive(x: f32) -> f32 {
     for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
         p = fma(p, r, c);
     }
-    f32::from_bits(((n as i32 + 127) as u32) << 23) * p
+    // 2^n from the bits of n + 127 + 2^23, whose low mantissa bits hold the integer
+    // n + 127 in 0 ..= 127: integer ops only, so the loop stays vectorised.
+    let biased = (n + (127.0 + 8_388_608.0)).to_bits() & 0xff;
+    f32::from_bits(biased << 23) * p
 }
 
 #[inline]
@@ -111,39 +114,58 @@ fn exp_and_sum(s: &mut [f32], max: f32) -> f32 {
     acc.iter().sum::<f32>() + rest
 }
 
-/// `out[j] = q . k[j]` for the `K_TILE` keys of `kt`, stored transposed `(d, K_TILE)`.
-#[inline]
-fn scores_transposed(q: &[f32], kt: &[f32], out: &mut [f32; K_TILE]) {
-    let mut acc = [0f32; K_TILE];
-    for (c, &qc) in q.iter().enumerate() {
-        let row: &[f32; K_TILE] = kt[c * K_TILE..][..K_TILE].try_into().expect("K_TILE row");
-        for j in 0..K_TILE {
-            acc[j] = fma(qc, row[j], acc[j]);
-        }
-    }
-    *out = acc;
-}
-
-/// `acc += Σ_j p[j] · v(j)`, the probability-weighted sum of value rows.
-#[inline]
-fn accumulate_values<'v>(acc: &mut [f32], p: &[f32], v: impl Fn(usize) -> &'v [f32]) {
-    const B: usize = 32;
-    let d = acc.len();
-    let full = d - d % B;
-    for c0 in (0..full).step_by(B) {
-        let mut a: [f32; B] = acc[c0..c0 + B].try_into().expect("B lanes");
-        for (j, &pj) in p.iter().enumerate() {
-            let row: &[f32; B] = v(j)[c0..c0 + B].try_into().expect("B lanes");
-            for x in 0..B {
-                a[x] = fma(pj, row[x], a[x]);
+/// `s[r][j] = q[r] . k[j]` for `R` query rows (`q`, row-major with stride `d`) and the
+/// `K_TILE` keys of `kt`, stored transposed `(d, K_TILE)`. `R × 16` accumulators stay
+/// in registers; each key load feeds `R` FMAs.
+#[inline(always)]
+fn scores_block<const R: usize>(q: &[f32], d: usize, kt: &[f32], s: &mut [[f32; K_TILE]]) {
+    let rows: [&[f32]; R] = std::array::from_fn(|r| &q[r * d..][..d]);
+    for jb in (0..K_TILE).step_by(16) {
+        let mut acc = [[0f32; 16]; R];
+        for c in 0..d {
+            let k: &[f32; 16] = kt[c * K_TILE + jb..][..16].try_into().expect("16 lanes");
+            for r in 0..R {
+                let x = rows[r][c];
+                for l in 0..16 {
+                    acc[r][l] = fma(x, k[l], acc[r][l]);
+                }
             }
         }
-        acc[c0..c0 + B].copy_from_slice(&a);
+        for r in 0..R {
+            s[r][jb..jb + 16].copy_from_slice(&acc[r]);
+        }
+    }
+}
+
+/// `acc[r] += Σ_j p[r][j] · v[j]` for `R` rows (`acc` row-major with stride `d`) over
+/// the `v.len()` value rows of a key tile.
+#[inline(always)]
+fn values_block<const R: usize>(p: &[[f32; K_TILE]], v: &[&[f32]], acc: &mut [f32], d: usize) {
+    const B: usize = 16;
+    let full = d - d % B;
+    for c0 in (0..full).step_by(B) {
+        let mut a: [[f32; B]; R] =
+            std::array::from_fn(|r| acc[r * d + c0..][..B].try_into().expect("B lanes"));
+        for (j, row) in v.iter().enumerate() {
+            let x: &[f32; B] = row[c0..c0 + B].try_into().expect("B lanes");
+            for r in 0..R {
+                let pr = p[r][j];
+                for l in 0..B {
+                    a[r][l] = fma(pr, x[l], a[r][l]);
+                }
+            }
+        }
+        for r in 0..R {
+            acc[r * d + c0..][..B].copy_from_slice(&a[r]);
+        }
     }
     if full < d {
-        for (j, &pj) in p.iter().enumerate() {
-            for (a, &x) in acc[full..].iter_mut().zip(&v(j)[full..]) {
-                *a = fma(pj, x, *a);
+        for r in 0..R {
+            for (j, row) in v.iter().enumerate() {
+                let pr = p[r][j];
+                for (a, &x) in acc[r * d + full..][..d - full].iter_mut().zip(&row[full..]) {
+                    *a = fma(pr, x, *a);
+                }
             }
         }
     }
@@ -292,8 +314,10 @@ fn run_item(
     };
     let (i_min, i_max) = (index_pos + t0, index_pos + t0 + tile_len - 1);
     let window = se.map_or(usize::MAX, |se| se.window());
-    let mut sn = [0f32; K_TILE];
-    let mut sg = [0f32; K_TILE];
+    const GROUP: usize = 4;
+    let mut sn = [[0f32; K_TILE]; GROUP];
+    let mut sg = [[0f32; K_TILE]; GROUP];
+    let mut values: Vec<&[f32]> = Vec::with_capacity(K_TILE);
     let mut j0 = keys.0;
     while j0 < keys.1.min(i_max + 1) {
         let j1 = (j0 + K_TILE).min(keys.1).min(i_max + 1);
@@ -307,41 +331,75 @@ fn run_item(
             let gpos = |j| se.grouped_key_position(j);
             rotate_keys(kv, b, g, (j0, j1), table, gpos, transposed, &mut s.rotated, &mut s.kg);
         }
-        for r in 0..rows {
-            let i = pos(r);
-            if j0 > i {
+        values.clear();
+        values.extend((j0..j1).map(|j| vv.row(b, g, j)));
+        let kt = j1 - j0;
+        for r0 in (0..rows).step_by(GROUP) {
+            let group = GROUP.min(rows - r0);
+            // Row r0 + x scores keys j0 .. j0 + n[x]; the first split[x] of them grouped.
+            let mut n = [0usize; GROUP];
+            let mut split = [0usize; GROUP];
+            for x in 0..group {
+                let i = pos(r0 + x);
+                n[x] = (i + 1).saturating_sub(j0).min(kt);
+                split[x] = (i + 1).saturating_sub(j0).saturating_sub(window).min(n[x]);
+            }
+            if n[..group].iter().all(|&n| n == 0) {
                 continue;
             }
-            let n = j1.min(i + 1) - j0;
-            // Keys j0 .. j0 + split are grouped for this row, the rest neighbors.
-            let split = (i + 1 - j0).saturating_sub(window).min(n);
-            let scores = if transposed {
-                if split < n {
-                    scores_transposed(&s.qn[r * d..][..d], &s.kn, &mut sn);
+            let any_n = (0..group).any(|x| split[x] < n[x]);
+            let any_g = (0..group).any(|x| split[x] > 0);
+            let qn = &s.qn[r0 * d..];
+            let qg = if any_g { &s.qg[r0 * d..] } else { &[][..] };
+            if transposed {
+                let blocks = |q: &[f32], k: &[f32], out: &mut [[f32; K_TILE]; GROUP]| match group {
+                    4 => scores_block::<4>(q, d, k, out),
+                    3 => scores_block::<3>(q, d, k, out),
+                    2 => scores_block::<2>(q, d, k, out),
+                    _ => scores_block::<1>(q, d, k, out),
+                };
+                if any_n {
+                    blocks(qn, &s.kn, &mut sn);
                 }
-                if split > 0 {
-                    scores_transposed(&s.qg[r * d..][..d], &s.kg, &mut sg);
-                    sn[..split].copy_from_slice(&sg[..split]);
+                if any_g {
+                    blocks(qg, &s.kg, &mut sg);
                 }
-                &mut sn[..n]
+                for x in 0..group {
+                    sn[x][..split[x]].copy_from_slice(&sg[x][..split[x]]);
+                }
             } else {
-                for (jj, out) in sn[..n].iter_mut().enumerate() {
-                    let (q, k) = if jj < split { (&s.qg, &s.kg) } else { (&s.qn, &s.kn) };
-                    *out = dot(&q[r * d..][..d], &k[jj * d..][..d]);
+                for x in 0..group {
+                    for (jj, out) in sn[x][..n[x]].iter_mut().enumerate() {
+                        let (q, k) = if jj < split[x] { (qg, &s.kg) } else { (qn, &s.kn) };
+                        *out = dot(&q[x * d..][..d], &k[jj * d..][..d]);
+                    }
                 }
-                &mut sn[..n]
-            };
-            let m_old = part.m[r];
-            let m_new = m_old.max(max_of(scores));
-            let sum = exp_and_sum(scores, m_new);
-            let correction = (m_old - m_new).exp();
-            let acc = &mut part.acc[r * d..][..d];
-            if correction != 1.0 {
-                acc.iter_mut().for_each(|a| *a *= correction);
             }
-            accumulate_values(acc, scores, |jj| vv.row(b, g, j0 + jj));
-            part.l[r] = part.l[r] * correction + sum;
-            part.m[r] = m_new;
+            for x in 0..group {
+                let r = r0 + x;
+                let scores = &mut sn[x];
+                if n[x] == 0 {
+                    scores[..kt].fill(0.0);
+                    continue;
+                }
+                let m_old = part.m[r];
+                let m_new = m_old.max(max_of(&scores[..n[x]]));
+                let sum = exp_and_sum(&mut scores[..n[x]], m_new);
+                scores[n[x]..kt].fill(0.0);
+                let correction = (m_old - m_new).exp();
+                if correction != 1.0 {
+                    part.acc[r * d..][..d].iter_mut().for_each(|a| *a *= correction);
+                }
+                part.l[r] = part.l[r] * correction + sum;
+                part.m[r] = m_new;
+            }
+            let acc = &mut part.acc[r0 * d..];
+            match group {
+                4 => values_block::<4>(&sn, &values, acc, d),
+                3 => values_block::<3>(&sn, &values, acc, d),
+                2 => values_block::<2>(&sn, &values, acc, d),
+                _ => values_block::<1>(&sn, &values, acc, d),
+            }
         }
         j0 = j1;
     }
