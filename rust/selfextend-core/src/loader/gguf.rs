@@ -601,6 +601,33 @@ impl GgufSource {
     }
 }
 
+/// `parts` stacked along their rows (the first dimension) into one quantized matrix,
+/// or `None` when they differ in block type or row length, or are not on the CPU.
+pub(crate) fn concat_rows(parts: &[&QTensor]) -> Result<Option<QTensor>> {
+    let Some(first) = parts.first() else {
+        return Ok(None);
+    };
+    let (dtype, cols) = (first.dtype(), first.shape().dims().get(1).copied());
+    let alike = parts.iter().all(|q| {
+        q.dtype() == dtype && q.shape().rank() == 2 && q.shape().dims().get(1).copied() == cols
+    });
+    if !alike || !first.device().is_cpu() {
+        return Ok(None);
+    }
+    let mut bytes = Vec::new();
+    let mut rows = 0;
+    for q in parts {
+        bytes.extend_from_slice(&q.data()?);
+        rows += q.shape().dims()[0];
+    }
+    let cols = cols.unwrap_or(0);
+    let expected = rows * cols / dtype.block_size() * dtype.type_size();
+    if bytes.len() != expected {
+        return Ok(None);
+    }
+    Ok(Some(qtensor_from_ggml(dtype, &aligned_copy(&bytes), vec![rows, cols], &Device::Cpu)?))
+}
+
 /// A copy of `bytes` in an 8-byte aligned buffer: candle reads the data as blocks of
 /// f16/f32 fields.
 fn aligned_copy(bytes: &[u8]) -> AlignedBytes {

@@ -70,6 +70,52 @@ impl Linear {
     }
 }
 
+/// Projections of one input (q/k/v; gate/up). When their weights are quantized alike
+/// they run as one stacked matmul: candle then quantizes the activations once and
+/// wakes its worker pool once, which is most of a decode step's overhead.
+#[derive(Debug, Clone)]
+enum Projections {
+    Fused { linear: Linear, sizes: Vec<usize> },
+    Separate(Vec<Linear>),
+}
+
+impl Projections {
+    fn new(parts: Vec<Linear>) -> Result<Self> {
+        let mut blocks = vec![];
+        for part in &parts {
+            match part {
+                Linear::Quantized { blocks: b, bias: None, .. } => blocks.push(b.as_ref()),
+                _ => return Ok(Self::Separate(parts)),
+            }
+        }
+        let sizes = blocks.iter().map(|b| b.shape().dims()[0]).collect();
+        Ok(match crate::loader::gguf::concat_rows(&blocks)? {
+            Some(stacked) => Self::Fused {
+                linear: Linear::quantized(stacked, None)?,
+                sizes,
+            },
+            None => Self::Separate(parts),
+        })
+    }
+
+    /// `xs: (.., in)` to one `(.., out_k)` tensor per projection.
+    fn forward(&self, xs: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Self::Separate(parts) => parts.iter().map(|p| p.forward(xs)).collect(),
+            Self::Fused { linear, sizes } => {
+                let ys = linear.forward(xs)?;
+                let mut start = 0;
+                let mut out = Vec::with_capacity(sizes.len());
+                for &n in sizes {
+                    out.push(ys.narrow(D::Minus1, start, n)?);
+                    start += n;
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
 fn linear(vb: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
     let bias = if bias {
         Some(vb.get([out_dim], "bias")?)
@@ -104,8 +150,8 @@ impl RmsNorm {
 
 #[derive(Debug, Clone)]
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    /// `gate_proj` and `up_proj`.
+    gate_up: Projections,
     down_proj: Linear,
 }
 
@@ -113,24 +159,24 @@ impl Mlp {
     fn load(vb: &Weights, cfg: &Config) -> Result<Self> {
         let (h, i, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
         Ok(Self {
-            gate_proj: linear(&vb.pp("gate_proj"), h, i, bias)?,
-            up_proj: linear(&vb.pp("up_proj"), h, i, bias)?,
+            gate_up: Projections::new(vec![
+                linear(&vb.pp("gate_proj"), h, i, bias)?,
+                linear(&vb.pp("up_proj"), h, i, bias)?,
+            ])?,
             down_proj: linear(&vb.pp("down_proj"), i, h, bias)?,
         })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(xs)?)?;
-        let up = self.up_proj.forward(xs)?;
-        self.down_proj.forward(&(gate * up)?)
+        let [gate, up]: [Tensor; 2] = self.gate_up.forward(xs)?.try_into().expect("two projections");
+        self.down_proj.forward(&(candle_nn::ops::silu(&gate)? * up)?)
     }
 }
 
 #[derive(Debug, Clone)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// `q_proj`, `k_proj` and `v_proj`.
+    qkv: Projections,
     o_proj: Linear,
     num_heads: usize,
     num_kv_heads: usize,
@@ -142,9 +188,11 @@ impl Attention {
         let (h, d, bias) = (cfg.hidden_size, cfg.head_dim, cfg.attention_bias);
         let (n_q, n_kv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         Ok(Self {
-            q_proj: linear(&vb.pp("q_proj"), h, n_q * d, bias)?,
-            k_proj: linear(&vb.pp("k_proj"), h, n_kv * d, bias)?,
-            v_proj: linear(&vb.pp("v_proj"), h, n_kv * d, bias)?,
+            qkv: Projections::new(vec![
+                linear(&vb.pp("q_proj"), h, n_q * d, bias)?,
+                linear(&vb.pp("k_proj"), h, n_kv * d, bias)?,
+                linear(&vb.pp("v_proj"), h, n_kv * d, bias)?,
+            ])?,
             o_proj: linear(&vb.pp("o_proj"), n_q * d, h, bias)?,
             num_heads: n_q,
             num_kv_heads: n_kv,
@@ -161,15 +209,13 @@ impl Attention {
         params: &AttentionParams,
     ) -> Result<Tensor> {
         let (b_sz, seq_len, _) = xs.dims3()?;
-        let heads = |proj: &Linear, n: usize| -> Result<Tensor> {
-            Ok(proj
-                .forward(xs)?
-                .reshape((b_sz, seq_len, n, self.head_dim))?
-                .transpose(1, 2)?)
+        let heads = |ys: &Tensor, n: usize| -> Result<Tensor> {
+            Ok(ys.reshape((b_sz, seq_len, n, self.head_dim))?.transpose(1, 2)?)
         };
-        let q = heads(&self.q_proj, self.num_heads)?;
-        let k = heads(&self.k_proj, self.num_kv_heads)?;
-        let v = heads(&self.v_proj, self.num_kv_heads)?;
+        let [q, k, v]: [Tensor; 3] = self.qkv.forward(xs)?.try_into().expect("three projections");
+        let q = heads(&q, self.num_heads)?;
+        let k = heads(&k, self.num_kv_heads)?;
+        let v = heads(&v, self.num_kv_heads)?;
         let (k, v) = cache.append(&k, &v)?;
         let ys = run_attention(&q, &k, &v, positions, params)?;
         let ys = ys
