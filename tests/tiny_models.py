@@ -53,6 +53,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
             "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
         },
     ),
+    # The smallest useful model: the fuzzers' seed corpus (tests/fuzz).
+    "micro": dict(
+        hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=16, tie_word_embeddings=True,
+    ),
 }
 SHARDED = {"llama3": np.float16}
 

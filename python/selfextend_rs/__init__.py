@@ -6,7 +6,11 @@ attention (Jin et al., "LLM Maybe LongLM", ICML 2024), on a Rust/candle engine.
 >>> out = model.generate(long_prompt, self_extend=se.SelfExtend(4, 1024))  # doctest: +SKIP
 """
 
-from selfextend_rs._native import (
+from selfextend_rs import _cpu
+
+_cpu.check()
+
+from selfextend_rs._native import (  # noqa: E402
     Completion,
     ContextLengthWarning,
     InferenceError,
@@ -22,7 +26,7 @@ from selfextend_rs._native import (
     TokenizerError,
     __version__,
 )
-from selfextend_rs._models import default_model
+from selfextend_rs._models import default_model  # noqa: E402
 
 __all__ = [
     "Completion",

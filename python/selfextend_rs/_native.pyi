@@ -7,6 +7,22 @@ import numpy as np
 import numpy.typing as npt
 
 __version__: str
+__all__ = [
+    "Completion",
+    "ContextLengthWarning",
+    "InferenceError",
+    "InvalidArgumentError",
+    "Model",
+    "ModelConfig",
+    "ModelLoadError",
+    "OutOfMemoryError",
+    "SelfExtend",
+    "SelfExtendError",
+    "TextStream",
+    "Tokenizer",
+    "TokenizerError",
+    "__version__",
+]
 
 class SelfExtendError(Exception): ...
 class ModelLoadError(SelfExtendError): ...
@@ -16,11 +32,11 @@ class InferenceError(SelfExtendError): ...
 class InvalidArgumentError(SelfExtendError, ValueError): ...
 class ContextLengthWarning(UserWarning): ...
 
-Prompt = Union[str, Sequence[int]]
-FinishReason = Literal["eos", "stop", "length"]
-SelfExtendArg = Union["SelfExtend", Literal["auto"], None]
-Progress = Union[bool, Callable[[int, int], object], None]
-Messages = Sequence[Mapping[str, str]]
+_Prompt = Union[str, Sequence[int]]
+_FinishReason = Literal["eos", "stop", "length"]
+_SelfExtendArg = Union["SelfExtend", Literal["auto"], None]
+_Progress = Union[bool, Callable[[int, int], object], None]
+_Messages = Sequence[Mapping[str, str]]
 
 @final
 class SelfExtend:
@@ -34,7 +50,7 @@ class SelfExtend:
     def max_context(self, trained_context: int) -> int: ...
     @staticmethod
     def auto(target_length: int, trained_context: int) -> SelfExtend: ...
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, value: object, /) -> bool: ...
     def __hash__(self) -> int: ...
 
 @final
@@ -73,7 +89,7 @@ class Completion:
     @property
     def token_ids(self) -> list[int]: ...
     @property
-    def finish_reason(self) -> FinishReason: ...
+    def finish_reason(self) -> _FinishReason: ...
     @property
     def prompt_tokens(self) -> int: ...
     @property
@@ -104,7 +120,10 @@ class Model:
         *,
         device: str = "cpu",
         dtype: Optional[Literal["f32", "bf16", "f16"]] = None,
+        max_memory: Optional[int] = None,
     ) -> Model: ...
+    @property
+    def max_memory(self) -> Optional[int]: ...
     @property
     def config(self) -> ModelConfig: ...
     @property
@@ -121,13 +140,13 @@ class Model:
         self,
         token_ids: Sequence[int],
         *,
-        self_extend: SelfExtendArg = None,
+        self_extend: _SelfExtendArg = None,
         chunk_size: Optional[int] = None,
-        progress: Progress = None,
+        progress: _Progress = None,
     ) -> npt.NDArray[np.float32]: ...
     def generate(
         self,
-        prompt: Prompt,
+        prompt: _Prompt,
         max_new_tokens: int = 128,
         *,
         temperature: float = 0.0,
@@ -136,13 +155,13 @@ class Model:
         repetition_penalty: float = 1.0,
         seed: Optional[int] = None,
         stop: Union[str, Sequence[str], None] = None,
-        self_extend: SelfExtendArg = None,
+        self_extend: _SelfExtendArg = None,
         chunk_size: Optional[int] = None,
-        progress: Progress = None,
+        progress: _Progress = None,
     ) -> Completion: ...
     def stream(
         self,
-        prompt: Prompt,
+        prompt: _Prompt,
         max_new_tokens: int = 128,
         *,
         temperature: float = 0.0,
@@ -151,13 +170,13 @@ class Model:
         repetition_penalty: float = 1.0,
         seed: Optional[int] = None,
         stop: Union[str, Sequence[str], None] = None,
-        self_extend: SelfExtendArg = None,
+        self_extend: _SelfExtendArg = None,
         chunk_size: Optional[int] = None,
-        progress: Progress = None,
+        progress: _Progress = None,
     ) -> TextStream: ...
     def chat(
         self,
-        messages: Messages,
+        messages: _Messages,
         max_new_tokens: int = 128,
         *,
         temperature: float = 0.0,
@@ -166,13 +185,13 @@ class Model:
         repetition_penalty: float = 1.0,
         seed: Optional[int] = None,
         stop: Union[str, Sequence[str], None] = None,
-        self_extend: SelfExtendArg = None,
+        self_extend: _SelfExtendArg = None,
         chunk_size: Optional[int] = None,
-        progress: Progress = None,
+        progress: _Progress = None,
     ) -> Completion: ...
     def chat_stream(
         self,
-        messages: Messages,
+        messages: _Messages,
         max_new_tokens: int = 128,
         *,
         temperature: float = 0.0,
@@ -181,7 +200,7 @@ class Model:
         repetition_penalty: float = 1.0,
         seed: Optional[int] = None,
         stop: Union[str, Sequence[str], None] = None,
-        self_extend: SelfExtendArg = None,
+        self_extend: _SelfExtendArg = None,
         chunk_size: Optional[int] = None,
-        progress: Progress = None,
+        progress: _Progress = None,
     ) -> TextStream: ...

@@ -27,24 +27,27 @@ pub fn available_bytes() -> Option<usize> {
     }
 }
 
-/// Fails with [`Error::OutOfMemory`] when `need` bytes exceed what is available;
-/// `per_position` turns the budget into a number of tokens for the message.
-pub fn ensure_fits(need: usize, per_position: usize) -> Result<()> {
-    let Some(available) = available_bytes() else {
+/// Fails with [`Error::OutOfMemory`] when `fixed + per_position * positions` bytes
+/// exceed what is available, or the caller's `limit`; the message says how many
+/// positions would fit.
+pub fn ensure_fits(fixed: usize, per_position: usize, positions: usize, limit: Option<usize>) -> Result<()> {
+    // Leave headroom for the weights' working set, allocator slack and the caller.
+    let system = available_bytes().map(|a| a / 10 * 9);
+    let Some(budget) = [system, limit].into_iter().flatten().min() else {
         return Ok(());
     };
-    // Leave headroom for the weights' working set, allocator slack and the caller.
-    let budget = available / 10 * 9;
+    let source = if limit == Some(budget) { "max_memory allows" } else { "is available" };
+    let need = positions.saturating_mul(per_position).saturating_add(fixed);
     if need <= budget {
         return Ok(());
     }
     Err(Error::OutOfMemory {
         msg: format!(
-            "this request needs about {} of memory but only {} is available; \
+            "this request needs about {} of memory but only {} {source}; \
              about {} tokens would fit (try a shorter prompt, fewer new tokens, or a smaller chunk_size)",
             human(need),
             human(budget),
-            budget / per_position.max(1)
+            budget.saturating_sub(fixed) / per_position.max(1)
         ),
     })
 }

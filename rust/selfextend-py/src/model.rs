@@ -328,6 +328,10 @@ impl PyModel {
     ///     device: "cpu" (default), "cuda", "cuda:N" or "metal" where the build has them.
     ///     dtype: Compute dtype: None, "f32", "bf16" or "f16". None is f32 and keeps
     ///         GGUF weights quantized; naming a dtype dequantizes them.
+    ///     max_memory: A cap, in bytes, on the memory one call may plan to use (KV
+    ///         cache, logits and workspace, beyond the weights). Calls that would need
+    ///         more raise OutOfMemoryError before allocating. Free system memory is
+    ///         always a cap as well.
     ///
     /// Returns:
     ///     The loaded Model.
@@ -336,8 +340,14 @@ impl PyModel {
     ///     ModelLoadError: the files are missing, corrupt, inconsistent or unsupported.
     ///     InvalidArgumentError: unknown device or dtype.
     #[staticmethod]
-    #[pyo3(signature = (path = None, *, device = "cpu", dtype = None))]
-    fn load(py: Python<'_>, path: Option<PathBuf>, device: &str, dtype: Option<&str>) -> PyResult<Self> {
+    #[pyo3(signature = (path = None, *, device = "cpu", dtype = None, max_memory = None))]
+    fn load(
+        py: Python<'_>,
+        path: Option<PathBuf>,
+        device: &str,
+        dtype: Option<&str>,
+        max_memory: Option<usize>,
+    ) -> PyResult<Self> {
         let path = match path {
             Some(p) => p,
             None => py
@@ -351,7 +361,8 @@ impl PyModel {
             .map(parse_dtype)
             .transpose()
             .map_err(|e| to_py(e, false))?;
-        let model = detached(py, true, None, move |_| Model::load(&path, &device, dtype))?;
+        let mut model = detached(py, true, None, move |_| Model::load(&path, &device, dtype))?;
+        model.set_max_memory(max_memory);
         Ok(Self {
             inner: Arc::new(model),
         })
@@ -361,6 +372,12 @@ impl PyModel {
     #[getter]
     fn config(&self) -> PyModelConfig {
         self.inner.config().into()
+    }
+
+    /// The max_memory cap given at load, in bytes, or None.
+    #[getter]
+    fn max_memory(&self) -> Option<usize> {
+        self.inner.max_memory()
     }
 
     /// The model's tokenizer.
@@ -662,20 +679,26 @@ impl PyTextStream {
     }
 
     /// Stops generation and frees its memory; iteration then ends.
-    fn close(&self) {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if matches!(*state, StreamState::Running(_)) {
-            *state = StreamState::Done(None);
-        }
+    fn close(&self, py: Python<'_>) {
+        // Another thread's __next__ may hold the lock while it waits for the GIL.
+        py.detach(|| {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if matches!(*state, StreamState::Running(_)) {
+                *state = StreamState::Done(None);
+            }
+        })
     }
 
     /// The finished Completion once the stream is exhausted, else None.
     #[getter]
-    fn completion(&self) -> Option<PyCompletion> {
-        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        match &*state {
-            StreamState::Done(Some(c)) => Some(c.clone().into()),
-            _ => None,
-        }
+    fn completion(&self, py: Python<'_>) -> Option<PyCompletion> {
+        let completion = py.detach(|| {
+            let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            match &*state {
+                StreamState::Done(Some(c)) => Some(c.clone()),
+                _ => None,
+            }
+        });
+        completion.map(Into::into)
     }
 }

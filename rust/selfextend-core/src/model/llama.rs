@@ -341,11 +341,26 @@ impl Llama {
         params: &AttentionParams,
         logits_for: LogitsFor,
     ) -> Result<Tensor> {
+        self.forward_checked(input_ids, cache, params, logits_for, &mut || Ok(()))
+    }
+
+    /// [`Llama::forward`], calling `between_layers` after each layer; an error from it
+    /// (an interrupt) abandons the call. The cache then holds this call's positions
+    /// for some layers only, so it must be discarded.
+    pub fn forward_checked(
+        &self,
+        input_ids: &Tensor,
+        cache: &mut KvCache,
+        params: &AttentionParams,
+        logits_for: LogitsFor,
+        between_layers: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Tensor> {
         let seq_len = input_ids.dim(1)?;
         let positions = Positions::new(&self.rope, seq_len, cache.len() + seq_len);
         let mut xs = self.embed_tokens.forward(input_ids)?;
         for (idx, layer) in self.layers.iter().enumerate() {
             xs = layer.forward(&xs, cache.layer_mut(idx), &positions, params)?;
+            between_layers()?;
         }
         if logits_for == LogitsFor::Last {
             let seq_len = xs.dim(1)?;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::attention::{AttentionParams, SelfExtend};
+use crate::attention::{AttentionBackend, AttentionParams, SelfExtend};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
@@ -17,11 +17,16 @@ use crate::memory;
 use crate::tokenizer::Tokenizer;
 pub use llama::{Llama, LogitsFor};
 
-/// Prefill chunk length when the caller does not choose one. Bounds the attention
-/// workspace to `chunk * context` scores per head.
+/// Prefill chunk length when the caller does not choose one. Bounds a chunk's
+/// activations (and the naive backend's `chunk * context` scores per head).
 pub const DEFAULT_CHUNK_SIZE: usize = 512;
 
-/// Called between prefill chunks with `(positions done, positions total)`; an error
+/// Prefill chunks of at least this many tokens also call the chunk callback between
+/// layers (reporting no new position), so an interrupt lands within part of a chunk.
+const CHECK_LAYERS_FROM: usize = 64;
+
+/// Called between prefill chunks with `(positions done, positions total)`, and between
+/// the layers of long chunks with the positions done before the chunk; an error
 /// (typically [`Error::Interrupted`]) stops the computation.
 pub type ChunkCallback<'a> = dyn FnMut(usize, usize) -> Result<()> + 'a;
 
@@ -34,6 +39,8 @@ pub struct Model {
     source: PathBuf,
     chat: Option<ChatTemplate>,
     quantized: bool,
+    /// A cap on the memory one request may plan to use, below what the system has.
+    max_memory: Option<usize>,
 }
 
 /// A Jinja chat template with the special tokens it may refer to.
@@ -133,6 +140,7 @@ impl Model {
             source: path.to_path_buf(),
             chat,
             quantized: false,
+            max_memory: None,
         })
     }
 
@@ -164,6 +172,7 @@ impl Model {
             source: path.to_path_buf(),
             chat,
             quantized,
+            max_memory: None,
         })
     }
 
@@ -174,6 +183,7 @@ impl Model {
             source,
             chat: None,
             quantized: false,
+            max_memory: None,
         }
     }
 
@@ -212,6 +222,16 @@ impl Model {
     }
 
     /// Attention settings for this model.
+    /// Caps the memory one request may plan to use (KV cache, logits, workspace) at
+    /// `bytes`, below whatever the system has available; `None` removes the cap.
+    pub fn set_max_memory(&mut self, bytes: Option<usize>) {
+        self.max_memory = bytes;
+    }
+
+    pub fn max_memory(&self) -> Option<usize> {
+        self.max_memory
+    }
+
     pub fn attention_params(&self, self_extend: Option<SelfExtend>) -> AttentionParams {
         AttentionParams::new(self.config().head_dim, self_extend)
     }
@@ -236,20 +256,32 @@ impl Model {
     /// are kept (all positions for [`Model::logits`], none for generation).
     pub fn check_memory(&self, positions: usize, chunk: usize, logits_rows: usize) -> Result<()> {
         let cfg = self.config();
-        let kv = KvCache::bytes_for(
-            1,
-            cfg.num_hidden_layers,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-            self.dtype(),
-        );
+        let f32_size = 4;
+        let (hidden, inter, vocab) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let (heads, kv_heads, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let chunk = chunk.min(positions).max(1);
+        let kv = KvCache::bytes_for(1, cfg.num_hidden_layers, kv_heads, d, self.dtype());
         // Returned logits live twice for a moment: ours, then the caller's copy.
-        let logits = if logits_rows > 0 { 2 * 4 * cfg.vocab_size } else { 0 };
-        // Naive attention holds about four f32 (heads, chunk, context) score buffers.
-        let workspace = 4 * 4 * cfg.num_attention_heads * chunk.min(positions);
-        let per_position = kv + logits + workspace;
-        let need = positions.saturating_mul(per_position);
-        memory::ensure_fits(need, per_position)
+        let logits = if logits_rows > 0 { 2 * f32_size * vocab } else { 0 };
+        let attention = match self.attention_params(None).backend {
+            // About four f32 (heads, chunk, context) score buffers.
+            AttentionBackend::Naive => 4 * f32_size * heads * chunk,
+            // Tile buffers only, plus f32 copies of one layer's keys and values when
+            // the cache holds another dtype.
+            AttentionBackend::Fused if self.dtype() != DType::F32 => 2 * f32_size * kv_heads * d,
+            AttentionBackend::Fused => 0,
+        };
+        let per_position = kv + logits + attention;
+        // One chunk's activations, and the largest weight a quantized layer
+        // dequantizes for a prefill chunk.
+        let activations = f32_size * chunk * (4 * hidden + 3 * inter + (heads + 2 * kv_heads) * d);
+        let dequantized = if self.is_quantized() {
+            let lm_head = if logits_rows > 0 { vocab * hidden } else { 0 };
+            f32_size * lm_head.max(2 * inter * hidden).max((heads + 2 * kv_heads) * d * hidden)
+        } else {
+            0
+        };
+        memory::ensure_fits(activations + dequantized, per_position, positions, self.max_memory)
     }
 
     /// Runs `ids` through the model in chunks, appending to `cache`; returns the logits
@@ -274,9 +306,19 @@ impl Model {
                 LogitsFor::Last if is_last => Some(LogitsFor::Last),
                 LogitsFor::Last => None,
             };
+            // Long chunks also check between layers, so an interrupt lands within a
+            // fraction of a chunk; the progress callback sees no new position there.
+            let done = n * chunk_size;
+            let mut between_layers = || -> Result<()> {
+                if chunk.len() >= CHECK_LAYERS_FROM {
+                    on_chunk(done, total)?;
+                }
+                Ok(())
+            };
+            let logits_for = want.unwrap_or(LogitsFor::Last);
             let logits = self
                 .llama
-                .forward(&input, cache, params, want.unwrap_or(LogitsFor::Last))?;
+                .forward_checked(&input, cache, params, logits_for, &mut between_layers)?;
             if want.is_some() {
                 out.extend(logits.flatten_all()?.to_vec1::<f32>()?);
             }
