@@ -72,6 +72,18 @@ def test_version_comes_from_cargo() -> None:
     assert f'version = "{se.__version__}"' in cargo
 
 
+def test_cpu_check_can_be_skipped(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(_cpu, "missing_features", lambda text: ["avx2"])
+    try:
+        _cpu.check()
+    except ImportError as e:
+        assert "avx2" in str(e) and _cpu.SKIP_VARIABLE in str(e)
+    else:
+        assert not Path("/proc/cpuinfo").exists(), "the check did not run"
+    monkeypatch.setenv(_cpu.SKIP_VARIABLE, "0")
+    _cpu.check()
+
+
 def test_cpu_check_names_missing_features() -> None:
     modern = "processor : 0\nflags : fpu avx avx2 bmi1 bmi2 f16c fma abm movbe xsave sse4_2\n"
     old = "processor : 0\nflags : fpu sse sse2 sse4_2 avx xsave\n"
