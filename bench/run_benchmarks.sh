@@ -2,7 +2,7 @@
 # The runs behind BENCHMARKS.md, on the bundled default model (SmolLM2-135M-Instruct
 # Q4_1 GGUF): vanilla vs SelfExtend speed, and peak RSS per length in separate
 # processes (peak RSS is per process). JSON goes to $OUT (default bench-out/), then
-# bench/plot.py draws docs/benchmarks.png from it.
+# bench/report.py prints the tables and draws docs/benchmarks.png from it.
 #
 #   bench/run_benchmarks.sh            # about 30 minutes on 2 cores
 #   LENGTHS=2048,8192 SE_ONLY= bench/run_benchmarks.sh
@@ -22,6 +22,9 @@ MODEL=${MODEL:-$("$PY" -c 'import selfextend_rs; print(selfextend_rs.default_mod
 BENCH=target/opt/selfextend-bench
 mkdir -p "$OUT"
 cargo build --quiet --profile opt -p selfextend-bench
+
+echo "== resident memory after loading the model" >&2
+"$BENCH" --model "$MODEL" --prefill 1 --decode-context 0 --repeats 1 --attention vanilla --json >"$OUT/load.json"
 
 longest=${LENGTHS##*,}
 short=${LENGTHS%,*}

@@ -100,6 +100,8 @@ struct Report {
     measurements: Vec<Measurement>,
     /// KV-cache bytes allocated for the longest sequence run.
     kv_cache_bytes: usize,
+    /// Resident memory once the model is loaded: weights and runtime.
+    rss_after_load_bytes: Option<u64>,
     peak_rss_bytes: Option<u64>,
 }
 
@@ -115,10 +117,18 @@ fn median(xs: &[f64]) -> f64 {
 }
 
 fn peak_rss_bytes() -> Option<u64> {
+    status_bytes("VmHWM:")
+}
+
+fn rss_bytes() -> Option<u64> {
+    status_bytes("VmRSS:")
+}
+
+fn status_bytes(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let kb = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .find_map(|l| l.strip_prefix(field))?
         .trim()
         .trim_end_matches("kB")
         .trim()
@@ -206,6 +216,7 @@ fn run(args: Args) -> BenchResult<Report> {
     let device: Device = parse_device(&args.device)?;
     let dtype = args.dtype.as_deref().map(parse_dtype).transpose()?;
     let model = Model::load(&args.model, &device, dtype)?;
+    let rss_after_load_bytes = rss_bytes();
     let longest = args
         .prefill
         .iter()
@@ -264,6 +275,7 @@ fn run(args: Args) -> BenchResult<Report> {
         repeats: args.repeats,
         measurements,
         kv_cache_bytes: bench.kv_cache_bytes,
+        rss_after_load_bytes,
         peak_rss_bytes: peak_rss_bytes(),
     })
 }
@@ -284,9 +296,10 @@ fn print_table(r: &Report) {
             );
         }
     }
-    println!("KV cache (largest run): {:.1} MiB", r.kv_cache_bytes as f64 / (1 << 20) as f64);
-    if let Some(rss) = r.peak_rss_bytes {
-        println!("peak RSS: {:.1} MiB", rss as f64 / (1 << 20) as f64);
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    println!("KV cache (largest run): {:.1} MiB", mib(r.kv_cache_bytes as u64));
+    if let (Some(load), Some(peak)) = (r.rss_after_load_bytes, r.peak_rss_bytes) {
+        println!("RSS after load: {:.1} MiB, peak RSS: {:.1} MiB", mib(load), mib(peak));
     }
 }
 

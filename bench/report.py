@@ -1,7 +1,8 @@
-"""Draws docs/benchmarks.png from the JSON that bench/run_benchmarks.sh writes.
+"""Prints the Markdown tables of BENCHMARKS.md and draws docs/benchmarks.png from the
+JSON that bench/run_benchmarks.sh writes.
 
     .venv/bin/pip install matplotlib   # plotting only; not a test or runtime dependency
-    .venv/bin/python bench/plot.py [bench-out] [docs/benchmarks.png]
+    .venv/bin/python bench/report.py [bench-out] [docs/benchmarks.png]
 
 Left: prefill time against prompt length, vanilla vs SelfExtend (and llama.cpp's
 pp2048 where bench/compare_llamacpp.sh has run). Right: peak RSS of a prefill alone,
@@ -20,9 +21,41 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def mib(n: float) -> str:
+    return f"{n / 2**20:.0f}"
+
+
+def print_tables(out_dir: Path) -> None:
+    print("| phase | context | repeats | plain tok/s | SelfExtend tok/s | time ratio SE / plain |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for path in sorted(out_dir.glob("speed*.json"), key=lambda p: len(p.name)):
+        report = json.loads(path.read_text())
+        rows: dict[tuple[str, int], dict[str, dict]] = {}
+        for m in report["measurements"]:
+            rows.setdefault((m["phase"], m["context"]), {})[m["attention"]] = m
+        for (phase, context), pair in rows.items():
+            van, ext = pair["vanilla"], pair["selfextend"]
+            print(f"| {phase} | {context} | {len(van['seconds'])} | {van['tokens_per_second']:.1f} "
+                  f"| {ext['tokens_per_second']:.1f} | {ext['median_seconds'] / van['median_seconds']:.3f} |")
+    print()
+    print("| attention | prompt | prefill s | KV cache MiB | RSS after load MiB | peak RSS MiB | peak − KV − load MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    runs = [json.loads(p.read_text()) for p in out_dir.glob("rss-*.json")]
+    loaded = out_dir / "load.json"
+    after_load = json.loads(loaded.read_text())["rss_after_load_bytes"] if loaded.exists() else None
+    for r in sorted(runs, key=lambda r: (r["measurements"][0]["attention"], r["measurements"][0]["context"])):
+        (m,) = r["measurements"]
+        load = r.get("rss_after_load_bytes") or after_load or 0
+        extra = r["peak_rss_bytes"] - r["kv_cache_bytes"] - load
+        print(f"| {m['attention']} | {m['context']} | {m['median_seconds']:.1f} | {mib(r['kv_cache_bytes'])} "
+              f"| {mib(load) if load else '?'} | {mib(r['peak_rss_bytes'])} | {mib(extra) if load else '?'} |")
+    print()
+
+
 def main() -> None:
     out_dir = Path(sys.argv[1] if len(sys.argv) > 1 else "bench-out")
     png = Path(sys.argv[2] if len(sys.argv) > 2 else "docs/benchmarks.png")
+    print_tables(out_dir)
     prefill: dict[str, dict[int, float]] = {"vanilla": {}, "selfextend": {}}
     for path in sorted(out_dir.glob("speed*.json")):
         for m in json.loads(path.read_text())["measurements"]:
