@@ -49,7 +49,7 @@ fuzz: develop ## Fuzz the GGUF/config/safetensors/tokenizer parsers, FUZZ_SECOND
 		$(PY) tests/fuzz/fuzz_loaders.py $$t -max_total_time=$(FUZZ_SECONDS) -timeout=30 \
 			-rss_limit_mb=4096 -artifact_prefix=$$work/ -print_final_stats=1 $$work/corpus \
 			>$$work/log 2>&1 || { tail -50 $$work/log; echo "fuzz target $$t failed; input saved in $$work/"; exit 1; }; \
-		grep -E "stat::number_of_executed_units|Done [0-9]+ runs" $$work/log | tail -1; \
+		grep -E "fuzz outcomes" $$work/log | tail -1; \
 	done
 
 .PHONY: wheel

@@ -62,10 +62,14 @@ def main() -> None:
             if m["phase"] == "prefill":
                 prefill[m["attention"]][m["context"]] = m["median_seconds"]
     rss: dict[str, dict[int, float]] = {"vanilla": {}, "selfextend": {}}
+    kv: dict[int, float] = {}
     for path in sorted(out_dir.glob("rss-*.json")):
         report = json.loads(path.read_text())
         (m,) = report["measurements"]
         rss[m["attention"]][m["context"]] = report["peak_rss_bytes"] / 2**20
+        kv[m["context"]] = report["kv_cache_bytes"] / 2**20
+    loaded = out_dir / "load.json"
+    after_load = json.loads(loaded.read_text())["rss_after_load_bytes"] / 2**20 if loaded.exists() else None
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
     style = {"vanilla": ("o-", "plain attention"), "selfextend": ("s--", "SelfExtend")}
@@ -74,6 +78,10 @@ def main() -> None:
         ax_t.plot(xs, [prefill[kind][x] for x in xs], fmt, label=label)
         xs = sorted(rss[kind])
         ax_m.plot(xs, [rss[kind][x] for x in xs], fmt, label=label)
+    if after_load is not None:
+        xs = sorted(kv)
+        ax_m.plot(xs, [after_load + kv[x] for x in xs], ":", color="grey",
+                  label="RSS after load + KV cache")
     llama = Path("target/llamacpp/llamacpp-pp.json")
     if llama.exists():
         r = json.loads(llama.read_text())[0]

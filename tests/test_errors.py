@@ -57,6 +57,19 @@ def test_invalid_json(tmp_path: Path, model_path: Path) -> None:
         se.Model.load(edit_target)
 
 
+def test_tokenizer_json_that_makes_tokenizers_panic(tmp_path: Path, model_path: Path) -> None:
+    # Found by tests/fuzz: a control character in a key of the decoder object makes
+    # `tokenizers` 0.22 unwrap a JSON error inside its deserializer.
+    broken = copy(model_path, tmp_path / "m")
+    text = (broken / "tokenizer.json").read_text()
+    decoder = text.index('"decoder"')
+    key = text.index('"use_regex"', decoder)
+    (broken / "tokenizer.json").write_text(text[:key] + '"\x01x"' + text[key + len('"use_regex"'):])
+    with pytest.raises(se.SelfExtendError, match="tokenizer.json") as raised:
+        se.Model.load(broken)
+    assert "internal error" not in str(raised.value)
+
+
 @pytest.mark.parametrize(
     "changes, pattern",
     [

@@ -149,16 +149,29 @@ struct Bench {
 impl Bench {
     /// Times a prefill of `n` tokens and, when `n` is the decode context, the decode
     /// steps after it, which then reuse its cache. Returns `(prefill, decode)` seconds.
-    fn prefill_then_decode(&mut self, n: usize, se: Option<SelfExtend>) -> BenchResult<(f64, Option<f64>)> {
+    fn prefill_then_decode(
+        &mut self,
+        n: usize,
+        se: Option<SelfExtend>,
+    ) -> BenchResult<(f64, Option<f64>)> {
         let params = self.model.attention_params(se);
         let steps = self.args.decode_tokens;
         let decode = n == self.args.decode_context && steps > 0;
-        let mut cache = self.model.llama().new_cache(n + if decode { steps } else { 0 });
+        let mut cache = self
+            .model
+            .llama()
+            .new_cache(n + if decode { steps } else { 0 });
         let noop = &mut |_, _| Ok(());
         let start = Instant::now();
         let chunk = self.args.chunk_size;
-        self.model
-            .forward_chunked(&self.ids[..n], &mut cache, &params, chunk, LogitsFor::Last, noop)?;
+        self.model.forward_chunked(
+            &self.ids[..n],
+            &mut cache,
+            &params,
+            chunk,
+            LogitsFor::Last,
+            noop,
+        )?;
         let prefill = start.elapsed().as_secs_f64();
         let decode = if decode {
             let start = Instant::now();
@@ -183,7 +196,11 @@ impl Bench {
             prefill.push(p);
             decode.extend(d);
         }
-        let attention = if se.is_some() { "selfextend" } else { "vanilla" };
+        let attention = if se.is_some() {
+            "selfextend"
+        } else {
+            "vanilla"
+        };
         let mut out = vec![];
         for (phase, seconds, tokens) in [
             ("prefill", prefill, context),
@@ -254,7 +271,11 @@ fn run(args: Args) -> BenchResult<Report> {
         for &mode in &modes {
             let timed = bench.measure(n, mode)?;
             // A decode context that is not a prefill length: its prefill is not reported.
-            measurements.extend(timed.into_iter().filter(|m| m.phase == "decode" || bench.args.prefill.contains(&n)));
+            measurements.extend(
+                timed
+                    .into_iter()
+                    .filter(|m| m.phase == "decode" || bench.args.prefill.contains(&n)),
+            );
         }
     }
     // Tables pair vanilla with SelfExtend per (phase, context).
@@ -285,10 +306,16 @@ fn print_table(r: &Report) {
         "SelfExtend G={} W={}, {} on {} ({} threads), chunk {}, median of {}",
         r.group_size, r.window, r.dtype, r.device, r.threads, r.chunk_size, r.repeats
     );
-    if r.measurements.iter().any(|m| m.attention != r.measurements[0].attention) {
+    if r.measurements
+        .iter()
+        .any(|m| m.attention != r.measurements[0].attention)
+    {
         print_pairs(r);
     } else {
-        println!("{:<8} {:>8} {:>11} {:>9}", "phase", "context", "attention", "tok/s");
+        println!(
+            "{:<8} {:>8} {:>11} {:>9}",
+            "phase", "context", "attention", "tok/s"
+        );
         for m in &r.measurements {
             println!(
                 "{:<8} {:>8} {:>11} {:>9.1}",
@@ -297,9 +324,16 @@ fn print_table(r: &Report) {
         }
     }
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
-    println!("KV cache (largest run): {:.1} MiB", mib(r.kv_cache_bytes as u64));
+    println!(
+        "KV cache (largest run): {:.1} MiB",
+        mib(r.kv_cache_bytes as u64)
+    );
     if let (Some(load), Some(peak)) = (r.rss_after_load_bytes, r.peak_rss_bytes) {
-        println!("RSS after load: {:.1} MiB, peak RSS: {:.1} MiB", mib(load), mib(peak));
+        println!(
+            "RSS after load: {:.1} MiB, peak RSS: {:.1} MiB",
+            mib(load),
+            mib(peak)
+        );
     }
 }
 
@@ -328,7 +362,10 @@ fn main() -> std::process::ExitCode {
     match run(args) {
         Ok(report) => {
             if json {
-                println!("{}", serde_json::to_string_pretty(&report).expect("serializable"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("serializable")
+                );
             } else {
                 print_table(&report);
             }

@@ -42,9 +42,12 @@ pub fn render(
     }
     let mut env = Environment::new();
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, JinjaError> {
-        Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
-    });
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<String, JinjaError> {
+            Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
+        },
+    );
     let tmpl = env
         .template_from_str(&template.source)
         .map_err(|e| Error::Config {
@@ -58,8 +61,14 @@ pub fn render(
         eos_token => template.eos_token.clone().unwrap_or_default(),
     })
     .map_err(|e| {
-        let detail = e.detail().map(str::to_string).unwrap_or_else(|| e.to_string());
-        Error::invalid("messages", format!("the chat template rejected them: {detail}"))
+        let detail = e
+            .detail()
+            .map(str::to_string)
+            .unwrap_or_else(|| e.to_string());
+        Error::invalid(
+            "messages",
+            format!("the chat template rejected them: {detail}"),
+        )
     })
 }
 
@@ -78,7 +87,10 @@ mod tests {
     #[test]
     fn renders_chatml_with_python_methods() {
         let out = render(&chatml(), &[Message::new("user", " hi ")], true).unwrap();
-        assert_eq!(out, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(
+            out,
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        );
     }
 
     #[test]

@@ -239,7 +239,9 @@ fn parse_rope_scaling(raw: RawRopeScaling) -> std::result::Result<Option<RopeSca
         match raw.factor {
             Some(f) if f.is_finite() && f > 0.0 => Ok(f),
             Some(f) => Err(format!("`rope_scaling.factor` must be > 0, got {f}")),
-            None => Err(format!("`rope_scaling.factor` is required for type '{kind}'")),
+            None => Err(format!(
+                "`rope_scaling.factor` is required for type '{kind}'"
+            )),
         }
     };
     match kind {
@@ -259,7 +261,9 @@ fn parse_rope_scaling(raw: RawRopeScaling) -> std::result::Result<Option<RopeSca
             let original_max_position_embeddings = raw
                 .original_max_position_embeddings
                 .filter(|&n| n > 0)
-                .ok_or("`rope_scaling.original_max_position_embeddings` is required for type 'llama3'")?;
+                .ok_or(
+                    "`rope_scaling.original_max_position_embeddings` is required for type 'llama3'",
+                )?;
             Ok(Some(RopeScaling::Llama3 {
                 factor: factor()?,
                 low_freq_factor,
@@ -291,7 +295,10 @@ mod tests {
         assert_eq!((c.head_dim, c.num_key_value_heads), (4, 2));
         assert!(c.eos_token_ids.is_empty());
         assert_eq!(parse(r#", "eos_token_id": 3"#).unwrap().eos_token_ids, [3]);
-        assert_eq!(parse(r#", "eos_token_id": [3, 4]"#).unwrap().eos_token_ids, [3, 4]);
+        assert_eq!(
+            parse(r#", "eos_token_id": [3, 4]"#).unwrap().eos_token_ids,
+            [3, 4]
+        );
     }
 
     #[test]
@@ -306,8 +313,8 @@ mod tests {
     fn errors_name_the_field() {
         let err = parse(r#", "num_key_value_heads": 3"#).unwrap_err();
         assert!(err.to_string().contains("num_key_value_heads"), "{err}");
-        let err = Config::from_hf_json_str(r#"{"model_type": "gpt2"}"#, Path::new("c.json"))
-            .unwrap_err();
+        let err =
+            Config::from_hf_json_str(r#"{"model_type": "gpt2"}"#, Path::new("c.json")).unwrap_err();
         assert!(matches!(err, Error::Unsupported { .. }), "{err}");
         let err = Config::from_hf_json_str("{", Path::new("c.json")).unwrap_err();
         assert!(err.to_string().contains("not valid JSON"), "{err}");

@@ -246,13 +246,20 @@ impl Generation {
                 }
             }
         }
-        let rest = self.text.get(self.emitted..).unwrap_or_default().to_string();
+        let rest = self
+            .text
+            .get(self.emitted..)
+            .unwrap_or_default()
+            .to_string();
         self.emitted = usize::MAX;
         Some(rest)
     }
 
     fn find_stop(&self) -> Option<usize> {
-        self.stop.iter().filter_map(|s| self.text.find(s.as_str())).min()
+        self.stop
+            .iter()
+            .filter_map(|s| self.text.find(s.as_str()))
+            .min()
     }
 
     /// Length of the longest suffix of the text that could start a stop string.

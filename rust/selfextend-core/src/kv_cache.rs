@@ -143,7 +143,10 @@ mod tests {
             let expect = Tensor::cat(&all, 2)?;
             let diff = (ck - &expect)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert_eq!(diff, 0.0);
-            let diff = (cv - (&expect * 2.0)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let diff = (cv - (&expect * 2.0)?)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
             assert_eq!(diff, 0.0);
         }
         assert!(cache.len() > 100);

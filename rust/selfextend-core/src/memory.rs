@@ -6,12 +6,14 @@ use crate::error::{Error, Result};
 /// Bytes the process can still allocate: the smaller of the system's available memory
 /// and the cgroup limit's headroom. `None` where neither can be read.
 pub fn available_bytes() -> Option<usize> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| {
-        text.lines()
-            .find_map(|l| l.strip_prefix("MemAvailable:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
-            .map(|kb| kb.saturating_mul(1024))
-    });
+    let meminfo = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+                .map(|kb| kb.saturating_mul(1024))
+        });
     let read = |p: &str| std::fs::read_to_string(p).ok();
     let cgroup = read("/sys/fs/cgroup/memory.max")
         .and_then(|max| max.trim().parse::<usize>().ok())
@@ -30,13 +32,22 @@ pub fn available_bytes() -> Option<usize> {
 /// Fails with [`Error::OutOfMemory`] when `fixed + per_position * positions` bytes
 /// exceed what is available, or the caller's `limit`; the message says how many
 /// positions would fit.
-pub fn ensure_fits(fixed: usize, per_position: usize, positions: usize, limit: Option<usize>) -> Result<()> {
+pub fn ensure_fits(
+    fixed: usize,
+    per_position: usize,
+    positions: usize,
+    limit: Option<usize>,
+) -> Result<()> {
     // Leave headroom for the weights' working set, allocator slack and the caller.
     let system = available_bytes().map(|a| a / 10 * 9);
     let Some(budget) = [system, limit].into_iter().flatten().min() else {
         return Ok(());
     };
-    let source = if limit == Some(budget) { "max_memory allows" } else { "is available" };
+    let source = if limit == Some(budget) {
+        "max_memory allows"
+    } else {
+        "is available"
+    };
     let need = positions.saturating_mul(per_position).saturating_add(fixed);
     if need <= budget {
         return Ok(());

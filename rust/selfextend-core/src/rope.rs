@@ -41,7 +41,12 @@ impl CosSinTable {
                 sin.push(s as f32);
             }
         }
-        Self { half, len, cos, sin }
+        Self {
+            half,
+            len,
+            cos,
+            sin,
+        }
     }
 
     pub fn len(&self) -> usize {

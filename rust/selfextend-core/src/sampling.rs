@@ -43,13 +43,19 @@ impl SamplingParams {
         }
         if let Some(p) = self.top_p {
             if !(p > 0.0 && p <= 1.0) {
-                return Err(Error::invalid("top_p", format!("must be in (0, 1], got {p}")));
+                return Err(Error::invalid(
+                    "top_p",
+                    format!("must be in (0, 1], got {p}"),
+                ));
             }
         }
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
             return Err(Error::invalid(
                 "repetition_penalty",
-                format!("must be a finite number > 0, got {}", self.repetition_penalty),
+                format!(
+                    "must be a finite number > 0, got {}",
+                    self.repetition_penalty
+                ),
             ));
         }
         Ok(())
@@ -173,7 +179,9 @@ mod tests {
         let logits = [1.0f32, 1.1, 0.9, 1.05, -3.0];
         let draw = |p: &SamplingParams| {
             let mut s = sampler(p.clone());
-            (0..200).map(|_| s.sample(&mut logits.clone(), &[])).collect::<Vec<_>>()
+            (0..200)
+                .map(|_| s.sample(&mut logits.clone(), &[]))
+                .collect::<Vec<_>>()
         };
         let a = draw(&params);
         assert_eq!(a, draw(&params));
@@ -197,10 +205,22 @@ mod tests {
     #[test]
     fn invalid_params() {
         for p in [
-            SamplingParams { temperature: -1.0, ..Default::default() },
-            SamplingParams { top_k: Some(0), ..Default::default() },
-            SamplingParams { top_p: Some(1.5), ..Default::default() },
-            SamplingParams { repetition_penalty: 0.0, ..Default::default() },
+            SamplingParams {
+                temperature: -1.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                top_k: Some(0),
+                ..Default::default()
+            },
+            SamplingParams {
+                top_p: Some(1.5),
+                ..Default::default()
+            },
+            SamplingParams {
+                repetition_penalty: 0.0,
+                ..Default::default()
+            },
         ] {
             assert!(matches!(p.validate(), Err(Error::InvalidArgument { .. })));
         }

@@ -26,8 +26,25 @@ impl Tokenizer {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer.json not found"),
             ));
         }
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| tok_err(format!("loading {}", path.display()), e))?;
+        let context = format!("loading {}", path.display());
+        // `tokenizers` 0.22 unwraps inside some of its deserializers (a decoder object
+        // with a control character in a key panics); fuzzing found it, so malformed
+        // files must not reach the caller as a panic.
+        let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_file(path));
+        let inner = match parsed {
+            Ok(result) => result.map_err(|e| tok_err(context, e))?,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("malformed tokenizer");
+                return Err(Error::Tokenizer {
+                    context,
+                    msg: format!("invalid tokenizer.json: {what}"),
+                });
+            }
+        };
         Ok(Self { inner })
     }
 
@@ -98,8 +115,7 @@ impl StreamDecoder {
         };
         let prefix = decode(&self.ids[self.prefix_offset..self.read_offset])?;
         let full = decode(&self.ids[self.prefix_offset..])?;
-        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.starts_with(&prefix)
-        {
+        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.starts_with(&prefix) {
             let piece = full[prefix.len()..].to_string();
             self.prefix_offset = self.read_offset;
             self.read_offset = self.ids.len();
@@ -159,12 +175,17 @@ pub mod gguf {
                 .and_then(Value::as_array)
                 .ok_or_else(|| self.err(format!("missing array '{key}'")))?;
             arr.iter()
-                .map(|v| v.as_str().ok_or_else(|| self.err(format!("'{key}' must hold strings"))))
+                .map(|v| {
+                    v.as_str()
+                        .ok_or_else(|| self.err(format!("'{key}' must hold strings")))
+                })
                 .collect()
         }
 
         fn numbers<T>(&self, key: &str, f: impl Fn(&Value) -> Option<T>) -> Result<Option<Vec<T>>> {
-            let Some(v) = self.map.get(key) else { return Ok(None) };
+            let Some(v) = self.map.get(key) else {
+                return Ok(None);
+            };
             let arr = v
                 .as_array()
                 .ok_or_else(|| self.err(format!("'{key}' must be an array")))?;
@@ -220,22 +241,25 @@ pub mod gguf {
             .iter()
             .enumerate()
             .filter(|(_, &t)| t == TOKEN_CONTROL || t == TOKEN_USER_DEFINED)
-            .map(|(i, &t)| {
-                AddedToken::from(tokens[i], t == TOKEN_CONTROL)
-                    .normalized(false)
-            })
+            .map(|(i, &t)| AddedToken::from(tokens[i], t == TOKEN_CONTROL).normalized(false))
             .collect();
-        tok.add_special_tokens(&added);
+        tok.add_special_tokens(added)
+            .map_err(|e| meta.err(e.to_string()))?;
 
         let bos = meta.token("tokenizer.ggml.bos_token_id", &tokens);
         let eos = meta.token("tokenizer.ggml.eos_token_id", &tokens);
-        let add_bos = meta.flag("tokenizer.ggml.add_bos_token").unwrap_or(add_bos_default);
+        let add_bos = meta
+            .flag("tokenizer.ggml.add_bos_token")
+            .unwrap_or(add_bos_default);
         let add_eos = meta.flag("tokenizer.ggml.add_eos_token").unwrap_or(false);
         let mut template = vec![];
         let mut specials = vec![];
         for (add, token) in [(add_bos, &bos), (add_eos, &eos)] {
             if let (true, Some(t)) = (add, token) {
-                specials.push((t.clone(), tokens.iter().position(|x| x == t).unwrap() as u32));
+                specials.push((
+                    t.clone(),
+                    tokens.iter().position(|x| x == t).unwrap() as u32,
+                ));
             }
         }
         if add_bos {
@@ -273,7 +297,9 @@ pub mod gguf {
             .collect::<Result<Vec<_>>>()?;
         for (a, b) in &merges {
             if !vocab.contains_key(a) || !vocab.contains_key(b) {
-                return Err(meta.err(format!("merge '{a} {b}' uses a token not in the vocabulary")));
+                return Err(meta.err(format!(
+                    "merge '{a} {b}' uses a token not in the vocabulary"
+                )));
             }
         }
         let bpe = BPE::builder()
@@ -312,16 +338,16 @@ pub mod gguf {
 
     /// SentencePiece-style BPE, as `transformers` converts Llama 1/2 tokenizers:
     /// merges derived from the piece scores, byte fallback, and "▁" for spaces.
-    fn sentencepiece(
-        meta: &Meta,
-        vocab: Vocab,
-        tokens: &[&str],
-    ) -> Result<tokenizers::Tokenizer> {
+    fn sentencepiece(meta: &Meta, vocab: Vocab, tokens: &[&str]) -> Result<tokenizers::Tokenizer> {
         let scores = meta
             .numbers("tokenizer.ggml.scores", Value::as_f64)?
             .ok_or_else(|| meta.err("missing 'tokenizer.ggml.scores'".into()))?;
         if scores.len() != tokens.len() {
-            return Err(meta.err(format!("{} scores for {} tokens", scores.len(), tokens.len())));
+            return Err(meta.err(format!(
+                "{} scores for {} tokens",
+                scores.len(),
+                tokens.len()
+            )));
         }
         let mut merges: Vec<(f64, u32, u32, String, String)> = vec![];
         for (piece, &score) in tokens.iter().zip(&scores) {
@@ -350,8 +376,13 @@ pub mod gguf {
         if space_prefix {
             normalizers.push(Prepend::new("▁".into()).into());
         }
-        normalizers.push(Replace::new(" ", "▁").map_err(|e| meta.err(e.to_string()))?.into());
-        tok.with_normalizer(Some(tokenizers::normalizers::Sequence::new(normalizers)));
+        normalizers.push(
+            Replace::new(" ", "▁")
+                .map_err(|e| meta.err(e.to_string()))?
+                .into(),
+        );
+        tok.with_normalizer(Some(tokenizers::normalizers::Sequence::new(normalizers)))
+            .map_err(|e| meta.err(e.to_string()))?;
         let mut decoders = vec![
             tokenizers::decoders::DecoderWrapper::Replace(
                 Replace::new("▁", " ").map_err(|e| meta.err(e.to_string()))?,
@@ -379,7 +410,12 @@ mod tests {
         m.insert("tokenizer.ggml.model".into(), Value::String(model.into()));
         m.insert(
             "tokenizer.ggml.tokens".into(),
-            Value::Array(tokens.iter().map(|t| Value::String(t.to_string())).collect()),
+            Value::Array(
+                tokens
+                    .iter()
+                    .map(|t| Value::String(t.to_string()))
+                    .collect(),
+            ),
         );
         for (k, v) in extra {
             m.insert(k.into(), v);
@@ -397,8 +433,14 @@ mod tests {
             "llama",
             &tokens,
             vec![
-                ("tokenizer.ggml.scores", Value::Array(scores.iter().map(|&s| Value::F32(s)).collect())),
-                ("tokenizer.ggml.token_type", Value::Array(types.iter().map(|&t| Value::I32(t)).collect())),
+                (
+                    "tokenizer.ggml.scores",
+                    Value::Array(scores.iter().map(|&s| Value::F32(s)).collect()),
+                ),
+                (
+                    "tokenizer.ggml.token_type",
+                    Value::Array(types.iter().map(|&t| Value::I32(t)).collect()),
+                ),
                 ("tokenizer.ggml.bos_token_id", Value::U32(1)),
                 ("tokenizer.ggml.eos_token_id", Value::U32(2)),
             ],
@@ -415,10 +457,14 @@ mod tests {
         let m = meta("bert", &["a"], vec![]);
         let err = super::gguf::from_metadata(&m, Path::new("t.gguf")).unwrap_err();
         assert!(err.to_string().contains("'bert'"), "{err}");
-        let m = meta("gpt2", &["a"], vec![
-            ("tokenizer.ggml.merges", Value::Array(vec![])),
-            ("tokenizer.ggml.pre", Value::String("qwen2".into())),
-        ]);
+        let m = meta(
+            "gpt2",
+            &["a"],
+            vec![
+                ("tokenizer.ggml.merges", Value::Array(vec![])),
+                ("tokenizer.ggml.pre", Value::String("qwen2".into())),
+            ],
+        );
         let err = super::gguf::from_metadata(&m, Path::new("t.gguf")).unwrap_err();
         assert!(err.to_string().contains("'qwen2'"), "{err}");
     }

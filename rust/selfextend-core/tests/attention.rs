@@ -5,8 +5,8 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::{max_rel_diff, Rng};
-use selfextend_core::rope::RotaryEmbedding;
 use selfextend_core::attention::{run_attention, Positions};
+use selfextend_core::rope::RotaryEmbedding;
 use selfextend_core::{AttentionBackend, AttentionParams, SelfExtend};
 
 const THETA: f64 = 10_000.0;
@@ -73,7 +73,12 @@ fn brute_force(
     out
 }
 
-fn check(rng: &mut Rng, shape: (usize, usize, usize, usize), kv: (usize, usize), se: Option<(usize, usize)>) {
+fn check(
+    rng: &mut Rng,
+    shape: (usize, usize, usize, usize),
+    kv: (usize, usize),
+    se: Option<(usize, usize)>,
+) {
     let (b, h, s, d) = shape;
     let (kvh, n) = kv;
     let dev = Device::Cpu;
@@ -133,7 +138,12 @@ fn matches_brute_force_across_shapes_and_settings() {
 fn tiles_larger_than_one_block() {
     // Several query and key tiles, with the window boundary crossing some of them.
     let mut rng = Rng::new(4);
-    for (se, n, s) in [(Some((4, 100)), 300, 300), (Some((3, 37)), 290, 161), (None, 260, 260), (Some((2, 200)), 400, 1)] {
+    for (se, n, s) in [
+        (Some((4, 100)), 300, 300),
+        (Some((3, 37)), 290, 161),
+        (None, 260, 260),
+        (Some((2, 200)), 400, 1),
+    ] {
         check(&mut rng, (1, 6, s, 8), (2, n), se);
     }
 }
@@ -184,17 +194,26 @@ fn window_covering_the_sequence_is_vanilla() {
     let v = Tensor::from_vec(rng.vec(h * n * d, 1.0), (1, h, n, d), &Device::Cpu).unwrap();
     let rope = RotaryEmbedding::with_params(d, THETA, None);
     let run = |se| {
-        run_attention(&q, &k, &v, &Positions::new(&rope, n, n), &AttentionParams::new(d, se))
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
+        run_attention(
+            &q,
+            &k,
+            &v,
+            &Positions::new(&rope, n, n),
+            &AttentionParams::new(d, se),
+        )
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
     };
     let vanilla = run(None);
     assert_eq!(run(Some(SelfExtend::new(4, n).unwrap())), vanilla);
     let grouped = run(Some(SelfExtend::new(4, 8).unwrap()));
-    assert!(max_rel_diff(&grouped, &vanilla) > 1e-2, "SelfExtend had no effect");
+    assert!(
+        max_rel_diff(&grouped, &vanilla) > 1e-2,
+        "SelfExtend had no effect"
+    );
 }
 
 #[test]
@@ -210,12 +229,26 @@ fn self_extend_parameters() {
 #[test]
 fn auto_obeys_its_rules() {
     for trained in [32, 100, 256, 2048, 4096, 8192, 32768] {
-        for target in [1, trained / 2, trained, 2 * trained, 3 * trained + 7, 4 * trained, 16 * trained] {
+        for target in [
+            1,
+            trained / 2,
+            trained,
+            2 * trained,
+            3 * trained + 7,
+            4 * trained,
+            16 * trained,
+        ] {
             let target = target.max(1);
             let se = SelfExtend::auto(target, trained).unwrap();
             let (g, w) = (se.group_size(), se.window());
-            assert!(se.max_context(trained) >= target, "{target} {trained} {se:?}");
-            assert!((target - 1) / g + w - w / g <= 2 * trained / 3, "{target} {trained} {se:?}");
+            assert!(
+                se.max_context(trained) >= target,
+                "{target} {trained} {se:?}"
+            );
+            assert!(
+                (target - 1) / g + w - w / g <= 2 * trained / 3,
+                "{target} {trained} {se:?}"
+            );
             if g > 1 {
                 // Minimal: one group fewer would break the 2L/3 rule.
                 let g1 = g - 1;

@@ -27,9 +27,13 @@ fn prefill_chunks_and_decode_agree() {
         let tokens = ids(70, cfg.vocab_size, 11);
         for se in [None, Some((2, 4)), Some((3, 5)), Some((4, 16))] {
             let se = se.map(|(g, w)| SelfExtend::new(g, w).unwrap());
-            let full = model.logits(&tokens, se, Some(tokens.len()), &mut no_progress()).unwrap();
+            let full = model
+                .logits(&tokens, se, Some(tokens.len()), &mut no_progress())
+                .unwrap();
             for chunk in [1, 3, 16, 33] {
-                let chunked = model.logits(&tokens, se, Some(chunk), &mut no_progress()).unwrap();
+                let chunked = model
+                    .logits(&tokens, se, Some(chunk), &mut no_progress())
+                    .unwrap();
                 let err = max_rel_diff(&chunked, &full);
                 assert!(err < 1e-5, "kv {kv_heads} se {se:?} chunk {chunk}: {err}");
             }
@@ -37,12 +41,26 @@ fn prefill_chunks_and_decode_agree() {
             let params = model.attention_params(se);
             let mut cache = model.llama().new_cache(4);
             let mut decoded = model
-                .forward_chunked(&tokens[..10], &mut cache, &params, 4, LogitsFor::All, &mut no_progress())
+                .forward_chunked(
+                    &tokens[..10],
+                    &mut cache,
+                    &params,
+                    4,
+                    LogitsFor::All,
+                    &mut no_progress(),
+                )
                 .unwrap();
             for &t in &tokens[10..] {
                 decoded.extend(
                     model
-                        .forward_chunked(&[t], &mut cache, &params, 1, LogitsFor::Last, &mut no_progress())
+                        .forward_chunked(
+                            &[t],
+                            &mut cache,
+                            &params,
+                            1,
+                            LogitsFor::Last,
+                            &mut no_progress(),
+                        )
                         .unwrap(),
                 );
             }
@@ -58,12 +76,24 @@ fn self_extend_changes_logits_only_past_the_window() {
     let model = tiny_model(&cfg, 3);
     let vocab = cfg.vocab_size;
     let tokens = ids(64, vocab, 5);
-    let vanilla = model.logits(&tokens, None, None, &mut no_progress()).unwrap();
+    let vanilla = model
+        .logits(&tokens, None, None, &mut no_progress())
+        .unwrap();
     let wide = SelfExtend::new(4, 64).unwrap();
-    assert_eq!(model.logits(&tokens, Some(wide), None, &mut no_progress()).unwrap(), vanilla);
+    assert_eq!(
+        model
+            .logits(&tokens, Some(wide), None, &mut no_progress())
+            .unwrap(),
+        vanilla
+    );
     let (g, w) = (4, 8);
     let se = model
-        .logits(&tokens, Some(SelfExtend::new(g, w).unwrap()), None, &mut no_progress())
+        .logits(
+            &tokens,
+            Some(SelfExtend::new(g, w).unwrap()),
+            None,
+            &mut no_progress(),
+        )
         .unwrap();
     // Positions below W see only neighbors: identical. Later ones must differ.
     assert_eq!(se[..w * vocab], vanilla[..w * vocab]);
@@ -105,17 +135,38 @@ fn generate_is_greedy_argmax_chain_and_validates() {
     let bad = |opts: GenerateOptions, prompt: Vec<u32>| {
         generate(&model, prompt, opts, &mut no_progress()).unwrap_err()
     };
-    assert!(matches!(bad(Default::default(), vec![]), Error::InvalidArgument { name: "prompt", .. }));
+    assert!(matches!(
+        bad(Default::default(), vec![]),
+        Error::InvalidArgument { name: "prompt", .. }
+    ));
     assert!(matches!(
         bad(Default::default(), vec![cfg.vocab_size as u32]),
-        Error::InvalidArgument { name: "token_ids", .. }
+        Error::InvalidArgument {
+            name: "token_ids",
+            ..
+        }
     ));
     assert!(matches!(
-        bad(GenerateOptions { chunk_size: Some(0), ..Default::default() }, prompt.clone()),
-        Error::InvalidArgument { name: "chunk_size", .. }
+        bad(
+            GenerateOptions {
+                chunk_size: Some(0),
+                ..Default::default()
+            },
+            prompt.clone()
+        ),
+        Error::InvalidArgument {
+            name: "chunk_size",
+            ..
+        }
     ));
     assert!(matches!(
-        bad(GenerateOptions { max_new_tokens: usize::MAX / 2, ..Default::default() }, prompt),
+        bad(
+            GenerateOptions {
+                max_new_tokens: usize::MAX / 2,
+                ..Default::default()
+            },
+            prompt
+        ),
         Error::OutOfMemory { .. }
     ));
 }

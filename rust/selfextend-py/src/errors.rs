@@ -52,7 +52,10 @@ pub fn invalid_argument_type(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
         .get_or_try_init(py, || {
             let bases = PyTuple::new(
                 py,
-                [py.get_type::<SelfExtendError>(), py.get_type::<PyValueError>()],
+                [
+                    py.get_type::<SelfExtendError>(),
+                    py.get_type::<PyValueError>(),
+                ],
             )?;
             let dict = PyDict::new(py);
             dict.set_item("__module__", "selfextend_rs")?;
@@ -81,9 +84,10 @@ pub fn invalid_argument(msg: impl Into<String>) -> PyErr {
 pub fn to_py(err: Error, during_load: bool) -> PyErr {
     let msg = err.to_string();
     match err {
-        Error::Io { .. } | Error::Config { .. } | Error::Unsupported { .. } | Error::Weights { .. } => {
-            ModelLoadError::new_err(msg)
-        }
+        Error::Io { .. }
+        | Error::Config { .. }
+        | Error::Unsupported { .. }
+        | Error::Weights { .. } => ModelLoadError::new_err(msg),
         Error::Tokenizer { .. } if during_load => ModelLoadError::new_err(msg),
         Error::Tokenizer { .. } => TokenizerError::new_err(msg),
         Error::InvalidArgument { .. } => invalid_argument(msg),
@@ -102,6 +106,9 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("OutOfMemoryError", py.get_type::<OutOfMemoryError>())?;
     m.add("InferenceError", py.get_type::<InferenceError>())?;
     m.add("InvalidArgumentError", invalid_argument_type(py)?)?;
-    m.add("ContextLengthWarning", py.get_type::<ContextLengthWarning>())?;
+    m.add(
+        "ContextLengthWarning",
+        py.get_type::<ContextLengthWarning>(),
+    )?;
     Ok(())
 }

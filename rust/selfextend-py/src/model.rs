@@ -1,7 +1,7 @@
 //! `Model`, `Tokenizer` and `TextStream`.
 
-use std::panic::AssertUnwindSafe;
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -9,10 +9,10 @@ use numpy::ndarray::Array2;
 use numpy::{IntoPyArray, PyArray2};
 use pyo3::exceptions::PyKeyboardInterrupt;
 use pyo3::prelude::*;
+use selfextend_core::chat::Message;
 use selfextend_core::generate::{Completion, GenerateOptions, Generation};
 use selfextend_core::model::{parse_device, parse_dtype};
 use selfextend_core::sampling::SamplingParams;
-use selfextend_core::chat::Message;
 use selfextend_core::{Error, Model, SelfExtend};
 
 use crate::errors::{invalid_argument, to_py, ContextLengthWarning, SelfExtendError};
@@ -71,8 +71,14 @@ fn detached<T: Send>(
 }
 
 /// `progress=True` draws the built-in bar; a callable is called as `fn(done, total)`.
-fn progress_callback(py: Python<'_>, progress: Option<Bound<'_, PyAny>>, desc: &str) -> PyResult<Option<Py<PyAny>>> {
-    let Some(progress) = progress else { return Ok(None) };
+fn progress_callback(
+    py: Python<'_>,
+    progress: Option<Bound<'_, PyAny>>,
+    desc: &str,
+) -> PyResult<Option<Py<PyAny>>> {
+    let Some(progress) = progress else {
+        return Ok(None);
+    };
     if progress.is_none() {
         return Ok(None);
     }
@@ -177,7 +183,9 @@ impl PyModel {
             )),
             Prompt::Text(text) => {
                 let model = self.inner.clone();
-                detached(py, false, None, move |_| model.tokenizer().encode(&text, true))
+                detached(py, false, None, move |_| {
+                    model.tokenizer().encode(&text, true)
+                })
             }
             Prompt::Ids(ids) => to_ids(&ids, self.inner.config().vocab_size, "prompt"),
         }
@@ -257,7 +265,9 @@ impl PyModel {
         };
         opts.sampling.validate().map_err(|e| to_py(e, false))?;
         if opts.stop.iter().any(String::is_empty) {
-            return Err(invalid_argument("invalid argument `stop`: stop strings must not be empty"));
+            return Err(invalid_argument(
+                "invalid argument `stop`: stop strings must not be empty",
+            ));
         }
         if prompt.is_empty() {
             return Err(invalid_argument(
@@ -270,11 +280,17 @@ impl PyModel {
 
     fn start(&self, py: Python<'_>, req: Request) -> PyResult<Generation> {
         let model = self.inner.clone();
-        detached(py, false, None, move |_| Generation::new(model, req.prompt, req.opts))
+        detached(py, false, None, move |_| {
+            Generation::new(model, req.prompt, req.opts)
+        })
     }
 
     /// Renders a conversation with the model's chat template into prompt ids.
-    fn chat_prompt(&self, py: Python<'_>, messages: Vec<HashMap<String, String>>) -> PyResult<Prompt> {
+    fn chat_prompt(
+        &self,
+        py: Python<'_>,
+        messages: Vec<HashMap<String, String>>,
+    ) -> PyResult<Prompt> {
         let messages = messages
             .into_iter()
             .enumerate()
@@ -287,10 +303,13 @@ impl PyModel {
             .collect::<PyResult<Vec<_>>>()?;
         let model = self.inner.clone();
         let ids = detached(py, false, None, move |_| {
-            let template = model.chat_template().ok_or_else(|| Error::InvalidArgument {
-                name: "messages",
-                msg: "this model has no chat template; use generate() with a plain prompt".into(),
-            })?;
+            let template = model
+                .chat_template()
+                .ok_or_else(|| Error::InvalidArgument {
+                    name: "messages",
+                    msg: "this model has no chat template; use generate() with a plain prompt"
+                        .into(),
+                })?;
             let text = selfextend_core::chat::render(template, &messages, true)?;
             model.tokenizer().encode(&text, false)
         })?;
@@ -441,7 +460,9 @@ impl PyModel {
         }
         let chunk_size = optional_positive(chunk_size, "chunk_size")?;
         let trained = self.inner.config().max_position_embeddings;
-        let se = self_extend.map(|s| s.resolve(ids.len(), trained)).transpose()?;
+        let se = self_extend
+            .map(|s| s.resolve(ids.len(), trained))
+            .transpose()?;
         let progress = progress_callback(py, progress, "prefill")?;
         self.warn_context(py, ids.len(), se)?;
         let model = self.inner.clone();
@@ -475,12 +496,23 @@ impl PyModel {
         progress: Option<Bound<'_, PyAny>>,
     ) -> PyResult<PyCompletion> {
         let req = self.request(
-            py, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
-            stop, self_extend, chunk_size,
+            py,
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            seed,
+            stop,
+            self_extend,
+            chunk_size,
         )?;
         let progress = progress_callback(py, progress, "prefill")?;
         let generation = self.start(py, req)?;
-        let completion = detached(py, false, progress.as_ref(), move |check| generation.run(check))?;
+        let completion = detached(py, false, progress.as_ref(), move |check| {
+            generation.run(check)
+        })?;
         Ok(completion.into())
     }
 
@@ -505,8 +537,17 @@ impl PyModel {
         progress: Option<Bound<'_, PyAny>>,
     ) -> PyResult<PyTextStream> {
         let req = self.request(
-            py, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
-            stop, self_extend, chunk_size,
+            py,
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            seed,
+            stop,
+            self_extend,
+            chunk_size,
         )?;
         let progress = progress_callback(py, progress, "prefill")?;
         let generation = self.start(py, req)?;
@@ -538,8 +579,18 @@ impl PyModel {
     ) -> PyResult<PyCompletion> {
         let prompt = self.chat_prompt(py, messages)?;
         self.generate(
-            py, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
-            stop, self_extend, chunk_size, progress,
+            py,
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            seed,
+            stop,
+            self_extend,
+            chunk_size,
+            progress,
         )
     }
 
@@ -565,8 +616,18 @@ impl PyModel {
     ) -> PyResult<PyTextStream> {
         let prompt = self.chat_prompt(py, messages)?;
         self.stream(
-            py, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
-            stop, self_extend, chunk_size, progress,
+            py,
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            seed,
+            stop,
+            self_extend,
+            chunk_size,
+            progress,
         )
     }
 
@@ -578,7 +639,11 @@ impl PyModel {
             c.num_hidden_layers,
             c.max_position_embeddings,
             self.inner.dtype().as_str(),
-            if self.inner.is_quantized() { ", quantized" } else { "" }
+            if self.inner.is_quantized() {
+                ", quantized"
+            } else {
+                ""
+            }
         )
     }
 }
@@ -602,7 +667,9 @@ impl PyTokenizer {
     #[pyo3(signature = (text, add_special_tokens = false))]
     fn encode(&self, py: Python<'_>, text: String, add_special_tokens: bool) -> PyResult<Vec<u32>> {
         let model = self.model.clone();
-        detached(py, false, None, move |_| model.tokenizer().encode(&text, add_special_tokens))
+        detached(py, false, None, move |_| {
+            model.tokenizer().encode(&text, add_special_tokens)
+        })
     }
 
     /// Decodes token ids to text.
@@ -617,7 +684,9 @@ impl PyTokenizer {
     fn decode(&self, py: Python<'_>, ids: Vec<i64>, skip_special_tokens: bool) -> PyResult<String> {
         let ids = to_ids(&ids, self.model.config().vocab_size, "ids")?;
         let model = self.model.clone();
-        detached(py, false, None, move |_| model.tokenizer().decode(&ids, skip_special_tokens))
+        detached(py, false, None, move |_| {
+            model.tokenizer().decode(&ids, skip_special_tokens)
+        })
     }
 
     /// Number of tokens, added tokens included.
@@ -627,7 +696,10 @@ impl PyTokenizer {
     }
 
     fn __repr__(&self) -> String {
-        format!("Tokenizer(vocab_size={})", self.model.tokenizer().vocab_size())
+        format!(
+            "Tokenizer(vocab_size={})",
+            self.model.tokenizer().vocab_size()
+        )
     }
 }
 

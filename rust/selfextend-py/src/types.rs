@@ -15,7 +15,14 @@ use crate::errors::{invalid_argument, to_py};
 /// Args:
 ///     group_size: G >= 1, how many distant positions share one position.
 ///     window: W >= 1, the neighbor window that keeps exact positions.
-#[pyclass(name = "SelfExtend", module = "selfextend_rs", frozen, eq, hash, from_py_object)]
+#[pyclass(
+    name = "SelfExtend",
+    module = "selfextend_rs",
+    frozen,
+    eq,
+    hash,
+    from_py_object
+)]
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct PySelfExtend(pub SelfExtend);
 
@@ -54,7 +61,10 @@ impl PySelfExtend {
     #[staticmethod]
     #[pyo3(signature = (target_length, trained_context))]
     fn auto(target_length: i64, trained_context: i64) -> PyResult<Self> {
-        for (name, value, min) in [("target_length", target_length, 1), ("trained_context", trained_context, 4)] {
+        for (name, value, min) in [
+            ("target_length", target_length, 1),
+            ("trained_context", trained_context, 4),
+        ] {
             if value < min {
                 return Err(invalid_argument(format!(
                     "invalid argument `{name}`: must be >= {min}, got {value}"

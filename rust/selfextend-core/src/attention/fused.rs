@@ -54,7 +54,15 @@ fn exp_nonpositive(x: f32) -> f32 {
     let n = fma(x, LOG2E, 0.5).floor();
     let r = fma(-n, LN2_LO, fma(-n, LN2_HI, x));
     let mut p = 1.0 / 5040.0;
-    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+    for c in [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
         p = fma(p, r, c);
     }
     // 2^n from the bits of n + 127 + 2^23, whose low mantissa bits hold the integer
@@ -85,7 +93,10 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 fn max_of(xs: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 8];
     let chunks = xs.chunks_exact(8);
-    let mut m = chunks.remainder().iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let mut m = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
     for x in chunks {
         for l in 0..8 {
             acc[l] = acc[l].max(x[l]);
@@ -325,11 +336,31 @@ fn run_item(
         let need_n = i_min < (j1 - 1).saturating_add(window);
         let need_g = i_max >= j0.saturating_add(window);
         if need_n {
-            rotate_keys(kv, b, g, (j0, j1), table, |j| j, transposed, &mut s.rotated, &mut s.kn);
+            rotate_keys(
+                kv,
+                b,
+                g,
+                (j0, j1),
+                table,
+                |j| j,
+                transposed,
+                &mut s.rotated,
+                &mut s.kn,
+            );
         }
         if let (true, Some(se)) = (need_g, se) {
             let gpos = |j| se.grouped_key_position(j);
-            rotate_keys(kv, b, g, (j0, j1), table, gpos, transposed, &mut s.rotated, &mut s.kg);
+            rotate_keys(
+                kv,
+                b,
+                g,
+                (j0, j1),
+                table,
+                gpos,
+                transposed,
+                &mut s.rotated,
+                &mut s.kg,
+            );
         }
         values.clear();
         values.extend((j0..j1).map(|j| vv.row(b, g, j)));
@@ -370,7 +401,11 @@ fn run_item(
             } else {
                 for x in 0..group {
                     for (jj, out) in sn[x][..n[x]].iter_mut().enumerate() {
-                        let (q, k) = if jj < split[x] { (qg, &s.kg) } else { (qn, &s.kn) };
+                        let (q, k) = if jj < split[x] {
+                            (qg, &s.kg)
+                        } else {
+                            (qn, &s.kn)
+                        };
                         *out = dot(&q[x * d..][..d], &k[jj * d..][..d]);
                     }
                 }
@@ -388,7 +423,9 @@ fn run_item(
                 scores[n[x]..kt].fill(0.0);
                 let correction = (m_old - m_new).exp();
                 if correction != 1.0 {
-                    part.acc[r * d..][..d].iter_mut().for_each(|a| *a *= correction);
+                    part.acc[r * d..][..d]
+                        .iter_mut()
+                        .for_each(|a| *a *= correction);
                 }
                 part.l[r] = part.l[r] * correction + sum;
                 part.m[r] = m_new;
@@ -434,7 +471,9 @@ pub(super) fn attention(
     );
     let se = params.self_extend;
     let table = positions.fused.get_or_init(|| {
-        let grouped = se.map_or(0, |se| se.grouped_query_position(kv_len.saturating_sub(1)) + 1);
+        let grouped = se.map_or(0, |se| {
+            se.grouped_query_position(kv_len.saturating_sub(1)) + 1
+        });
         positions.rope.table(kv_len.max(grouped))
     });
 
@@ -485,7 +524,10 @@ pub(super) fn attention(
             let h = g * shape.rep + r / tile_len;
             let dst = ((b * n_heads + h) * q_len + t0 + r % tile_len) * d;
             let dst = &mut out[dst..dst + d];
-            let m = parts.iter().map(|p| p.m[r]).fold(f32::NEG_INFINITY, f32::max);
+            let m = parts
+                .iter()
+                .map(|p| p.m[r])
+                .fold(f32::NEG_INFINITY, f32::max);
             let mut l = 0f32;
             for p in parts {
                 let w = (p.m[r] - m).exp();

@@ -29,10 +29,16 @@ pub struct SelfExtend {
 impl SelfExtend {
     pub fn new(group_size: usize, window: usize) -> Result<Self> {
         if group_size < 1 {
-            return Err(Error::invalid("group_size", format!("must be >= 1, got {group_size}")));
+            return Err(Error::invalid(
+                "group_size",
+                format!("must be >= 1, got {group_size}"),
+            ));
         }
         if window < 1 {
-            return Err(Error::invalid("window", format!("must be >= 1, got {window}")));
+            return Err(Error::invalid(
+                "window",
+                format!("must be >= 1, got {window}"),
+            ));
         }
         Ok(Self { group_size, window })
     }
@@ -60,12 +66,18 @@ impl SelfExtend {
             ));
         }
         let l = trained_context;
-        let window = if l >= 256 { (l / 4) / 64 * 64 } else { (l / 4).max(1) };
+        let window = if l >= 256 {
+            (l / 4) / 64 * 64
+        } else {
+            (l / 4).max(1)
+        };
         let limit = 2 * l / 3;
         let fits = |g: usize| (target_length - 1) / g + window - window / g <= limit;
         // Past g = max(target, W) the grouped positions collapse to W <= 2L/3, so the
         // search ends.
-        let group_size = (1..).find(|&g| fits(g)).expect("g = max(target, W) + 1 fits");
+        let group_size = (1..)
+            .find(|&g| fits(g))
+            .expect("g = max(target, W) + 1 fits");
         Self::new(group_size, window)
     }
 

@@ -42,7 +42,10 @@ impl Tables {
         // Grouped pairs exist only once some query is W or more past key 0.
         let grouped = match params.self_extend {
             Some(se) if kv_len > se.window() => {
-                let gq: Vec<usize> = q_pos.iter().map(|&i| se.grouped_query_position(i)).collect();
+                let gq: Vec<usize> = q_pos
+                    .iter()
+                    .map(|&i| se.grouped_query_position(i))
+                    .collect();
                 let gk: Vec<usize> = k_pos.iter().map(|&j| se.grouped_key_position(j)).collect();
                 let mask = pair_mask(q_len, kv_len, index_pos, dev, |i, j| {
                     j > i || se.is_neighbor(i, j)

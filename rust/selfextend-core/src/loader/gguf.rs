@@ -20,7 +20,12 @@ const DEFAULT_ALIGNMENT: u64 = 32;
 const MAX_DIMS: usize = 4;
 
 /// Block types whose candle CPU dot product has no SIMD path (see `load_quantized`).
-const SCALAR_ONLY: [GgmlDType; 4] = [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q8_1];
+const SCALAR_ONLY: [GgmlDType; 4] = [
+    GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
+    GgmlDType::Q8_1,
+];
 
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
@@ -144,7 +149,10 @@ impl<'a> Cursor<'a> {
     }
 
     fn array<const N: usize>(&mut self, what: &str) -> ParseResult<[u8; N]> {
-        Ok(self.take(N, what)?.try_into().expect("take returns N bytes"))
+        Ok(self
+            .take(N, what)?
+            .try_into()
+            .expect("take returns N bytes"))
     }
 
     fn u32(&mut self, what: &str) -> ParseResult<u32> {
@@ -192,7 +200,10 @@ impl<'a> Cursor<'a> {
             8 => Value::String(self.string(&what())?),
             9 => {
                 if depth > 0 {
-                    return Err(format!("{} is a nested array, which GGUF does not allow", what()));
+                    return Err(format!(
+                        "{} is a nested array, which GGUF does not allow",
+                        what()
+                    ));
                 }
                 let item_ty = self.u32(&what())?;
                 let min = match item_ty {
@@ -263,13 +274,19 @@ impl GgufFile {
         buf: &[u8],
     ) -> ParseResult<(u32, BTreeMap<String, Value>, HashMap<String, TensorInfo>)> {
         let mut c = Cursor { buf, pos: 0 };
-        let magic = c.take(4, "the magic number").map_err(|_| "not a GGUF file: too short".to_string())?;
+        let magic = c
+            .take(4, "the magic number")
+            .map_err(|_| "not a GGUF file: too short".to_string())?;
         if magic != MAGIC {
-            return Err(format!("not a GGUF file: magic is {magic:?}, expected \"GGUF\""));
+            return Err(format!(
+                "not a GGUF file: magic is {magic:?}, expected \"GGUF\""
+            ));
         }
         let version = c.u32("the version")?;
         if !(2..=3).contains(&version) {
-            return Err(format!("GGUF version {version} is not supported (expected 2 or 3)"));
+            return Err(format!(
+                "GGUF version {version} is not supported (expected 2 or 3)"
+            ));
         }
         // A tensor-table entry takes at least 8 (name) + 4 + 8 + 4 + 8 bytes.
         let n_tensors = c.count("the tensor count", 32)?;
@@ -286,7 +303,9 @@ impl GgufFile {
             let name = c.string("a tensor name")?;
             let n_dims = c.u32(&format!("the rank of '{name}'"))? as usize;
             if n_dims == 0 || n_dims > MAX_DIMS {
-                return Err(format!("tensor '{name}' has {n_dims} dimensions (expected 1 to {MAX_DIMS})"));
+                return Err(format!(
+                    "tensor '{name}' has {n_dims} dimensions (expected 1 to {MAX_DIMS})"
+                ));
             }
             let mut dims = Vec::with_capacity(n_dims);
             for _ in 0..n_dims {
@@ -303,7 +322,9 @@ impl GgufFile {
             .and_then(Value::as_u64)
             .unwrap_or(DEFAULT_ALIGNMENT);
         if alignment == 0 || !alignment.is_power_of_two() {
-            return Err(format!("general.alignment is {alignment}, expected a power of two"));
+            return Err(format!(
+                "general.alignment is {alignment}, expected a power of two"
+            ));
         }
         let data_start = (c.pos as u64).div_ceil(alignment) * alignment;
         let mut tensors = HashMap::with_capacity(infos.len());
@@ -370,17 +391,18 @@ impl GgufFile {
         match self.metadata.get(key) {
             None => Err(self.config_err(format!("missing metadata key '{key}'"))),
             Some(v) => f(v).ok_or_else(|| {
-                self.config_err(format!("metadata key '{key}' should be {what}, found {v:?}"))
+                self.config_err(format!(
+                    "metadata key '{key}' should be {what}, found {v:?}"
+                ))
             }),
         }
     }
 
     fn required_usize(&self, key: &str) -> Result<usize> {
         let v = self.required(key, "a positive integer", |v| v.as_u64())?;
-        usize::try_from(v)
-            .ok()
-            .filter(|&v| v > 0)
-            .ok_or_else(|| self.config_err(format!("metadata key '{key}' must be positive, got {v}")))
+        usize::try_from(v).ok().filter(|&v| v > 0).ok_or_else(|| {
+            self.config_err(format!("metadata key '{key}' must be positive, got {v}"))
+        })
     }
 
     /// The model configuration from the `{arch}.*` and `tokenizer.ggml.*` keys.
@@ -418,7 +440,10 @@ impl GgufFile {
         if head_dim % 2 != 0 {
             return Err(self.config_err(format!("head dimension {head_dim} must be even for RoPE")));
         }
-        if let Some(rot) = self.get(&key("rope.dimension_count")).and_then(Value::as_u64) {
+        if let Some(rot) = self
+            .get(&key("rope.dimension_count"))
+            .and_then(Value::as_u64)
+        {
             if rot as usize != head_dim {
                 return Err(Error::Unsupported {
                     path: self.path.clone(),
@@ -435,16 +460,21 @@ impl GgufFile {
         let rope_scaling = match self.get(&key("rope.scaling.type")).and_then(Value::as_str) {
             None | Some("none") => None,
             Some("linear") => {
-                let factor = self.required(&key("rope.scaling.factor"), "a number", Value::as_f64)?;
+                let factor =
+                    self.required(&key("rope.scaling.factor"), "a number", Value::as_f64)?;
                 if !(factor.is_finite() && factor > 0.0) {
-                    return Err(self.config_err(format!("rope.scaling.factor must be > 0, got {factor}")));
+                    return Err(
+                        self.config_err(format!("rope.scaling.factor must be > 0, got {factor}"))
+                    );
                 }
                 Some(RopeScaling::Linear { factor })
             }
             Some(other) => {
                 return Err(Error::Unsupported {
                     path: self.path.clone(),
-                    msg: format!("RoPE scaling '{other}' is not supported (expected none or linear)"),
+                    msg: format!(
+                        "RoPE scaling '{other}' is not supported (expected none or linear)"
+                    ),
                 })
             }
         };
@@ -487,7 +517,9 @@ impl GgufFile {
             attention_bias: self.tensors.contains_key("blk.0.attn_q.bias"),
             mlp_bias: self.tensors.contains_key("blk.0.ffn_up.bias"),
             bos_token_id: token_id("tokenizer.ggml.bos_token_id"),
-            eos_token_ids: token_id("tokenizer.ggml.eos_token_id").into_iter().collect(),
+            eos_token_ids: token_id("tokenizer.ggml.eos_token_id")
+                .into_iter()
+                .collect(),
         })
     }
 
@@ -569,9 +601,10 @@ impl GgufSource {
     fn qtensor(&self, hf_name: &str, shape: &[usize], device: &Device) -> Result<QTensor> {
         let name = gguf_name(hf_name)
             .ok_or_else(|| self.err(hf_name, "no GGUF equivalent for this tensor".into()))?;
-        let info = self.file.tensors.get(&name).ok_or_else(|| {
-            self.err(&name, format!("tensor not found (needed for '{hf_name}')"))
-        })?;
+        let info =
+            self.file.tensors.get(&name).ok_or_else(|| {
+                self.err(&name, format!("tensor not found (needed for '{hf_name}')"))
+            })?;
         if info.dims != shape {
             return Err(self.err(
                 &name,
@@ -625,7 +658,12 @@ pub(crate) fn concat_rows(parts: &[&QTensor]) -> Result<Option<QTensor>> {
     if bytes.len() != expected {
         return Ok(None);
     }
-    Ok(Some(qtensor_from_ggml(dtype, &aligned_copy(&bytes), vec![rows, cols], &Device::Cpu)?))
+    Ok(Some(qtensor_from_ggml(
+        dtype,
+        &aligned_copy(&bytes),
+        vec![rows, cols],
+        &Device::Cpu,
+    )?))
 }
 
 /// A copy of `bytes` in an 8-byte aligned buffer: candle reads the data as blocks of
@@ -633,9 +671,13 @@ pub(crate) fn concat_rows(parts: &[&QTensor]) -> Result<Option<QTensor>> {
 fn aligned_copy(bytes: &[u8]) -> AlignedBytes {
     let mut words = vec![0u64; bytes.len().div_ceil(8)];
     // SAFETY: the u64 buffer has at least bytes.len() bytes and u8 has no alignment needs.
-    let view = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, bytes.len()) };
+    let view =
+        unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, bytes.len()) };
     view.copy_from_slice(bytes);
-    AlignedBytes { words, len: bytes.len() }
+    AlignedBytes {
+        words,
+        len: bytes.len(),
+    }
 }
 
 struct AlignedBytes {
@@ -662,7 +704,8 @@ fn unpermute_rows(raw: &[u8], rows: usize, row_bytes: usize, head_dim: usize) ->
         let (head, r) = (row / head_dim, row % head_dim);
         let (s, i) = (r / half, r % half);
         let src_row = head * head_dim + 2 * i + s;
-        dst[row * row_bytes..][..row_bytes].copy_from_slice(&raw[src_row * row_bytes..][..row_bytes]);
+        dst[row * row_bytes..][..row_bytes]
+            .copy_from_slice(&raw[src_row * row_bytes..][..row_bytes]);
     }
     out
 }
@@ -670,7 +713,9 @@ fn unpermute_rows(raw: &[u8], rows: usize, row_bytes: usize, head_dim: usize) ->
 impl TensorSource for GgufSource {
     fn load(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
         let q = self.qtensor(name, shape, &Device::Cpu)?;
-        let t = q.dequantize(&Device::Cpu).map_err(|e| self.err(name, e.to_string()))?;
+        let t = q
+            .dequantize(&Device::Cpu)
+            .map_err(|e| self.err(name, e.to_string()))?;
         Ok(t.to_dtype(dtype)?.to_device(device)?)
     }
 
@@ -678,13 +723,23 @@ impl TensorSource for GgufSource {
         gguf_name(name).is_some_and(|n| self.file.tensors.contains_key(&n))
     }
 
-    fn load_quantized(&self, name: &str, shape: &[usize], device: &Device) -> Result<Option<QTensor>> {
+    fn load_quantized(
+        &self,
+        name: &str,
+        shape: &[usize],
+        device: &Device,
+    ) -> Result<Option<QTensor>> {
         if !self.keep_quantized {
             return Ok(None);
         }
         let info = gguf_name(name).and_then(|n| self.file.tensors.get(&n));
         match info {
-            Some(info) if !matches!(info.dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => {
+            Some(info)
+                if !matches!(
+                    info.dtype,
+                    GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+                ) =>
+            {
                 let q = self.qtensor(name, shape, &Device::Cpu)?;
                 let q = if SCALAR_ONLY.contains(&info.dtype) {
                     // candle has SIMD dot products for Q4_0, Q8_0 and the K-quants only;
@@ -698,7 +753,10 @@ impl TensorSource for GgufSource {
                 };
                 Ok(Some(match device {
                     Device::Cpu => q,
-                    _ => QTensor::quantize(&q.dequantize(&Device::Cpu)?.to_device(device)?, q.dtype())?,
+                    _ => QTensor::quantize(
+                        &q.dequantize(&Device::Cpu)?.to_device(device)?,
+                        q.dtype(),
+                    )?,
                 }))
             }
             _ => Ok(None),
@@ -712,9 +770,18 @@ mod tests {
 
     #[test]
     fn names_map_to_llama_cpp() {
-        assert_eq!(gguf_name("model.layers.12.self_attn.o_proj.weight").unwrap(), "blk.12.attn_output.weight");
-        assert_eq!(gguf_name("model.layers.0.self_attn.q_proj.bias").unwrap(), "blk.0.attn_q.bias");
-        assert_eq!(gguf_name("model.layers.3.post_attention_layernorm.weight").unwrap(), "blk.3.ffn_norm.weight");
+        assert_eq!(
+            gguf_name("model.layers.12.self_attn.o_proj.weight").unwrap(),
+            "blk.12.attn_output.weight"
+        );
+        assert_eq!(
+            gguf_name("model.layers.0.self_attn.q_proj.bias").unwrap(),
+            "blk.0.attn_q.bias"
+        );
+        assert_eq!(
+            gguf_name("model.layers.3.post_attention_layernorm.weight").unwrap(),
+            "blk.3.ffn_norm.weight"
+        );
         assert_eq!(gguf_name("lm_head.weight").unwrap(), "output.weight");
         assert!(gguf_name("model.layers.x.mlp.up_proj.weight").is_none());
     }

@@ -38,9 +38,14 @@ impl TensorSource for HashMap<String, Tensor> {
             path: "<memory>".into(),
             msg,
         };
-        let t = self.get(name).ok_or_else(|| err("tensor not found".into()))?;
+        let t = self
+            .get(name)
+            .ok_or_else(|| err("tensor not found".into()))?;
         if t.dims() != shape {
-            return Err(err(format!("expected shape {shape:?}, found {:?}", t.dims())));
+            return Err(err(format!(
+                "expected shape {shape:?}, found {:?}",
+                t.dims()
+            )));
         }
         Ok(t.to_dtype(dtype)?.to_device(device)?)
     }

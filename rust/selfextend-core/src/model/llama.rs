@@ -84,7 +84,11 @@ impl Projections {
         let mut blocks = vec![];
         for part in &parts {
             match part {
-                Linear::Quantized { blocks: b, bias: None, .. } => blocks.push(b.as_ref()),
+                Linear::Quantized {
+                    blocks: b,
+                    bias: None,
+                    ..
+                } => blocks.push(b.as_ref()),
                 _ => return Ok(Self::Separate(parts)),
             }
         }
@@ -168,8 +172,13 @@ impl Mlp {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let [gate, up]: [Tensor; 2] = self.gate_up.forward(xs)?.try_into().expect("two projections");
-        self.down_proj.forward(&(candle_nn::ops::silu(&gate)? * up)?)
+        let [gate, up]: [Tensor; 2] = self
+            .gate_up
+            .forward(xs)?
+            .try_into()
+            .expect("two projections");
+        self.down_proj
+            .forward(&(candle_nn::ops::silu(&gate)? * up)?)
     }
 }
 
@@ -210,7 +219,9 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b_sz, seq_len, _) = xs.dims3()?;
         let heads = |ys: &Tensor, n: usize| -> Result<Tensor> {
-            Ok(ys.reshape((b_sz, seq_len, n, self.head_dim))?.transpose(1, 2)?)
+            Ok(ys
+                .reshape((b_sz, seq_len, n, self.head_dim))?
+                .transpose(1, 2)?)
         };
         let [q, k, v]: [Tensor; 3] = self.qkv.forward(xs)?.try_into().expect("three projections");
         let q = heads(&q, self.num_heads)?;
@@ -262,7 +273,9 @@ impl DecoderLayer {
         let xs = self.input_layernorm.forward(xs)?;
         let xs = (self.self_attn.forward(&xs, cache, positions, params)? + residual)?;
         let residual = &xs;
-        let ys = self.mlp.forward(&self.post_attention_layernorm.forward(&xs)?)?;
+        let ys = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&xs)?)?;
         Ok((ys + residual)?)
     }
 }

@@ -69,9 +69,9 @@ pub fn parse_device(name: &str) -> Result<Device> {
     let lower = name.to_ascii_lowercase();
     let (kind, ordinal) = match lower.split_once(':') {
         Some((kind, n)) => {
-            let n = n.parse::<usize>().map_err(|_| {
-                Error::invalid("device", format!("bad device ordinal in '{name}'"))
-            })?;
+            let n = n
+                .parse::<usize>()
+                .map_err(|_| Error::invalid("device", format!("bad device ordinal in '{name}'")))?;
             (kind, n)
         }
         None => (lower.as_str(), 0),
@@ -148,9 +148,7 @@ impl Model {
         let file = GgufFile::open(path)?;
         let cfg = file.config()?;
         let tokenizer = crate::tokenizer::gguf::from_metadata(&file.metadata, path)?;
-        let token = |id: Option<u32>| {
-            id.and_then(|id| tokenizer.inner().id_to_token(id))
-        };
+        let token = |id: Option<u32>| id.and_then(|id| tokenizer.inner().id_to_token(id));
         let chat = file.chat_template().map(|t| ChatTemplate {
             source: t.to_string(),
             bos_token: token(cfg.bos_token_id),
@@ -239,7 +237,10 @@ impl Model {
     /// Rejects an empty sequence or ids outside the vocabulary.
     pub fn check_ids(&self, ids: &[u32]) -> Result<()> {
         if ids.is_empty() {
-            return Err(Error::invalid("prompt", "is empty: at least one token is needed"));
+            return Err(Error::invalid(
+                "prompt",
+                "is empty: at least one token is needed",
+            ));
         }
         let vocab = self.config().vocab_size;
         if let Some((pos, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
@@ -258,11 +259,19 @@ impl Model {
         let cfg = self.config();
         let f32_size = 4;
         let (hidden, inter, vocab) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-        let (heads, kv_heads, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let (heads, kv_heads, d) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
         let chunk = chunk.min(positions).max(1);
         let kv = KvCache::bytes_for(1, cfg.num_hidden_layers, kv_heads, d, self.dtype());
         // Returned logits live twice for a moment: ours, then the caller's copy.
-        let logits = if logits_rows > 0 { 2 * f32_size * vocab } else { 0 };
+        let logits = if logits_rows > 0 {
+            2 * f32_size * vocab
+        } else {
+            0
+        };
         let attention = match self.attention_params(None).backend {
             // About four f32 (heads, chunk, context) score buffers.
             AttentionBackend::Naive => 4 * f32_size * heads * chunk,
@@ -277,11 +286,19 @@ impl Model {
         let activations = f32_size * chunk * (4 * hidden + 3 * inter + (heads + 2 * kv_heads) * d);
         let dequantized = if self.is_quantized() {
             let lm_head = if logits_rows > 0 { vocab * hidden } else { 0 };
-            f32_size * lm_head.max(2 * inter * hidden).max((heads + 2 * kv_heads) * d * hidden)
+            f32_size
+                * lm_head
+                    .max(2 * inter * hidden)
+                    .max((heads + 2 * kv_heads) * d * hidden)
         } else {
             0
         };
-        memory::ensure_fits(activations + dequantized, per_position, positions, self.max_memory)
+        memory::ensure_fits(
+            activations + dequantized,
+            per_position,
+            positions,
+            self.max_memory,
+        )
     }
 
     /// Runs `ids` through the model in chunks, appending to `cache`; returns the logits
@@ -316,9 +333,13 @@ impl Model {
                 Ok(())
             };
             let logits_for = want.unwrap_or(LogitsFor::Last);
-            let logits = self
-                .llama
-                .forward_checked(&input, cache, params, logits_for, &mut between_layers)?;
+            let logits = self.llama.forward_checked(
+                &input,
+                cache,
+                params,
+                logits_for,
+                &mut between_layers,
+            )?;
             if want.is_some() {
                 out.extend(logits.flatten_all()?.to_vec1::<f32>()?);
             }
@@ -348,7 +369,10 @@ impl Model {
 pub fn resolve_chunk_size(chunk_size: Option<usize>) -> Result<usize> {
     match chunk_size {
         None => Ok(DEFAULT_CHUNK_SIZE),
-        Some(0) => Err(Error::invalid("chunk_size", "must be >= 1 (or None for the default)")),
+        Some(0) => Err(Error::invalid(
+            "chunk_size",
+            "must be >= 1 (or None for the default)",
+        )),
         Some(n) => Ok(n),
     }
 }
@@ -360,7 +384,10 @@ fn is_gguf(path: &Path) -> bool {
         .and_then(|mut f| f.read_exact(&mut magic))
         .is_ok()
         && &magic == b"GGUF";
-    has_magic || path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    has_magic
+        || path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
 /// `chat_template.jinja`, or `chat_template` in `tokenizer_config.json` (a string, or

@@ -73,28 +73,80 @@ pub fn tiny_weights(cfg: &Config, seed: u64) -> HashMap<String, Tensor> {
     };
     let (h, i, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
     let (nq, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-    put("model.embed_tokens.weight".into(), vec![cfg.vocab_size, h], 1.0, &mut rng);
+    put(
+        "model.embed_tokens.weight".into(),
+        vec![cfg.vocab_size, h],
+        1.0,
+        &mut rng,
+    );
     if !cfg.tie_word_embeddings {
-        put("lm_head.weight".into(), vec![cfg.vocab_size, h], 0.3, &mut rng);
+        put(
+            "lm_head.weight".into(),
+            vec![cfg.vocab_size, h],
+            0.3,
+            &mut rng,
+        );
     }
     put("model.norm.weight".into(), vec![h], 1.0, &mut rng);
     for l in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{l}");
-        put(format!("{p}.self_attn.q_proj.weight"), vec![nq * d, h], 0.8, &mut rng);
-        put(format!("{p}.self_attn.k_proj.weight"), vec![nkv * d, h], 0.8, &mut rng);
-        put(format!("{p}.self_attn.v_proj.weight"), vec![nkv * d, h], 0.3, &mut rng);
-        put(format!("{p}.self_attn.o_proj.weight"), vec![h, nq * d], 0.3, &mut rng);
-        put(format!("{p}.mlp.gate_proj.weight"), vec![i, h], 0.3, &mut rng);
+        put(
+            format!("{p}.self_attn.q_proj.weight"),
+            vec![nq * d, h],
+            0.8,
+            &mut rng,
+        );
+        put(
+            format!("{p}.self_attn.k_proj.weight"),
+            vec![nkv * d, h],
+            0.8,
+            &mut rng,
+        );
+        put(
+            format!("{p}.self_attn.v_proj.weight"),
+            vec![nkv * d, h],
+            0.3,
+            &mut rng,
+        );
+        put(
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![h, nq * d],
+            0.3,
+            &mut rng,
+        );
+        put(
+            format!("{p}.mlp.gate_proj.weight"),
+            vec![i, h],
+            0.3,
+            &mut rng,
+        );
         put(format!("{p}.mlp.up_proj.weight"), vec![i, h], 0.3, &mut rng);
-        put(format!("{p}.mlp.down_proj.weight"), vec![h, i], 0.3, &mut rng);
-        put(format!("{p}.input_layernorm.weight"), vec![h], 1.0, &mut rng);
-        put(format!("{p}.post_attention_layernorm.weight"), vec![h], 1.0, &mut rng);
+        put(
+            format!("{p}.mlp.down_proj.weight"),
+            vec![h, i],
+            0.3,
+            &mut rng,
+        );
+        put(
+            format!("{p}.input_layernorm.weight"),
+            vec![h],
+            1.0,
+            &mut rng,
+        );
+        put(
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![h],
+            1.0,
+            &mut rng,
+        );
     }
     w
 }
 
 pub fn word_tokenizer(vocab_size: usize) -> Tokenizer {
-    let vocab: HashMap<String, u32> = (0..vocab_size as u32).map(|i| (format!("w{i}"), i)).collect();
+    let vocab: HashMap<String, u32> = (0..vocab_size as u32)
+        .map(|i| (format!("w{i}"), i))
+        .collect();
     let model = tokenizers::models::wordlevel::WordLevel::builder()
         .vocab(vocab.into_iter().collect())
         .unk_token("w0".into())
@@ -108,9 +160,16 @@ pub fn word_tokenizer(vocab_size: usize) -> Tokenizer {
 
 pub fn tiny_model(cfg: &Config, seed: u64) -> Model {
     let weights = tiny_weights(cfg, seed);
-    let llama = Llama::load(&Weights::new(&weights, candle_core::DType::F32, &Device::Cpu), cfg)
-        .unwrap();
-    Model::from_parts(llama, word_tokenizer(cfg.vocab_size), PathBuf::from("<memory>"))
+    let llama = Llama::load(
+        &Weights::new(&weights, candle_core::DType::F32, &Device::Cpu),
+        cfg,
+    )
+    .unwrap();
+    Model::from_parts(
+        llama,
+        word_tokenizer(cfg.vocab_size),
+        PathBuf::from("<memory>"),
+    )
 }
 
 pub fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
