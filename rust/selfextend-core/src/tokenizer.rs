@@ -34,11 +34,7 @@ impl Tokenizer {
         let inner = match parsed {
             Ok(result) => result.map_err(|e| tok_err(context, e))?,
             Err(panic) => {
-                let what = panic
-                    .downcast_ref::<String>()
-                    .map(String::as_str)
-                    .or_else(|| panic.downcast_ref::<&str>().copied())
-                    .unwrap_or("malformed tokenizer");
+                let what = crate::error::panic_message(panic.as_ref());
                 return Err(Error::Tokenizer {
                     context,
                     msg: format!("invalid tokenizer.json: {what}"),

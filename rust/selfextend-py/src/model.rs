@@ -58,11 +58,7 @@ fn detached<T: Send>(
         }
         Ok(Err(e)) => Err(to_py(e, during_load)),
         Err(panic) => {
-            let what = panic
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("unknown panic");
+            let what = selfextend_core::error::panic_message(panic.as_ref());
             Err(SelfExtendError::new_err(format!(
                 "internal error (please report it): {what}"
             )))
