@@ -16,6 +16,7 @@ __all__ = [
     "ModelConfig",
     "ModelLoadError",
     "OutOfMemoryError",
+    "RopeScaling",
     "SelfExtend",
     "SelfExtendError",
     "TextStream",
@@ -54,6 +55,24 @@ class SelfExtend:
     def __hash__(self) -> int: ...
 
 @final
+class RopeScaling:
+    """A RoPE scaling baseline: linear, NTK-aware or dynamic NTK."""
+
+    @staticmethod
+    def linear(factor: float) -> RopeScaling: ...
+    @staticmethod
+    def ntk(factor: float) -> RopeScaling: ...
+    @staticmethod
+    def dynamic_ntk(factor: float, original_context: Optional[int] = None) -> RopeScaling: ...
+    @property
+    def kind(self) -> Literal["linear", "ntk", "dynamic_ntk", "llama3"]: ...
+    @property
+    def factor(self) -> float: ...
+    @property
+    def original_context(self) -> Optional[int]: ...
+    def __eq__(self, value: object, /) -> bool: ...
+
+@final
 class ModelConfig:
     @property
     def trained_context(self) -> int: ...
@@ -73,6 +92,8 @@ class ModelConfig:
     def vocab_size(self) -> int: ...
     @property
     def rope_theta(self) -> float: ...
+    @property
+    def rope_scaling(self) -> Optional[RopeScaling]: ...
     @property
     def rms_norm_eps(self) -> float: ...
     @property
@@ -141,6 +162,17 @@ class Model:
         token_ids: Sequence[int],
         *,
         self_extend: _SelfExtendArg = None,
+        rope_scaling: Optional[RopeScaling] = None,
+        chunk_size: Optional[int] = None,
+        progress: _Progress = None,
+    ) -> npt.NDArray[np.float32]: ...
+    def token_logprobs(
+        self,
+        token_ids: Sequence[int],
+        *,
+        start: int = 1,
+        self_extend: _SelfExtendArg = None,
+        rope_scaling: Optional[RopeScaling] = None,
         chunk_size: Optional[int] = None,
         progress: _Progress = None,
     ) -> npt.NDArray[np.float32]: ...
@@ -156,6 +188,7 @@ class Model:
         seed: Optional[int] = None,
         stop: Union[str, Sequence[str], None] = None,
         self_extend: _SelfExtendArg = None,
+        rope_scaling: Optional[RopeScaling] = None,
         chunk_size: Optional[int] = None,
         progress: _Progress = None,
     ) -> Completion: ...
@@ -171,6 +204,7 @@ class Model:
         seed: Optional[int] = None,
         stop: Union[str, Sequence[str], None] = None,
         self_extend: _SelfExtendArg = None,
+        rope_scaling: Optional[RopeScaling] = None,
         chunk_size: Optional[int] = None,
         progress: _Progress = None,
     ) -> TextStream: ...
@@ -186,6 +220,7 @@ class Model:
         seed: Optional[int] = None,
         stop: Union[str, Sequence[str], None] = None,
         self_extend: _SelfExtendArg = None,
+        rope_scaling: Optional[RopeScaling] = None,
         chunk_size: Optional[int] = None,
         progress: _Progress = None,
     ) -> Completion: ...
@@ -201,6 +236,7 @@ class Model:
         seed: Optional[int] = None,
         stop: Union[str, Sequence[str], None] = None,
         self_extend: _SelfExtendArg = None,
+        rope_scaling: Optional[RopeScaling] = None,
         chunk_size: Optional[int] = None,
         progress: _Progress = None,
     ) -> TextStream: ...

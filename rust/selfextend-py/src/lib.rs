@@ -16,6 +16,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     errors::register(m)?;
     m.add_class::<types::PySelfExtend>()?;
+    m.add_class::<types::PyRopeScaling>()?;
     m.add_class::<types::PyModelConfig>()?;
     m.add_class::<types::PyCompletion>()?;
     m.add_class::<model::PyModel>()?;

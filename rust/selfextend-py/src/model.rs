@@ -6,17 +6,17 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use numpy::ndarray::Array2;
-use numpy::{IntoPyArray, PyArray2};
+use numpy::{IntoPyArray, PyArray1, PyArray2};
 use pyo3::exceptions::PyKeyboardInterrupt;
 use pyo3::prelude::*;
 use selfextend_core::chat::Message;
 use selfextend_core::generate::{Completion, GenerateOptions, Generation};
 use selfextend_core::model::{parse_device, parse_dtype};
 use selfextend_core::sampling::SamplingParams;
-use selfextend_core::{Error, Model, SelfExtend};
+use selfextend_core::{Error, Model, RopeScaling, SelfExtend};
 
 use crate::errors::{invalid_argument, to_py, ContextLengthWarning, SelfExtendError};
-use crate::types::{PyCompletion, PyModelConfig, PySelfExtend};
+use crate::types::{PyCompletion, PyModelConfig, PyRopeScaling, PySelfExtend};
 
 type Check<'a> = dyn FnMut(usize, usize) -> selfextend_core::Result<()> + 'a;
 
@@ -171,6 +171,12 @@ struct Request {
     opts: GenerateOptions,
 }
 
+struct Scoring {
+    ids: Vec<u32>,
+    params: selfextend_core::AttentionParams,
+    chunk_size: Option<usize>,
+}
+
 impl PyModel {
     fn encode_prompt(&self, py: Python<'_>, prompt: Prompt) -> PyResult<Vec<u32>> {
         match prompt {
@@ -187,23 +193,46 @@ impl PyModel {
         }
     }
 
-    /// Warns when the sequence outruns what the model (with this setting) covers.
-    fn warn_context(&self, py: Python<'_>, total: usize, se: Option<SelfExtend>) -> PyResult<()> {
+    /// Warns when the sequence outruns what the model (with these settings) covers.
+    fn warn_context(
+        &self,
+        py: Python<'_>,
+        total: usize,
+        se: Option<SelfExtend>,
+        rope: Option<RopeScaling>,
+    ) -> PyResult<()> {
         let trained = self.inner.config().max_position_embeddings;
-        let covered = se.map_or(trained, |se| se.max_context(trained));
-        if total <= covered {
+        let rope = rope.or(self.inner.config().rope_scaling);
+        let msg = match (se, rope) {
+            (_, Some(RopeScaling::DynamicNtk { .. } | RopeScaling::Llama3 { .. })) => None,
+            (_, Some(RopeScaling::Linear { factor } | RopeScaling::Ntk { factor })) => {
+                let covered = (trained as f64 * factor).floor() as usize;
+                (total > covered).then(|| {
+                    format!(
+                        "the sequence ({total} tokens) is longer than {rope:?} covers \
+                         ({trained} * {factor} = {covered} tokens); increase its factor"
+                    )
+                })
+            }
+            (None, None) => (total > trained).then(|| {
+                format!(
+                    "the sequence ({total} tokens) is longer than the model's trained context \
+                     ({trained}); plain attention degrades past it. Pass \
+                     self_extend=SelfExtend(group_size, window) with (L - W) * G + W >= {total}"
+                )
+            }),
+            (Some(se), None) => {
+                let covered = se.max_context(trained);
+                (total > covered).then(|| {
+                    format!(
+                        "the sequence ({total} tokens) is longer than {se:?} covers \
+                         ((L - W) * G + W = {covered} for L = {trained}); increase group_size"
+                    )
+                })
+            }
+        };
+        let Some(msg) = msg else {
             return Ok(());
-        }
-        let msg = match se {
-            None => format!(
-                "the sequence ({total} tokens) is longer than the model's trained context \
-                 ({trained}); plain attention degrades past it. Pass \
-                 self_extend=SelfExtend(group_size, window) with (L - W) * G + W >= {total}"
-            ),
-            Some(se) => format!(
-                "the sequence ({total} tokens) is longer than {se:?} covers \
-                 ((L - W) * G + W = {covered} for L = {trained}); increase group_size"
-            ),
         };
         let msg = std::ffi::CString::new(msg).expect("no NUL in message");
         PyErr::warn(py, &py.get_type::<ContextLengthWarning>(), &msg, 2)
@@ -222,6 +251,7 @@ impl PyModel {
         seed: Option<i128>,
         stop: Option<Stop>,
         self_extend: Option<SelfExtendArg>,
+        rope_scaling: Option<PyRopeScaling>,
         chunk_size: Option<i64>,
     ) -> PyResult<Request> {
         if max_new_tokens < 0 {
@@ -242,6 +272,7 @@ impl PyModel {
         let trained = self.inner.config().max_position_embeddings;
         let total = prompt.len().saturating_add(max_new_tokens as usize);
         let self_extend = self_extend.map(|s| s.resolve(total, trained)).transpose()?;
+        let rope_scaling = rope_scaling.map(|r| r.resolve(trained));
         let opts = GenerateOptions {
             max_new_tokens: max_new_tokens as usize,
             sampling: SamplingParams {
@@ -257,6 +288,7 @@ impl PyModel {
                 Some(Stop::Many(v)) => v,
             },
             self_extend,
+            rope_scaling,
             chunk_size: optional_positive(chunk_size, "chunk_size")?,
         };
         opts.sampling.validate().map_err(|e| to_py(e, false))?;
@@ -270,8 +302,43 @@ impl PyModel {
                 "invalid argument `prompt`: is empty: at least one token is needed",
             ));
         }
-        self.warn_context(py, prompt.len() + opts.max_new_tokens, opts.self_extend)?;
+        self.warn_context(
+            py,
+            prompt.len() + opts.max_new_tokens,
+            opts.self_extend,
+            opts.rope_scaling,
+        )?;
         Ok(Request { prompt, opts })
+    }
+
+    /// Converts and checks the arguments shared by `logits` and `token_logprobs`.
+    fn scoring(
+        &self,
+        py: Python<'_>,
+        token_ids: &[i64],
+        self_extend: Option<SelfExtendArg>,
+        rope_scaling: Option<PyRopeScaling>,
+        chunk_size: Option<i64>,
+    ) -> PyResult<Scoring> {
+        let cfg = self.inner.config();
+        let ids = to_ids(token_ids, cfg.vocab_size, "token_ids")?;
+        if ids.is_empty() {
+            return Err(invalid_argument(
+                "invalid argument `token_ids`: is empty: at least one token is needed",
+            ));
+        }
+        let chunk_size = optional_positive(chunk_size, "chunk_size")?;
+        let trained = cfg.max_position_embeddings;
+        let se = self_extend
+            .map(|s| s.resolve(ids.len(), trained))
+            .transpose()?;
+        let rope = rope_scaling.map(|r| r.resolve(trained));
+        self.warn_context(py, ids.len(), se, rope)?;
+        Ok(Scoring {
+            params: self.inner.attention_params_with(se, rope),
+            ids,
+            chunk_size,
+        })
     }
 
     fn start(&self, py: Python<'_>, req: Request) -> PyResult<Generation> {
@@ -325,6 +392,7 @@ macro_rules! generation_doc {
     stop: A string or list of strings that end generation (excluded from text).
     self_extend: A SelfExtend, "auto" (chosen for prompt + max_new_tokens), or None
         for plain attention.
+    rope_scaling: A RopeScaling replacing the model's own for this call, or None.
     chunk_size: Prefill chunk length (default 512); results do not depend on it.
     progress: True draws a prefill progress bar on stderr; a callable is called
         as fn(done, total) after each prefill chunk."#
@@ -432,49 +500,95 @@ impl PyModel {
     /// Args:
     ///     token_ids: The sequence, a list of ints below vocab_size.
     ///     self_extend: A SelfExtend, "auto", or None for plain attention.
+    ///     rope_scaling: A RopeScaling replacing the model's own for this call, or None.
     ///     chunk_size: Prefill chunk length (default 512); results do not depend on it.
     ///     progress: True draws a progress bar on stderr; a callable is called as
     ///         fn(done, total) after each chunk.
     ///
     /// Returns:
     ///     numpy.ndarray of float32, shape (len(token_ids), vocab_size).
-    #[pyo3(signature = (token_ids, *, self_extend = None, chunk_size = None, progress = None))]
+    #[pyo3(signature = (token_ids, *, self_extend = None, rope_scaling = None, chunk_size = None,
+        progress = None))]
     fn logits<'py>(
         &self,
         py: Python<'py>,
         token_ids: Vec<i64>,
         self_extend: Option<SelfExtendArg>,
+        rope_scaling: Option<PyRopeScaling>,
         chunk_size: Option<i64>,
         progress: Option<Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
         let vocab = self.inner.config().vocab_size;
-        let ids = to_ids(&token_ids, vocab, "token_ids")?;
-        if ids.is_empty() {
-            return Err(invalid_argument(
-                "invalid argument `token_ids`: is empty: at least one token is needed",
-            ));
-        }
-        let chunk_size = optional_positive(chunk_size, "chunk_size")?;
-        let trained = self.inner.config().max_position_embeddings;
-        let se = self_extend
-            .map(|s| s.resolve(ids.len(), trained))
-            .transpose()?;
+        let scoring = self.scoring(py, &token_ids, self_extend, rope_scaling, chunk_size)?;
         let progress = progress_callback(py, progress, "prefill")?;
-        self.warn_context(py, ids.len(), se)?;
         let model = self.inner.clone();
-        let n = ids.len();
+        let n = scoring.ids.len();
         let logits = detached(py, false, progress.as_ref(), move |check| {
-            model.logits(&ids, se, chunk_size, check)
+            model.logits(&scoring.ids, &scoring.params, scoring.chunk_size, check)
         })?;
         let array = Array2::from_shape_vec((n, vocab), logits)
             .map_err(|e| SelfExtendError::new_err(format!("internal error: {e}")))?;
         Ok(array.into_pyarray(py))
     }
 
+    /// Log-probabilities the model gives each token of a sequence after its prefix:
+    /// log p(token_ids[t] | token_ids[:t]) for t = start, ..., len(token_ids) - 1.
+    ///
+    /// The same numbers as the log-softmax of `logits()` rows start - 1 onwards, but
+    /// only a chunk of logits is held at a time, so long texts can be scored. The
+    /// perplexity of those tokens is exp(-mean(result)).
+    ///
+    /// Args:
+    ///     token_ids: The sequence, a list of ints below vocab_size.
+    ///     start: The first position scored, 1 <= start < len(token_ids) (default 1:
+    ///         every token that has a prefix).
+    ///     self_extend: A SelfExtend, "auto", or None for plain attention.
+    ///     rope_scaling: A RopeScaling replacing the model's own for this call, or None.
+    ///     chunk_size: Prefill chunk length (default 512); results do not depend on it.
+    ///     progress: True draws a progress bar on stderr; a callable is called as
+    ///         fn(done, total) after each chunk.
+    ///
+    /// Returns:
+    ///     numpy.ndarray of float32, shape (len(token_ids) - start,).
+    #[pyo3(signature = (token_ids, *, start = 1, self_extend = None, rope_scaling = None,
+        chunk_size = None, progress = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn token_logprobs<'py>(
+        &self,
+        py: Python<'py>,
+        token_ids: Vec<i64>,
+        start: i64,
+        self_extend: Option<SelfExtendArg>,
+        rope_scaling: Option<PyRopeScaling>,
+        chunk_size: Option<i64>,
+        progress: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        let scoring = self.scoring(py, &token_ids, self_extend, rope_scaling, chunk_size)?;
+        let n = scoring.ids.len();
+        if start < 1 || start as u64 >= n as u64 {
+            return Err(invalid_argument(format!(
+                "invalid argument `start`: must be in [1, {n}) for a sequence of {n} tokens \
+                 (the first token has no prediction), got {start}"
+            )));
+        }
+        let progress = progress_callback(py, progress, "scoring")?;
+        let model = self.inner.clone();
+        let logprobs = detached(py, false, progress.as_ref(), move |check| {
+            model.token_logprobs(
+                &scoring.ids,
+                start as usize,
+                &scoring.params,
+                scoring.chunk_size,
+                check,
+            )
+        })?;
+        Ok(logprobs.into_pyarray(py))
+    }
+
     #[doc = concat!("Generates a completion.\n\nArgs:\n", generation_doc!(), "\n\nReturns:\n    A Completion with text, token_ids, finish_reason and timings.")]
     #[pyo3(signature = (prompt, max_new_tokens = 128, *, temperature = 0.0, top_k = None,
         top_p = None, repetition_penalty = 1.0, seed = None, stop = None, self_extend = None,
-        chunk_size = None, progress = None))]
+        rope_scaling = None, chunk_size = None, progress = None))]
     #[allow(clippy::too_many_arguments)]
     fn generate(
         &self,
@@ -488,6 +602,7 @@ impl PyModel {
         seed: Option<i128>,
         stop: Option<Stop>,
         self_extend: Option<SelfExtendArg>,
+        rope_scaling: Option<PyRopeScaling>,
         chunk_size: Option<i64>,
         progress: Option<Bound<'_, PyAny>>,
     ) -> PyResult<PyCompletion> {
@@ -502,6 +617,7 @@ impl PyModel {
             seed,
             stop,
             self_extend,
+            rope_scaling,
             chunk_size,
         )?;
         let progress = progress_callback(py, progress, "prefill")?;
@@ -515,7 +631,7 @@ impl PyModel {
     #[doc = concat!("Like generate(), but yields text pieces as they are decoded.\n\nPieces end on UTF-8 character boundaries, and text that might begin a stop string\nis held back until it is known not to.\n\nArgs:\n", generation_doc!(), "\n\nReturns:\n    A TextStream: an iterator of str whose `completion` is set once exhausted.")]
     #[pyo3(signature = (prompt, max_new_tokens = 128, *, temperature = 0.0, top_k = None,
         top_p = None, repetition_penalty = 1.0, seed = None, stop = None, self_extend = None,
-        chunk_size = None, progress = None))]
+        rope_scaling = None, chunk_size = None, progress = None))]
     #[allow(clippy::too_many_arguments)]
     fn stream(
         &self,
@@ -529,6 +645,7 @@ impl PyModel {
         seed: Option<i128>,
         stop: Option<Stop>,
         self_extend: Option<SelfExtendArg>,
+        rope_scaling: Option<PyRopeScaling>,
         chunk_size: Option<i64>,
         progress: Option<Bound<'_, PyAny>>,
     ) -> PyResult<PyTextStream> {
@@ -543,6 +660,7 @@ impl PyModel {
             seed,
             stop,
             self_extend,
+            rope_scaling,
             chunk_size,
         )?;
         let progress = progress_callback(py, progress, "prefill")?;
@@ -556,7 +674,7 @@ impl PyModel {
     #[doc = concat!("Answers a conversation, formatted with the model's own chat template.\n\nArgs:\n    messages: A list of {\"role\": ..., \"content\": ...} dicts, e.g. roles\n        \"system\", \"user\" and \"assistant\".\n", generation_doc!(), "\n\nReturns:\n    A Completion; its text is the assistant's reply.")]
     #[pyo3(signature = (messages, max_new_tokens = 128, *, temperature = 0.0, top_k = None,
         top_p = None, repetition_penalty = 1.0, seed = None, stop = None, self_extend = None,
-        chunk_size = None, progress = None))]
+        rope_scaling = None, chunk_size = None, progress = None))]
     #[allow(clippy::too_many_arguments)]
     fn chat(
         &self,
@@ -570,6 +688,7 @@ impl PyModel {
         seed: Option<i128>,
         stop: Option<Stop>,
         self_extend: Option<SelfExtendArg>,
+        rope_scaling: Option<PyRopeScaling>,
         chunk_size: Option<i64>,
         progress: Option<Bound<'_, PyAny>>,
     ) -> PyResult<PyCompletion> {
@@ -585,6 +704,7 @@ impl PyModel {
             seed,
             stop,
             self_extend,
+            rope_scaling,
             chunk_size,
             progress,
         )
@@ -593,7 +713,7 @@ impl PyModel {
     #[doc = concat!("Like chat(), but yields the reply as text pieces.\n\nArgs:\n    messages: A list of {\"role\": ..., \"content\": ...} dicts.\n", generation_doc!(), "\n\nReturns:\n    A TextStream.")]
     #[pyo3(signature = (messages, max_new_tokens = 128, *, temperature = 0.0, top_k = None,
         top_p = None, repetition_penalty = 1.0, seed = None, stop = None, self_extend = None,
-        chunk_size = None, progress = None))]
+        rope_scaling = None, chunk_size = None, progress = None))]
     #[allow(clippy::too_many_arguments)]
     fn chat_stream(
         &self,
@@ -607,6 +727,7 @@ impl PyModel {
         seed: Option<i128>,
         stop: Option<Stop>,
         self_extend: Option<SelfExtendArg>,
+        rope_scaling: Option<PyRopeScaling>,
         chunk_size: Option<i64>,
         progress: Option<Bound<'_, PyAny>>,
     ) -> PyResult<PyTextStream> {
@@ -622,6 +743,7 @@ impl PyModel {
             seed,
             stop,
             self_extend,
+            rope_scaling,
             chunk_size,
             progress,
         )

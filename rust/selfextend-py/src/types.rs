@@ -1,8 +1,8 @@
-//! Small value types: `SelfExtend`, `ModelConfig`, `Completion`.
+//! Small value types: `SelfExtend`, `RopeScaling`, `ModelConfig`, `Completion`.
 
 use pyo3::prelude::*;
 use selfextend_core::generate::Completion;
-use selfextend_core::{Config, SelfExtend};
+use selfextend_core::{Config, RopeScaling, SelfExtend};
 
 use crate::errors::{invalid_argument, to_py};
 
@@ -110,6 +110,166 @@ impl PySelfExtend {
     }
 }
 
+/// A RoPE scaling: the training-free baselines to compare SelfExtend against.
+///
+/// Pass one as `rope_scaling=` to `logits`, `token_logprobs`, `generate` and the
+/// other calls; it replaces the model's own scaling for that call. Each follows its
+/// published formula, with `d` the head dimension and `theta` the RoPE base:
+///
+/// - `linear(s)`: position interpolation (Chen et al., 2023), every frequency / s.
+/// - `ntk(s)`: "NTK-aware" scaling (bloc97, 2023), base theta * s ** (d / (d - 2)).
+/// - `dynamic_ntk(s)`: dynamic NTK (emozilla, 2023; transformers' "dynamic"): for a
+///   sequence of n > L tokens, base theta * (s * n / L - (s - 1)) ** (d / (d - 2)),
+///   where L is the trained context. n is the prompt length during the prefill and
+///   the current length at each decode step; the cache keeps un-rotated keys, so
+///   every key is rotated with the current base.
+#[pyclass(name = "RopeScaling", module = "selfextend_rs", frozen, eq, from_py_object)]
+#[derive(Clone, Copy, PartialEq)]
+pub struct PyRopeScaling {
+    scaling: RopeScaling,
+    /// Dynamic NTK's L is the model's trained context, filled in per call.
+    trained_from_model: bool,
+}
+
+impl PyRopeScaling {
+    pub fn from_config(scaling: RopeScaling) -> Self {
+        Self {
+            scaling,
+            trained_from_model: false,
+        }
+    }
+
+    /// The core setting for a model trained on `trained` tokens.
+    pub fn resolve(&self, trained: usize) -> RopeScaling {
+        match self.scaling {
+            RopeScaling::DynamicNtk { factor, .. } if self.trained_from_model => {
+                RopeScaling::DynamicNtk {
+                    factor,
+                    original_max_position_embeddings: trained,
+                }
+            }
+            s => s,
+        }
+    }
+
+    fn checked_factor(factor: f64) -> PyResult<f64> {
+        if factor.is_finite() && factor >= 1.0 {
+            Ok(factor)
+        } else {
+            Err(invalid_argument(format!(
+                "invalid argument `factor`: must be a finite number >= 1 (how many times the \
+                 trained context to cover), got {factor}"
+            )))
+        }
+    }
+}
+
+#[pymethods]
+impl PyRopeScaling {
+    /// Position interpolation: every RoPE frequency divided by `factor`.
+    ///
+    /// Args:
+    ///     factor: s >= 1; positions up to s times the trained context map into it.
+    #[staticmethod]
+    fn linear(factor: f64) -> PyResult<Self> {
+        Ok(Self::from_config(RopeScaling::Linear {
+            factor: Self::checked_factor(factor)?,
+        }))
+    }
+
+    /// "NTK-aware" scaling: the RoPE base raised to theta * factor ** (d / (d - 2)).
+    ///
+    /// Args:
+    ///     factor: s >= 1; the lowest frequency is stretched s times, the highest kept.
+    #[staticmethod]
+    fn ntk(factor: f64) -> PyResult<Self> {
+        Ok(Self::from_config(RopeScaling::Ntk {
+            factor: Self::checked_factor(factor)?,
+        }))
+    }
+
+    /// Dynamic NTK: NTK scaling whose base grows with the sequence length n once it
+    /// passes the trained context L: theta * (factor * n / L - (factor - 1)) ** (d / (d - 2)).
+    ///
+    /// Args:
+    ///     factor: s >= 1 (transformers' `rope_scaling.factor`; 1 makes length n
+    ///         exactly ntk(n / L)).
+    ///     original_context: L; None (the default) is the model's trained context.
+    #[staticmethod]
+    #[pyo3(signature = (factor, original_context = None))]
+    fn dynamic_ntk(factor: f64, original_context: Option<i64>) -> PyResult<Self> {
+        let factor = Self::checked_factor(factor)?;
+        let original = match original_context {
+            None => None,
+            Some(n) if n >= 1 => Some(n as usize),
+            Some(n) => {
+                return Err(invalid_argument(format!(
+                    "invalid argument `original_context`: must be >= 1 or None, got {n}"
+                )))
+            }
+        };
+        Ok(Self {
+            scaling: RopeScaling::DynamicNtk {
+                factor,
+                original_max_position_embeddings: original.unwrap_or(0),
+            },
+            trained_from_model: original.is_none(),
+        })
+    }
+
+    /// "linear", "ntk", "dynamic_ntk" or "llama3" (only from a model's config).
+    #[getter]
+    fn kind(&self) -> &'static str {
+        match self.scaling {
+            RopeScaling::Linear { .. } => "linear",
+            RopeScaling::Ntk { .. } => "ntk",
+            RopeScaling::DynamicNtk { .. } => "dynamic_ntk",
+            RopeScaling::Llama3 { .. } => "llama3",
+        }
+    }
+
+    /// The scale factor s.
+    #[getter]
+    fn factor(&self) -> f64 {
+        match self.scaling {
+            RopeScaling::Linear { factor }
+            | RopeScaling::Ntk { factor }
+            | RopeScaling::DynamicNtk { factor, .. }
+            | RopeScaling::Llama3 { factor, .. } => factor,
+        }
+    }
+
+    /// The context L the scaling starts from, when fixed (dynamic NTK and llama3 with
+    /// an explicit one); None otherwise.
+    #[getter]
+    fn original_context(&self) -> Option<usize> {
+        match self.scaling {
+            RopeScaling::DynamicNtk {
+                original_max_position_embeddings: n,
+                ..
+            } if !self.trained_from_model => Some(n),
+            RopeScaling::Llama3 {
+                original_max_position_embeddings: n,
+                ..
+            } => Some(n),
+            _ => None,
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        match (self.kind(), self.original_context()) {
+            ("dynamic_ntk", Some(n)) => {
+                format!("RopeScaling.dynamic_ntk({:?}, original_context={n})", self.factor())
+            }
+            ("llama3", Some(n)) => format!(
+                "RopeScaling(kind='llama3', factor={:?}, original_context={n})",
+                self.factor()
+            ),
+            (kind, _) => format!("RopeScaling.{kind}({:?})", self.factor()),
+        }
+    }
+}
+
 /// The architecture of a loaded model.
 #[pyclass(name = "ModelConfig", module = "selfextend_rs", frozen, get_all)]
 #[derive(Clone)]
@@ -124,6 +284,8 @@ pub struct PyModelConfig {
     pub intermediate_size: usize,
     pub vocab_size: usize,
     pub rope_theta: f64,
+    /// The RoPE scaling from the model's files, or None.
+    pub rope_scaling: Option<PyRopeScaling>,
     pub rms_norm_eps: f64,
     pub tie_word_embeddings: bool,
     pub bos_token_id: Option<u32>,
@@ -142,6 +304,7 @@ impl From<&Config> for PyModelConfig {
             intermediate_size: c.intermediate_size,
             vocab_size: c.vocab_size,
             rope_theta: c.rope_theta,
+            rope_scaling: c.rope_scaling.map(PyRopeScaling::from_config),
             rms_norm_eps: c.rms_norm_eps,
             tie_word_embeddings: c.tie_word_embeddings,
             bos_token_id: c.bos_token_id,

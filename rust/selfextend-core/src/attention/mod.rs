@@ -17,6 +17,7 @@ use std::cell::OnceCell;
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
+use crate::config::RopeScaling;
 use crate::rope::RotaryEmbedding;
 
 /// SelfExtend's two knobs: the group size `G` and the neighbor window `W`.
@@ -135,6 +136,12 @@ pub struct AttentionParams {
     /// `None` is ordinary causal attention.
     pub self_extend: Option<SelfExtend>,
     pub backend: AttentionBackend,
+    /// Replaces the model's own RoPE scaling (from its config) for this call.
+    pub rope_scaling: Option<RopeScaling>,
+    /// The sequence length that length-dependent RoPE scaling (dynamic NTK) is computed
+    /// for. `None` is the length of the cache after each forward call; a chunked prefill
+    /// sets the length of the whole prompt, so that chunking does not change the result.
+    pub rope_length: Option<usize>,
 }
 
 impl AttentionParams {
@@ -143,6 +150,8 @@ impl AttentionParams {
             scale: 1.0 / (head_dim as f64).sqrt(),
             self_extend,
             backend: AttentionBackend::default(),
+            rope_scaling: None,
+            rope_length: None,
         }
     }
 }

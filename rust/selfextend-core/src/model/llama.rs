@@ -5,14 +5,14 @@
 //! Departures from the reference: the KV cache holds un-rotated keys and RoPE is
 //! applied inside attention (see [`crate::kv_cache`]), and logits are always f32.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::Embedding;
 
 use crate::attention::{run_attention, AttentionParams, Positions};
-use crate::config::Config;
+use crate::config::{Config, RopeScaling};
 use crate::error::Result;
 use crate::kv_cache::{KvCache, LayerCache};
 use crate::loader::Weights;
@@ -287,6 +287,8 @@ pub enum LogitsFor {
     All,
     /// Only the last position, which is all decoding needs: `(batch, 1, vocab)`.
     Last,
+    /// Input rows `r ..` (clamped to the last row): `(batch, seq - r, vocab)`.
+    From(usize),
 }
 
 /// `LlamaForCausalLM`.
@@ -297,8 +299,14 @@ pub struct Llama {
     norm: RmsNorm,
     lm_head: Linear,
     rope: RotaryEmbedding,
+    /// Embeddings for per-call RoPE overrides, kept so that decoding with one does not
+    /// rebuild its cos/sin table every step.
+    rope_overrides: Arc<Mutex<Vec<(RopeScaling, RotaryEmbedding)>>>,
     cfg: Config,
 }
+
+/// Distinct per-call RoPE overrides kept per model; the oldest is dropped first.
+const ROPE_OVERRIDES_KEPT: usize = 4;
 
 impl Llama {
     pub fn load(vb: &Weights, cfg: &Config) -> Result<Self> {
@@ -324,12 +332,30 @@ impl Llama {
             norm: RmsNorm::load(&vb_m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?,
             lm_head,
             rope: RotaryEmbedding::new(cfg),
+            rope_overrides: Arc::default(),
             cfg: cfg.clone(),
         })
     }
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// The rotary embedding for `scaling`, or the model's own for `None`.
+    pub fn rope_for(&self, scaling: Option<RopeScaling>) -> RotaryEmbedding {
+        let Some(scaling) = scaling else {
+            return self.rope.clone();
+        };
+        let mut kept = self.rope_overrides.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, rope)) = kept.iter().find(|(s, _)| *s == scaling) {
+            return rope.clone();
+        }
+        let rope = RotaryEmbedding::with_params(self.cfg.head_dim, self.cfg.rope_theta, Some(&scaling));
+        if kept.len() == ROPE_OVERRIDES_KEPT {
+            kept.remove(0);
+        }
+        kept.push((scaling, rope.clone()));
+        rope
     }
 
     pub fn dtype(&self) -> DType {
@@ -369,15 +395,22 @@ impl Llama {
         between_layers: &mut dyn FnMut() -> Result<()>,
     ) -> Result<Tensor> {
         let seq_len = input_ids.dim(1)?;
-        let positions = Positions::new(&self.rope, seq_len, cache.len() + seq_len);
+        let kv_len = cache.len() + seq_len;
+        let rope = self.rope_for(params.rope_scaling);
+        let rope = rope.at_length(params.rope_length.unwrap_or(kv_len).max(kv_len));
+        let positions = Positions::new(&rope, seq_len, kv_len);
         let mut xs = self.embed_tokens.forward(input_ids)?;
         for (idx, layer) in self.layers.iter().enumerate() {
             xs = layer.forward(&xs, cache.layer_mut(idx), &positions, params)?;
             between_layers()?;
         }
-        if logits_for == LogitsFor::Last {
-            let seq_len = xs.dim(1)?;
-            xs = xs.narrow(1, seq_len - 1, 1)?;
+        let first = match logits_for {
+            LogitsFor::All => 0,
+            LogitsFor::Last => seq_len - 1,
+            LogitsFor::From(row) => row.min(seq_len - 1),
+        };
+        if first > 0 {
+            xs = xs.narrow(1, first, seq_len - first)?;
         }
         let xs = self.norm.forward(&xs)?;
         let logits = self.lm_head.forward(&xs)?;

