@@ -251,7 +251,10 @@ mod tests {
 
     #[test]
     fn linear_divides_every_frequency() {
-        let (plain, scaled) = (freqs(None), freqs(Some(RopeScaling::Linear { factor: 4.0 })));
+        let (plain, scaled) = (
+            freqs(None),
+            freqs(Some(RopeScaling::Linear { factor: 4.0 })),
+        );
         for (p, s) in plain.iter().zip(&scaled) {
             assert!((p / s - 4.0).abs() < 1e-12);
         }

@@ -28,11 +28,21 @@ fn prefill_chunks_and_decode_agree() {
         for se in [None, Some((2, 4)), Some((3, 5)), Some((4, 16))] {
             let se = se.map(|(g, w)| SelfExtend::new(g, w).unwrap());
             let full = model
-                .logits(&tokens, &model.attention_params(se), Some(tokens.len()), &mut no_progress())
+                .logits(
+                    &tokens,
+                    &model.attention_params(se),
+                    Some(tokens.len()),
+                    &mut no_progress(),
+                )
                 .unwrap();
             for chunk in [1, 3, 16, 33] {
                 let chunked = model
-                    .logits(&tokens, &model.attention_params(se), Some(chunk), &mut no_progress())
+                    .logits(
+                        &tokens,
+                        &model.attention_params(se),
+                        Some(chunk),
+                        &mut no_progress(),
+                    )
                     .unwrap();
                 let err = max_rel_diff(&chunked, &full);
                 assert!(err < 1e-5, "kv {kv_heads} se {se:?} chunk {chunk}: {err}");
@@ -78,7 +88,12 @@ fn self_extend_changes_logits_only_past_the_window() {
     let tokens = ids(64, vocab, 5);
     let logits = |se: Option<SelfExtend>| {
         model
-            .logits(&tokens, &model.attention_params(se), None, &mut no_progress())
+            .logits(
+                &tokens,
+                &model.attention_params(se),
+                None,
+                &mut no_progress(),
+            )
             .unwrap()
     };
     let vanilla = logits(None);
@@ -187,7 +202,10 @@ fn rope_scaling_overrides_match_a_model_configured_with_them() {
         cfg.rope_scaling = Some(scaling);
         let configured = tiny_model(&cfg, 5);
         let expected = logits(&configured, None, 40);
-        assert!(max_rel_diff(&expected, &unscaled) > 1e-3, "{scaling:?} changed nothing");
+        assert!(
+            max_rel_diff(&expected, &unscaled) > 1e-3,
+            "{scaling:?} changed nothing"
+        );
         for chunk in [40, 7, 1] {
             let err = max_rel_diff(&logits(&plain, Some(scaling), chunk), &expected);
             assert!(err < 1e-5, "{scaling:?} chunk {chunk}: {err}");
@@ -197,9 +215,16 @@ fn rope_scaling_overrides_match_a_model_configured_with_them() {
     let short = &tokens[..cfg.max_position_embeddings];
     let params = plain.attention_params_with(None, Some(dynamic));
     assert_eq!(
-        plain.logits(short, &params, None, &mut no_progress()).unwrap(),
         plain
-            .logits(short, &plain.attention_params(None), None, &mut no_progress())
+            .logits(short, &params, None, &mut no_progress())
+            .unwrap(),
+        plain
+            .logits(
+                short,
+                &plain.attention_params(None),
+                None,
+                &mut no_progress()
+            )
             .unwrap()
     );
 }
@@ -223,9 +248,18 @@ fn token_logprobs_are_the_log_softmax_of_the_logits() {
             for (k, t) in (from..tokens.len()).enumerate() {
                 let row = &logits[(t - 1) * vocab..t * vocab];
                 let max = row.iter().fold(f64::MIN, |m, &x| m.max(x as f64));
-                let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+                let lse = max
+                    + row
+                        .iter()
+                        .map(|&x| (x as f64 - max).exp())
+                        .sum::<f64>()
+                        .ln();
                 let want = row[tokens[t] as usize] as f64 - lse;
-                assert!((got[k] as f64 - want).abs() < 1e-4, "se {se:?} t {t}: {} vs {want}", got[k]);
+                assert!(
+                    (got[k] as f64 - want).abs() < 1e-4,
+                    "se {se:?} t {t}: {} vs {want}",
+                    got[k]
+                );
             }
         }
     }
@@ -234,6 +268,9 @@ fn token_logprobs_are_the_log_softmax_of_the_logits() {
         let err = model
             .token_logprobs(&tokens, from, &params, None, &mut no_progress())
             .unwrap_err();
-        assert!(matches!(err, Error::InvalidArgument { name: "start", .. }), "{err}");
+        assert!(
+            matches!(err, Error::InvalidArgument { name: "start", .. }),
+            "{err}"
+        );
     }
 }

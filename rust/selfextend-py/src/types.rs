@@ -123,7 +123,13 @@ impl PySelfExtend {
 ///   where L is the trained context. n is the prompt length during the prefill and
 ///   the current length at each decode step; the cache keeps un-rotated keys, so
 ///   every key is rotated with the current base.
-#[pyclass(name = "RopeScaling", module = "selfextend_rs", frozen, eq, from_py_object)]
+#[pyclass(
+    name = "RopeScaling",
+    module = "selfextend_rs",
+    frozen,
+    eq,
+    from_py_object
+)]
 #[derive(Clone, Copy, PartialEq)]
 pub struct PyRopeScaling {
     scaling: RopeScaling,
@@ -259,7 +265,10 @@ impl PyRopeScaling {
     fn __repr__(&self) -> String {
         match (self.kind(), self.original_context()) {
             ("dynamic_ntk", Some(n)) => {
-                format!("RopeScaling.dynamic_ntk({:?}, original_context={n})", self.factor())
+                format!(
+                    "RopeScaling.dynamic_ntk({:?}, original_context={n})",
+                    self.factor()
+                )
             }
             ("llama3", Some(n)) => format!(
                 "RopeScaling(kind='llama3', factor={:?}, original_context={n})",

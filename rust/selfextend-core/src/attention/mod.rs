@@ -16,8 +16,8 @@ use std::cell::OnceCell;
 
 use candle_core::Tensor;
 
-use crate::error::{Error, Result};
 use crate::config::RopeScaling;
+use crate::error::{Error, Result};
 use crate::rope::RotaryEmbedding;
 
 /// SelfExtend's two knobs: the group size `G` and the neighbor window `W`.

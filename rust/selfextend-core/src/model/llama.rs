@@ -346,11 +346,15 @@ impl Llama {
         let Some(scaling) = scaling else {
             return self.rope.clone();
         };
-        let mut kept = self.rope_overrides.lock().unwrap_or_else(|e| e.into_inner());
+        let mut kept = self
+            .rope_overrides
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if let Some((_, rope)) = kept.iter().find(|(s, _)| *s == scaling) {
             return rope.clone();
         }
-        let rope = RotaryEmbedding::with_params(self.cfg.head_dim, self.cfg.rope_theta, Some(&scaling));
+        let rope =
+            RotaryEmbedding::with_params(self.cfg.head_dim, self.cfg.rope_theta, Some(&scaling));
         if kept.len() == ROPE_OVERRIDES_KEPT {
             kept.remove(0);
         }

@@ -325,10 +325,18 @@ impl Model {
         on_chunk: &mut ChunkCallback<'_>,
     ) -> Result<Vec<f32>> {
         let mut out = Vec::new();
-        self.forward_each_chunk(ids, cache, params, chunk_size, logits_for, on_chunk, &mut |logits| {
-            out.extend(logits.flatten_all()?.to_vec1::<f32>()?);
-            Ok(())
-        })?;
+        self.forward_each_chunk(
+            ids,
+            cache,
+            params,
+            chunk_size,
+            logits_for,
+            on_chunk,
+            &mut |logits| {
+                out.extend(logits.flatten_all()?.to_vec1::<f32>()?);
+                Ok(())
+            },
+        )?;
         Ok(out)
     }
 
