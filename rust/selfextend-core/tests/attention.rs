@@ -92,7 +92,14 @@ fn check(
     let vt = Tensor::from_vec(v, (b, kvh, n, d), &dev).unwrap();
     let self_extend = se.map(|(g, w)| SelfExtend::new(g, w).unwrap());
     let rope = RotaryEmbedding::with_params(d, THETA, None);
-    for backend in [AttentionBackend::Naive, AttentionBackend::Fused] {
+    // Blocks of 1 and 3 query rows split the chunk across the window boundary.
+    for backend in [
+        AttentionBackend::Naive,
+        AttentionBackend::Fused,
+        AttentionBackend::TILED,
+        AttentionBackend::Tiled { query_block: 3 },
+        AttentionBackend::Tiled { query_block: 1 },
+    ] {
         let params = AttentionParams {
             backend,
             ..AttentionParams::new(d, self_extend)

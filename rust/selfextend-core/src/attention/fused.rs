@@ -443,8 +443,7 @@ fn run_item(
     part
 }
 
-/// The fused kernel; `None` when the inputs are not f32 CPU tensors with unit inner
-/// stride, which the caller then runs on another backend.
+/// The fused kernel; `None` off the CPU, where the caller runs another backend.
 pub(super) fn attention(
     q: &Tensor,
     k: &Tensor,

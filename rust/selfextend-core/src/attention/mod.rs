@@ -11,6 +11,7 @@
 
 mod fused;
 mod naive;
+mod tiled;
 
 use std::cell::OnceCell;
 
@@ -122,10 +123,33 @@ pub enum AttentionBackend {
     /// Materialises the `(q_len, kv_len)` score matrices with candle ops. Simple enough
     /// to trust, and kept as the oracle for every faster backend. Runs on any device.
     Naive,
+    /// Candle ops over blocks of at most `query_block` query rows (fewer when the
+    /// context is long): `O(block * kv_len)` memory, on any device.
+    Tiled { query_block: usize },
     /// The tiled CPU kernel with an online softmax: `O(tile)` memory and about one
-    /// attention's work with SelfExtend on. Falls back to [`Self::Naive`] off the CPU.
+    /// attention's work with SelfExtend on. Runs as [`Self::Tiled`] off the CPU.
     #[default]
     Fused,
+}
+
+impl AttentionBackend {
+    /// The tiled backend with its default block of 256 query rows.
+    pub const TILED: Self = Self::Tiled { query_block: 256 };
+
+    /// The fastest backend for `device`: the fused kernel on the CPU, the tiled
+    /// candle-ops version elsewhere.
+    pub fn for_device(device: &candle_core::Device) -> Self {
+        if device.is_cpu() {
+            Self::Fused
+        } else {
+            Self::TILED
+        }
+    }
+
+    /// Query rows one block of [`Self::Tiled`] scores at once for `kv_len` keys.
+    pub fn tiled_rows(query_block: usize, n_heads: usize, kv_len: usize) -> usize {
+        tiled::block_rows(query_block, n_heads, kv_len)
+    }
 }
 
 /// Everything that varies between attention calls.
@@ -165,6 +189,7 @@ pub struct Positions<'a> {
     q_len: usize,
     kv_len: usize,
     naive: OnceCell<naive::Tables>,
+    tiled: OnceCell<tiled::Tables>,
     fused: OnceCell<std::sync::Arc<crate::rope::CosSinTable>>,
 }
 
@@ -175,6 +200,7 @@ impl<'a> Positions<'a> {
             q_len,
             kv_len,
             naive: OnceCell::new(),
+            tiled: OnceCell::new(),
             fused: OnceCell::new(),
         }
     }
@@ -231,9 +257,12 @@ pub fn run_attention(
     }
     match params.backend {
         AttentionBackend::Naive => naive::attention(q, k, v, positions, params),
+        AttentionBackend::Tiled { query_block } => {
+            tiled::attention(q, k, v, positions, params, query_block)
+        }
         AttentionBackend::Fused => match fused::attention(q, k, v, positions, params)? {
             Some(out) => Ok(out),
-            None => naive::attention(q, k, v, positions, params),
+            None => tiled::attention(q, k, v, positions, params, 256),
         },
     }
 }

@@ -105,7 +105,7 @@ pub(super) fn attention(
 
 /// `lhs: (b, n_heads, m, k) @ rhs: (b, n_kv_heads, k, n)` with query heads grouped onto
 /// their shared key/value head, without materialising repeated keys.
-fn gqa_matmul(lhs: &Tensor, rhs: &Tensor, n_kv_heads: usize) -> Result<Tensor> {
+pub(super) fn gqa_matmul(lhs: &Tensor, rhs: &Tensor, n_kv_heads: usize) -> Result<Tensor> {
     let (b, n_heads, m, k) = lhs.dims4()?;
     let n = rhs.dim(D::Minus1)?;
     let groups = n_heads / n_kv_heads;

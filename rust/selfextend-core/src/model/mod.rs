@@ -231,7 +231,10 @@ impl Model {
 
     /// Attention settings for this model (plain or SelfExtend), on the default backend.
     pub fn attention_params(&self, self_extend: Option<SelfExtend>) -> AttentionParams {
-        AttentionParams::new(self.config().head_dim, self_extend)
+        AttentionParams {
+            backend: AttentionBackend::for_device(self.device()),
+            ..AttentionParams::new(self.config().head_dim, self_extend)
+        }
     }
 
     /// Attention settings with a per-call RoPE scaling replacing the config's.
@@ -285,8 +288,12 @@ impl Model {
             0
         };
         let attention = match self.attention_params(None).backend {
-            // About four f32 (heads, chunk, context) score buffers.
+            // About four f32 (heads, rows, context) score buffers.
             AttentionBackend::Naive => 4 * f32_size * heads * chunk,
+            AttentionBackend::Tiled { query_block } => {
+                let rows = AttentionBackend::tiled_rows(query_block, heads, positions);
+                4 * f32_size * heads * rows.min(chunk)
+            }
             // Tile buffers only, plus f32 copies of one layer's keys and values when
             // the cache holds another dtype.
             AttentionBackend::Fused if self.dtype() != DType::F32 => 2 * f32_size * kv_heads * d,

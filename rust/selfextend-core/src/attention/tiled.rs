@@ -1,0 +1,122 @@
+//! SelfExtend attention (Jin et al., ICML 2024) from candle ops, over blocks of queries,
+//! so it runs on any candle device (CPU, CUDA, Metal) in `O(block * kv_len)` memory.
+//!
+//! Queries and keys are rotated once per call at both kinds of positions; each block of
+//! query rows then scores the keys it can see, picks neighbor or grouped scores per
+//! pair with masks built on the device, and takes one f32 softmax.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::naive::gqa_matmul;
+use super::{AttentionParams, Positions};
+use crate::error::Result;
+
+/// About this many f32 scores per block (64 MiB), across heads.
+const SCORE_BUDGET: usize = 1 << 24;
+
+/// Rotation tables for one call: neighbor positions, and grouped ones with SelfExtend.
+pub(super) struct Tables {
+    q: (Tensor, Tensor),
+    k: (Tensor, Tensor),
+    grouped: Option<((Tensor, Tensor), (Tensor, Tensor))>,
+}
+
+impl Tables {
+    fn new(positions: &Positions, params: &AttentionParams, dev: &Device) -> Result<Self> {
+        let (q_len, kv_len, rope) = (positions.q_len, positions.kv_len, positions.rope);
+        let q_pos: Vec<usize> = (kv_len - q_len..kv_len).collect();
+        let k_pos: Vec<usize> = (0..kv_len).collect();
+        let grouped = match params.self_extend {
+            Some(se) if kv_len > se.window() => {
+                let gq: Vec<usize> = q_pos
+                    .iter()
+                    .map(|&i| se.grouped_query_position(i))
+                    .collect();
+                let gk: Vec<usize> = k_pos.iter().map(|&j| se.grouped_key_position(j)).collect();
+                Some((
+                    rope.cos_sin(&gq, DType::F32, dev)?,
+                    rope.cos_sin(&gk, DType::F32, dev)?,
+                ))
+            }
+            _ => None,
+        };
+        Ok(Self {
+            q: rope.cos_sin(&q_pos, DType::F32, dev)?,
+            k: rope.cos_sin(&k_pos, DType::F32, dev)?,
+            grouped,
+        })
+    }
+}
+
+fn rotate(x: &Tensor, (cos, sin): &(Tensor, Tensor)) -> Result<Tensor> {
+    Ok(candle_nn::rotary_emb::rope(x, cos, sin)?)
+}
+
+/// Query rows per block: at most `query_block`, and few enough that one block's
+/// `(heads, rows, kv_len)` scores stay within [`SCORE_BUDGET`].
+pub(super) fn block_rows(query_block: usize, n_heads: usize, kv_len: usize) -> usize {
+    (SCORE_BUDGET / (n_heads * kv_len).max(1)).clamp(1, query_block.max(1))
+}
+
+pub(super) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    positions: &Positions,
+    params: &AttentionParams,
+    query_block: usize,
+) -> Result<Tensor> {
+    let (_, n_heads, q_len, _) = q.dims4()?;
+    let (_, n_kv_heads, kv_len, _) = k.dims4()?;
+    let dev = q.device();
+    let out_dtype = q.dtype();
+    let tables = match positions.tiled.get() {
+        Some(t) => t,
+        None => {
+            let t = Tables::new(positions, params, dev)?;
+            positions.tiled.get_or_init(|| t)
+        }
+    };
+    let q = q.to_dtype(DType::F32)?.contiguous()?;
+    let k = k.to_dtype(DType::F32)?.contiguous()?;
+    let v = v.to_dtype(DType::F32)?.contiguous()?;
+    let scale = params.scale;
+    let neighbor = (rotate(&q, &tables.q)?, rotate(&k, &tables.k)?);
+    let grouped = match &tables.grouped {
+        Some((gq, gk)) => Some((rotate(&q, gq)?, rotate(&k, gk)?)),
+        None => None,
+    };
+    let start = kv_len - q_len;
+    let rows = block_rows(query_block, n_heads, kv_len);
+    let mut blocks = Vec::with_capacity(q_len.div_ceil(rows));
+    for b0 in (0..q_len).step_by(rows) {
+        let rows = rows.min(q_len - b0);
+        // Keys past the block's last query are masked for every row: leave them out.
+        let visible = start + b0 + rows;
+        let scores = |(q, k): &(Tensor, Tensor)| -> Result<Tensor> {
+            let q = q.narrow(2, b0, rows)?;
+            let k = k.narrow(2, 0, visible)?;
+            Ok((gqa_matmul(&q, &k.t()?, n_kv_heads)? * scale)?)
+        };
+        // Absolute positions: i of the block's queries (a column), j of the keys (a row).
+        let i = Tensor::arange((start + b0) as u32, visible as u32, dev)?.unsqueeze(1)?;
+        let j = Tensor::arange(0u32, visible as u32, dev)?.unsqueeze(0)?;
+        let mut s = scores(&neighbor)?;
+        if let (Some(g), Some(se)) = (&grouped, params.self_extend) {
+            // Grouped pairs exist in this block once its last query is W past key 0.
+            if visible > se.window() {
+                let window = Tensor::new(se.window() as u32, dev)?;
+                let is_neighbor = j.broadcast_add(&window)?.broadcast_gt(&i)?;
+                s = is_neighbor
+                    .broadcast_as(s.shape())?
+                    .where_cond(&s, &scores(g)?)?;
+            }
+        }
+        let causal = j.broadcast_le(&i)?;
+        let masked = Tensor::new(f32::NEG_INFINITY, dev)?.broadcast_as(s.shape())?;
+        let s = causal.broadcast_as(s.shape())?.where_cond(&s, &masked)?;
+        let p = candle_nn::ops::softmax_last_dim(&s)?;
+        blocks.push(gqa_matmul(&p, &v.narrow(2, 0, visible)?, n_kv_heads)?);
+    }
+    Ok(Tensor::cat(&blocks, 2)?.to_dtype(out_dtype)?)
+}
