@@ -317,10 +317,7 @@ def run_passkey(
             "prompt_tokens": len(prompt.token_ids), "needle_depth": round(prompt.depth, 5),
             "seconds": round(time.monotonic() - start, 3), **_settings_json(settings),
         })
-        bar.end()
-        _summarize(result)
-        if on_record is not None:
-            on_record(result)
+        _recorded(result, bar, on_record)
     bar.close()
     _summarize(result)
     return result
@@ -471,10 +468,7 @@ def run_perplexity(
                 **_settings_json(method.settings(n, trained) if not method.shares_prefixes
                                  else settings),
             })
-        bar.end()
-        _summarize(result)
-        if on_record is not None:
-            on_record(result)
+        _recorded(result, bar, on_record)
     bar.close()
     _summarize(result)
     return result
@@ -521,6 +515,13 @@ def _grid(result: Result, field: str) -> list[Any]:
     values = set(result["config"].get(field + "s", []))
     values.update(r[field] for r in result["records"])
     return sorted(values)
+
+
+def _recorded(result: Result, bar: _Progress, on_record: Optional[Callable[[Result], None]]) -> None:
+    bar.end()
+    _summarize(result)
+    if on_record is not None:
+        on_record(result)
 
 
 def _summarize(result: Result) -> None:

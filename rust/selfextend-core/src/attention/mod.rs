@@ -208,6 +208,27 @@ impl<'a> Positions<'a> {
     pub fn rope(&self) -> &RotaryEmbedding {
         self.rope
     }
+
+    /// The rotary positions of this call's queries and keys, and with SelfExtend their
+    /// grouped positions, when some pair is far enough apart to use them.
+    fn rotary_positions(&self, self_extend: Option<SelfExtend>) -> RotaryPositions {
+        let q: Vec<usize> = (self.kv_len - self.q_len..self.kv_len).collect();
+        let k: Vec<usize> = (0..self.kv_len).collect();
+        let grouped = match self_extend {
+            Some(se) if self.kv_len > se.window() => Some((
+                q.iter().map(|&i| se.grouped_query_position(i)).collect(),
+                k.iter().map(|&j| se.grouped_key_position(j)).collect(),
+            )),
+            _ => None,
+        };
+        RotaryPositions { q, k, grouped }
+    }
+}
+
+struct RotaryPositions {
+    q: Vec<usize>,
+    k: Vec<usize>,
+    grouped: Option<(Vec<usize>, Vec<usize>)>,
 }
 
 /// Causal (optionally SelfExtend) attention of a chunk of queries over the whole cache.

@@ -36,21 +36,14 @@ impl Tables {
     fn new(positions: &Positions, params: &AttentionParams, dev: &Device) -> Result<Self> {
         let (q_len, kv_len, rope) = (positions.q_len, positions.kv_len, positions.rope);
         let index_pos = kv_len - q_len;
-        let q_pos: Vec<usize> = (index_pos..kv_len).collect();
-        let k_pos: Vec<usize> = (0..kv_len).collect();
-        let neighbor = Rotation::new(rope, &q_pos, &k_pos, dev)?;
-        // Grouped pairs exist only once some query is W or more past key 0.
-        let grouped = match params.self_extend {
-            Some(se) if kv_len > se.window() => {
-                let gq: Vec<usize> = q_pos
-                    .iter()
-                    .map(|&i| se.grouped_query_position(i))
-                    .collect();
-                let gk: Vec<usize> = k_pos.iter().map(|&j| se.grouped_key_position(j)).collect();
+        let pos = positions.rotary_positions(params.self_extend);
+        let neighbor = Rotation::new(rope, &pos.q, &pos.k, dev)?;
+        let grouped = match (params.self_extend, &pos.grouped) {
+            (Some(se), Some((gq, gk))) => {
                 let mask = pair_mask(q_len, kv_len, index_pos, dev, |i, j| {
                     j > i || se.is_neighbor(i, j)
                 })?;
-                Some((Rotation::new(rope, &gq, &gk, dev)?, mask))
+                Some((Rotation::new(rope, gq, gk, dev)?, mask))
             }
             _ => None,
         };

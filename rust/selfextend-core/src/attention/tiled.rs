@@ -23,26 +23,16 @@ pub(super) struct Tables {
 
 impl Tables {
     fn new(positions: &Positions, params: &AttentionParams, dev: &Device) -> Result<Self> {
-        let (q_len, kv_len, rope) = (positions.q_len, positions.kv_len, positions.rope);
-        let q_pos: Vec<usize> = (kv_len - q_len..kv_len).collect();
-        let k_pos: Vec<usize> = (0..kv_len).collect();
-        let grouped = match params.self_extend {
-            Some(se) if kv_len > se.window() => {
-                let gq: Vec<usize> = q_pos
-                    .iter()
-                    .map(|&i| se.grouped_query_position(i))
-                    .collect();
-                let gk: Vec<usize> = k_pos.iter().map(|&j| se.grouped_key_position(j)).collect();
-                Some((
-                    rope.cos_sin(&gq, DType::F32, dev)?,
-                    rope.cos_sin(&gk, DType::F32, dev)?,
-                ))
-            }
-            _ => None,
+        let rope = positions.rope;
+        let at = |p: &[usize]| rope.cos_sin(p, DType::F32, dev);
+        let pos = positions.rotary_positions(params.self_extend);
+        let grouped = match &pos.grouped {
+            Some((gq, gk)) => Some((at(gq)?, at(gk)?)),
+            None => None,
         };
         Ok(Self {
-            q: rope.cos_sin(&q_pos, DType::F32, dev)?,
-            k: rope.cos_sin(&k_pos, DType::F32, dev)?,
+            q: at(&pos.q)?,
+            k: at(&pos.k)?,
             grouped,
         })
     }
