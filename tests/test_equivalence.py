@@ -1,11 +1,14 @@
-"""Full prefill, chunked prefill and token-by-token decode agree."""
+"""Full prefill, chunked prefill and token-by-token decode agree, and so do the
+attention backends."""
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import random_ids
+from reference import Reference
 
 import selfextend_rs as se
 
@@ -45,3 +48,21 @@ def test_stream_equals_generate(model: se.Model) -> None:
     assert all(pieces)
     done = stream.completion
     assert done is not None and done.token_ids == full.token_ids
+
+
+@pytest.mark.parametrize("attention", ["naive", "tiled", "fused"])
+def test_attention_backends_agree_with_numpy(model_path: Path, reference: Reference,
+                                             attention: str) -> None:
+    model = se.Model.load(model_path, attention=attention)
+    assert model.attention == attention
+    ids = random_ids(100, model.config.vocab_size, seed=8)
+    for setting, se_ref in [(None, None), (se.SelfExtend(3, 10), (3, 10))]:
+        for chunk in [None, 13]:
+            got = model.logits(ids, self_extend=setting, chunk_size=chunk)
+            np.testing.assert_allclose(got, reference.logits(ids, se_ref), rtol=1e-4, atol=1e-4)
+
+
+def test_attention_default_and_errors(model_path: Path) -> None:
+    assert se.Model.load(model_path).attention == "fused"
+    with pytest.raises(se.InvalidArgumentError, match="unknown attention backend 'flash'"):
+        se.Model.load(model_path, attention="flash")  # type: ignore[arg-type]

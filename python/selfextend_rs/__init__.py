@@ -26,6 +26,7 @@ from selfextend_rs._native import (  # noqa: E402
     Tokenizer,
     TokenizerError,
     __version__,
+    cuda_available,
 )
 from selfextend_rs._models import default_model  # noqa: E402
 
@@ -45,5 +46,6 @@ __all__ = [
     "Tokenizer",
     "TokenizerError",
     "__version__",
+    "cuda_available",
     "default_model",
 ]

@@ -23,7 +23,10 @@ __all__ = [
     "Tokenizer",
     "TokenizerError",
     "__version__",
+    "cuda_available",
 ]
+
+def cuda_available() -> bool: ...
 
 class SelfExtendError(Exception): ...
 class ModelLoadError(SelfExtendError): ...
@@ -142,7 +145,10 @@ class Model:
         device: str = "cpu",
         dtype: Optional[Literal["f32", "bf16", "f16"]] = None,
         max_memory: Optional[int] = None,
+        attention: Literal["auto", "naive", "tiled", "fused"] = "auto",
     ) -> Model: ...
+    @property
+    def attention(self) -> Literal["naive", "tiled", "fused"]: ...
     @property
     def max_memory(self) -> Optional[int]: ...
     @property

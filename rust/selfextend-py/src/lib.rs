@@ -10,10 +10,21 @@ mod types;
 
 use pyo3::prelude::*;
 
+/// Whether this build has CUDA support (the `cuda` feature, see scripts/build-cuda) and
+/// a CUDA device can be opened: what `Model.load(..., device="cuda")` needs.
+#[pyfunction]
+fn cuda_available(py: Python<'_>) -> bool {
+    candle_core::utils::cuda_is_available()
+        && py.detach(|| {
+            std::panic::catch_unwind(|| candle_core::Device::new_cuda(0).is_ok()).unwrap_or(false)
+        })
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     selfextend_core::tune_thread_pools();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
     errors::register(m)?;
     m.add_class::<types::PySelfExtend>()?;
     m.add_class::<types::PyRopeScaling>()?;

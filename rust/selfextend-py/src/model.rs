@@ -11,9 +11,9 @@ use pyo3::exceptions::PyKeyboardInterrupt;
 use pyo3::prelude::*;
 use selfextend_core::chat::Message;
 use selfextend_core::generate::{Completion, GenerateOptions, Generation};
-use selfextend_core::model::{parse_device, parse_dtype};
+use selfextend_core::model::{parse_attention, parse_device, parse_dtype};
 use selfextend_core::sampling::SamplingParams;
-use selfextend_core::{Error, Model, RopeScaling, SelfExtend};
+use selfextend_core::{AttentionBackend, Error, Model, RopeScaling, SelfExtend};
 
 use crate::errors::{invalid_argument, to_py, ContextLengthWarning, SelfExtendError};
 use crate::types::{PyCompletion, PyModelConfig, PyRopeScaling, PySelfExtend};
@@ -415,21 +415,27 @@ impl PyModel {
     ///         cache, logits and workspace, beyond the weights). Calls that would need
     ///         more raise OutOfMemoryError before allocating. Free system memory is
     ///         always a cap as well.
+    ///     attention: The attention implementation: "auto" (the fastest for the
+    ///         device), "fused" (one kernel: the CPU kernel, or the CUDA kernel of a CUDA
+    ///         build), "tiled" (candle ops over blocks of queries, any device) or "naive"
+    ///         (full score matrices; the test oracle). All compute the same function.
     ///
     /// Returns:
     ///     The loaded Model.
     ///
     /// Raises:
     ///     ModelLoadError: the files are missing, corrupt, inconsistent or unsupported.
-    ///     InvalidArgumentError: unknown device or dtype.
+    ///     InvalidArgumentError: unknown device, dtype or attention.
     #[staticmethod]
-    #[pyo3(signature = (path = None, *, device = "cpu", dtype = None, max_memory = None))]
+    #[pyo3(signature = (path = None, *, device = "cpu", dtype = None, max_memory = None,
+        attention = "auto"))]
     fn load(
         py: Python<'_>,
         path: Option<PathBuf>,
         device: &str,
         dtype: Option<&str>,
         max_memory: Option<usize>,
+        attention: &str,
     ) -> PyResult<Self> {
         let path = match path {
             Some(p) => p,
@@ -439,6 +445,7 @@ impl PyModel {
                 .call0()?
                 .extract()?,
         };
+        let backend = parse_attention(attention).map_err(|e| to_py(e, false))?;
         let device = parse_device(device).map_err(|e| to_py(e, false))?;
         let dtype = dtype
             .map(parse_dtype)
@@ -446,6 +453,7 @@ impl PyModel {
             .map_err(|e| to_py(e, false))?;
         let mut model = detached(py, true, None, move |_| Model::load(&path, &device, dtype))?;
         model.set_max_memory(max_memory);
+        model.set_attention_backend(backend);
         Ok(Self {
             inner: Arc::new(model),
         })
@@ -455,6 +463,16 @@ impl PyModel {
     #[getter]
     fn config(&self) -> PyModelConfig {
         self.inner.config().into()
+    }
+
+    /// The attention implementation calls run on: "naive", "tiled" or "fused".
+    #[getter]
+    fn attention(&self) -> &'static str {
+        match self.inner.attention_backend() {
+            AttentionBackend::Naive => "naive",
+            AttentionBackend::Tiled { .. } => "tiled",
+            AttentionBackend::Fused => "fused",
+        }
     }
 
     /// The max_memory cap given at load, in bytes, or None.

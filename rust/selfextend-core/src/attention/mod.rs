@@ -9,6 +9,8 @@
 //! [`crate::kv_cache`]), so each backend rotates queries and keys to whichever
 //! positions it needs.
 
+#[cfg(feature = "cuda")]
+mod cuda;
 mod fused;
 mod naive;
 mod tiled;
@@ -126,8 +128,9 @@ pub enum AttentionBackend {
     /// Candle ops over blocks of at most `query_block` query rows (fewer when the
     /// context is long): `O(block * kv_len)` memory, on any device.
     Tiled { query_block: usize },
-    /// The tiled CPU kernel with an online softmax: `O(tile)` memory and about one
-    /// attention's work with SelfExtend on. Runs as [`Self::Tiled`] off the CPU.
+    /// One fused kernel with an online softmax, `O(tile)` memory and about one
+    /// attention's work with SelfExtend on: the tiled CPU kernel, or with the `cuda`
+    /// feature a CUDA kernel. Runs as [`Self::TILED`] where neither applies.
     #[default]
     Fused,
 }
@@ -281,9 +284,15 @@ pub fn run_attention(
         AttentionBackend::Tiled { query_block } => {
             tiled::attention(q, k, v, positions, params, query_block)
         }
-        AttentionBackend::Fused => match fused::attention(q, k, v, positions, params)? {
-            Some(out) => Ok(out),
-            None => tiled::attention(q, k, v, positions, params, 256),
-        },
+        AttentionBackend::Fused => {
+            if let Some(out) = fused::attention(q, k, v, positions, params)? {
+                return Ok(out);
+            }
+            #[cfg(feature = "cuda")]
+            if let Some(out) = cuda::attention(q, k, v, positions, params)? {
+                return Ok(out);
+            }
+            tiled::attention(q, k, v, positions, params, 256)
+        }
     }
 }

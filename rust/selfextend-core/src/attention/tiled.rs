@@ -42,6 +42,32 @@ fn rotate(x: &Tensor, (cos, sin): &(Tensor, Tensor)) -> Result<Tensor> {
     Ok(candle_nn::rotary_emb::rope(x, cos, sin)?)
 }
 
+/// Queries and keys (as f32) rotated to their neighbor positions, and with SelfExtend
+/// to their grouped positions: `((q, k), Some((q, k)))`.
+#[allow(clippy::type_complexity)]
+pub(super) fn rotated(
+    q: &Tensor,
+    k: &Tensor,
+    positions: &Positions,
+    params: &AttentionParams,
+) -> Result<((Tensor, Tensor), Option<(Tensor, Tensor)>)> {
+    let tables = match positions.tiled.get() {
+        Some(t) => t,
+        None => {
+            let t = Tables::new(positions, params, q.device())?;
+            positions.tiled.get_or_init(|| t)
+        }
+    };
+    let q = q.to_dtype(DType::F32)?.contiguous()?;
+    let k = k.to_dtype(DType::F32)?.contiguous()?;
+    let neighbor = (rotate(&q, &tables.q)?, rotate(&k, &tables.k)?);
+    let grouped = match &tables.grouped {
+        Some((gq, gk)) => Some((rotate(&q, gq)?, rotate(&k, gk)?)),
+        None => None,
+    };
+    Ok((neighbor, grouped))
+}
+
 /// Query rows per block: at most `query_block`, and few enough that one block's
 /// `(heads, rows, kv_len)` scores stay within [`SCORE_BUDGET`].
 pub(super) fn block_rows(query_block: usize, n_heads: usize, kv_len: usize) -> usize {
@@ -60,22 +86,9 @@ pub(super) fn attention(
     let (_, n_kv_heads, kv_len, _) = k.dims4()?;
     let dev = q.device();
     let out_dtype = q.dtype();
-    let tables = match positions.tiled.get() {
-        Some(t) => t,
-        None => {
-            let t = Tables::new(positions, params, dev)?;
-            positions.tiled.get_or_init(|| t)
-        }
-    };
-    let q = q.to_dtype(DType::F32)?.contiguous()?;
-    let k = k.to_dtype(DType::F32)?.contiguous()?;
     let v = v.to_dtype(DType::F32)?.contiguous()?;
     let scale = params.scale;
-    let neighbor = (rotate(&q, &tables.q)?, rotate(&k, &tables.k)?);
-    let grouped = match &tables.grouped {
-        Some((gq, gk)) => Some((rotate(&q, gq)?, rotate(&k, gk)?)),
-        None => None,
-    };
+    let (neighbor, grouped) = rotated(q, k, positions, params)?;
     let start = kv_len - q_len;
     let rows = block_rows(query_block, n_heads, kv_len);
     let mut blocks = Vec::with_capacity(q_len.div_ceil(rows));

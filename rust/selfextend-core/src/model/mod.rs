@@ -41,6 +41,8 @@ pub struct Model {
     quantized: bool,
     /// A cap on the memory one request may plan to use, below what the system has.
     max_memory: Option<usize>,
+    /// The attention backend, when not the fastest one for the device.
+    attention: Option<AttentionBackend>,
 }
 
 /// A Jinja chat template with the special tokens it may refer to.
@@ -60,6 +62,23 @@ pub fn parse_dtype(name: &str) -> Result<DType> {
         _ => Err(Error::invalid(
             "dtype",
             format!("unknown dtype '{name}' (expected 'f32', 'bf16' or 'f16')"),
+        )),
+    }
+}
+
+/// Parses `"auto"`, `"naive"`, `"tiled"` or `"fused"`; `"auto"` is `None`, the fastest
+/// backend for the device.
+pub fn parse_attention(name: &str) -> Result<Option<AttentionBackend>> {
+    match name.to_ascii_lowercase().as_str() {
+        "auto" => Ok(None),
+        "naive" => Ok(Some(AttentionBackend::Naive)),
+        "tiled" => Ok(Some(AttentionBackend::TILED)),
+        "fused" => Ok(Some(AttentionBackend::Fused)),
+        _ => Err(Error::invalid(
+            "attention",
+            format!(
+                "unknown attention backend '{name}' (expected 'auto', 'naive', 'tiled' or 'fused')"
+            ),
         )),
     }
 }
@@ -89,11 +108,13 @@ pub fn parse_device(name: &str) -> Result<Device> {
                     format!("'{name}' is not available: this build of selfextend-rs was compiled without {kind} support"),
                 ));
             }
-            Ok(if kind == "cuda" {
-                Device::new_cuda(ordinal)?
+            let device = if kind == "cuda" {
+                Device::new_cuda(ordinal)
             } else {
-                Device::new_metal(ordinal)?
-            })
+                Device::new_metal(ordinal)
+            };
+            device
+                .map_err(|e| Error::invalid("device", format!("'{name}' could not be opened: {e}")))
         }
         _ => Err(Error::invalid(
             "device",
@@ -141,6 +162,7 @@ impl Model {
             chat,
             quantized: false,
             max_memory: None,
+            attention: None,
         })
     }
 
@@ -171,6 +193,7 @@ impl Model {
             chat,
             quantized,
             max_memory: None,
+            attention: None,
         })
     }
 
@@ -182,6 +205,7 @@ impl Model {
             chat: None,
             quantized: false,
             max_memory: None,
+            attention: None,
         }
     }
 
@@ -229,10 +253,20 @@ impl Model {
         self.max_memory
     }
 
+    /// Runs every call on `backend`; `None` is [`AttentionBackend::for_device`].
+    pub fn set_attention_backend(&mut self, backend: Option<AttentionBackend>) {
+        self.attention = backend;
+    }
+
+    pub fn attention_backend(&self) -> AttentionBackend {
+        self.attention
+            .unwrap_or_else(|| AttentionBackend::for_device(self.device()))
+    }
+
     /// Attention settings for this model (plain or SelfExtend), on the default backend.
     pub fn attention_params(&self, self_extend: Option<SelfExtend>) -> AttentionParams {
         AttentionParams {
-            backend: AttentionBackend::for_device(self.device()),
+            backend: self.attention_backend(),
             ..AttentionParams::new(self.config().head_dim, self_extend)
         }
     }

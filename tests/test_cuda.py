@@ -1,0 +1,93 @@
+"""CUDA against the CPU. These run only on a CUDA build (scripts/build-cuda) with a GPU;
+elsewhere they are skipped, and the skip says why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import random_ids
+
+import selfextend_rs as se
+
+pytestmark = pytest.mark.skipif(
+    not se.cuda_available(),
+    reason="needs a CUDA build of selfextend-rs (scripts/build-cuda) and a CUDA device",
+)
+
+SETTINGS = [None, se.SelfExtend(2, 8), se.SelfExtend(4, 5)]
+
+
+def rel_err(got: np.ndarray, want: np.ndarray) -> float:
+    """Largest difference, relative to the largest magnitude of the reference."""
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_f32_logits_match_the_cpu(checkpoints: dict[str, Path], ckpt_name: str,
+                                  setting: se.SelfExtend | None, quiet_context: None) -> None:
+    cpu = se.Model.load(checkpoints[ckpt_name])
+    gpu = se.Model.load(checkpoints[ckpt_name], device="cuda", dtype="f32")
+    ids = random_ids(90, cpu.config.vocab_size, seed=4)
+    want = cpu.logits(ids, self_extend=setting)
+    for chunk in [None, 7, 90]:
+        got = gpu.logits(ids, self_extend=setting, chunk_size=chunk)
+        assert rel_err(got, want) < 1e-4, (ckpt_name, setting, chunk)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+def test_half_logits_match_the_cpu(checkpoints: dict[str, Path], dtype: str,
+                                   quiet_context: None) -> None:
+    cpu = se.Model.load(checkpoints["gqa"], dtype=dtype)
+    gpu = se.Model.load(checkpoints["gqa"], device="cuda", dtype=dtype)
+    ids = random_ids(90, cpu.config.vocab_size, seed=5)
+    for setting in SETTINGS:
+        got = gpu.logits(ids, self_extend=setting)
+        assert rel_err(got, cpu.logits(ids, self_extend=setting)) < 1e-2, (dtype, setting)
+
+
+def test_decode_matches_prefill_on_the_gpu(checkpoints: dict[str, Path], quiet_context: None) -> None:
+    gpu = se.Model.load(checkpoints["gqa"], device="cuda")
+    cpu = se.Model.load(checkpoints["gqa"])
+    prompt = random_ids(40, gpu.config.vocab_size, seed=6)
+    for setting in SETTINGS:
+        out = gpu.generate(prompt, 20, self_extend=setting, chunk_size=9)
+        assert out.token_ids == cpu.generate(prompt, 20, self_extend=setting).token_ids
+        seq = list(prompt)
+        for token in out.token_ids:
+            assert int(np.argmax(gpu.logits(seq, self_extend=setting)[-1])) == token
+            seq.append(token)
+
+
+def test_default_model_bf16_matches_the_cpu() -> None:
+    cpu = se.Model.load(dtype="bf16")
+    gpu = se.Model.load(device="cuda", dtype="bf16")
+    text = "The quick brown fox jumps over the lazy dog. " * 60
+    ids = cpu.tokenizer.encode(text, add_special_tokens=True)
+    for setting in [None, se.SelfExtend(4, 128)]:
+        got = gpu.logits(ids, self_extend=setting)
+        assert rel_err(got, cpu.logits(ids, self_extend=setting)) < 1e-2, setting
+
+
+def test_token_logprobs_and_rope_scaling_on_the_gpu(checkpoints: dict[str, Path],
+                                                    quiet_context: None) -> None:
+    cpu = se.Model.load(checkpoints["gqa"])
+    gpu = se.Model.load(checkpoints["gqa"], device="cuda")
+    ids = random_ids(80, cpu.config.vocab_size, seed=7)
+    for scaling in [se.RopeScaling.linear(3.0), se.RopeScaling.dynamic_ntk(2.0)]:
+        np.testing.assert_allclose(gpu.token_logprobs(ids, start=10, rope_scaling=scaling),
+                                   cpu.token_logprobs(ids, start=10, rope_scaling=scaling),
+                                   rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("attention", ["naive", "tiled", "fused"])
+def test_gpu_backends_match_the_cpu(checkpoints: dict[str, Path], attention: str,
+                                    quiet_context: None) -> None:
+    cpu = se.Model.load(checkpoints["gqa"])
+    gpu = se.Model.load(checkpoints["gqa"], device="cuda", attention=attention)
+    ids = random_ids(300, cpu.config.vocab_size, seed=9)
+    for setting in SETTINGS:
+        for chunk in [None, 64]:
+            got = gpu.logits(ids, self_extend=setting, chunk_size=chunk)
+            assert rel_err(got, cpu.logits(ids, self_extend=setting)) < 1e-4, (attention, setting)
