@@ -617,9 +617,9 @@ def plot(result: Result, path: Union[str, Path]) -> Path:
         cols = min(3, len(methods))
         rows = math.ceil(len(methods) / cols)
         fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols + 1, 2.9 * rows + 0.8),
-                                 squeeze=False)
+                                 squeeze=False, constrained_layout=True)
         image = None
-        for ax, m in zip(axes.flat, methods):
+        for n_ax, (ax, m) in enumerate(zip(axes.flat, methods)):
             grid = [[math.nan] * len(lengths) for _ in depths]
             for i, d in enumerate(depths):
                 for j, n in enumerate(lengths):
@@ -632,8 +632,10 @@ def plot(result: Result, path: Union[str, Path]) -> Path:
             ax.set_title(m, fontsize=10)
             ax.set_xticks(range(len(lengths)), [_k(n) for n in lengths])
             ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
-            ax.set_xlabel("prompt tokens")
-            ax.set_ylabel("depth")
+            if n_ax >= len(methods) - cols:
+                ax.set_xlabel("prompt tokens")
+            if n_ax % cols == 0:
+                ax.set_ylabel("needle depth")
         for ax in list(axes.flat)[len(methods):]:
             ax.axis("off")
         if image is not None:
