@@ -37,6 +37,12 @@ demo: venv ## Build (optimised) and run the passkey demo on the bundled default 
 	$(VENV)/bin/maturin develop --quiet --profile opt
 	$(VENV)/bin/selfextend-rs demo
 
+.PHONY: eval
+eval: venv ## Build (optimised) and run the long-context evaluation of docs/long-context.md (hours; resumable).
+	$(VENV)/bin/maturin develop --quiet --profile opt
+	bench/run_eval.sh
+	$(PY) bench/eval_headline.py --update README.md docs/long-context.md
+
 FUZZ_SECONDS ?= 45
 FUZZ_TARGETS := gguf config safetensors tokenizer
 

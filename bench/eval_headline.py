@@ -1,28 +1,32 @@
-"""Prints the README's long-context headline from the eval results:
+"""Tables of the long-context results, from the eval's JSON:
 
-    .venv/bin/python bench/eval_headline.py [docs/long-context]
+    .venv/bin/python bench/eval_headline.py                 # print the headline
+    .venv/bin/python bench/eval_headline.py --update README.md docs/long-context.md
 
-one row per method: passkey accuracy (correct/prompts) and perplexity per length.
+The headline has one row per method: passkey accuracy (correct/prompts) and perplexity
+per length. `--update` rewrites the blocks between `<!-- NAME:begin -->` and
+`<!-- NAME:end -->` in the given files, NAME being `headline`, `passkey` or `ppl`
+(the last two are the eval's own Markdown tables).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
+import re
 from pathlib import Path
+from typing import Any
+
+from selfextend_rs import eval as se_eval
 
 
-def main() -> None:
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/long-context")
-    passkey = json.loads((root / "passkey.json").read_text())
-    ppl = json.loads((root / "ppl.json").read_text())
+def headline(passkey: dict[str, Any], ppl: dict[str, Any]) -> str:
     p_lengths = sorted({r["length"] for r in passkey["records"]})
     q_lengths = sorted({r["length"] for r in ppl["records"]})
     k = lambda n: f"{n // 1024}k"  # noqa: E731
     head = (["method"] + [f"passkey {k(n)}" for n in p_lengths]
             + [f"PPL {k(n)}" for n in q_lengths])
-    print("| " + " | ".join(head) + " |")
-    print("|---|" + "---:|" * (len(head) - 1))
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for m in dict.fromkeys(passkey["methods"] + ppl["methods"]):
         cells = []
         for n in p_lengths:
@@ -31,7 +35,31 @@ def main() -> None:
         for n in q_lengths:
             cell = ppl["summary"].get(m, {}).get(str(n))
             cells.append(f"{cell['ppl']:.1f}" if cell else "–")
-        print(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default="docs/long-context", help="the eval's --out")
+    parser.add_argument("--update", nargs="*", default=None, metavar="FILE")
+    args = parser.parse_args()
+    root = Path(args.results)
+    passkey = se_eval.load_result(root / "passkey.json")
+    ppl = se_eval.load_result(root / "ppl.json")
+    blocks = {"headline": headline(passkey, ppl), "passkey": se_eval.markdown(passkey),
+              "ppl": se_eval.markdown(ppl)}
+    if args.update is None:
+        print(blocks["headline"], end="")
+        return
+    for name in args.update:
+        path = Path(name)
+        text = path.read_text()
+        for block, body in blocks.items():
+            text = re.sub(rf"(<!-- {block}:begin -->\n).*?(<!-- {block}:end -->)",
+                          lambda m: m.group(1) + body + m.group(2), text, flags=re.S)
+        path.write_text(text)
 
 
 if __name__ == "__main__":
