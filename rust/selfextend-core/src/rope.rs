@@ -16,9 +16,9 @@
 //! position a model can reach.
 
 use std::borrow::Cow;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, DeviceLocation, Tensor};
 
 use crate::config::{Config, RopeScaling};
 use crate::error::Result;
@@ -28,6 +28,8 @@ pub struct RotaryEmbedding {
     inv_freq: Vec<f64>,
     /// Shared by clones: the table depends only on `inv_freq`.
     table: Arc<RwLock<Arc<CosSinTable>>>,
+    /// Copies of `table` on devices, as `(rows, head_dim / 2)` cos and sin tensors.
+    device_tables: Arc<Mutex<Vec<(DeviceLocation, Tensor, Tensor)>>>,
     /// Set for dynamic NTK, whose frequencies depend on the sequence length.
     dynamic: Option<DynamicNtk>,
 }
@@ -168,6 +170,7 @@ impl RotaryEmbedding {
         Self {
             inv_freq,
             table: Arc::new(RwLock::new(Arc::new(CosSinTable::new(&[], 0)))),
+            device_tables: Arc::default(),
             dynamic,
         }
     }
@@ -204,6 +207,27 @@ impl RotaryEmbedding {
             *table = Arc::new(CosSinTable::new(&self.inv_freq, grown));
         }
         Arc::clone(&table)
+    }
+
+    /// [`RotaryEmbedding::table`] on `device`: f32 `cos` and `sin` of positions
+    /// `0 .. len` (at least), `(rows, head_dim / 2)`. Uploaded once per growth, so a
+    /// decode step gathers its rows on the device instead of recomputing angles.
+    pub fn device_table(&self, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+        let location = device.location();
+        let mut kept = self.device_tables.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, cos, sin)) = kept
+            .iter()
+            .find(|(at, cos, _)| *at == location && cos.dims()[0] >= len)
+        {
+            return Ok((cos.clone(), sin.clone()));
+        }
+        let table = self.table(len);
+        let shape = (table.len, table.half);
+        let cos = Tensor::from_slice(&table.cos, shape, device)?;
+        let sin = Tensor::from_slice(&table.sin, shape, device)?;
+        kept.retain(|(at, _, _)| *at != location);
+        kept.push((location, cos.clone(), sin.clone()));
+        Ok((cos, sin))
     }
 
     /// `cos` and `sin` of shape `(positions.len(), head_dim / 2)`.

@@ -22,17 +22,35 @@ pub(super) struct Tables {
 }
 
 impl Tables {
+    /// Rows of the rotary embedding's table on the device, gathered by position, so
+    /// that no angle is computed per call.
     fn new(positions: &Positions, params: &AttentionParams, dev: &Device) -> Result<Self> {
-        let rope = positions.rope;
-        let at = |p: &[usize]| rope.cos_sin(p, DType::F32, dev);
         let pos = positions.rotary_positions(params.self_extend);
+        let grouped_top = pos
+            .grouped
+            .as_ref()
+            .and_then(|(gq, _)| gq.iter().max().copied());
+        let rows = positions.kv_len.max(grouped_top.map_or(0, |p| p + 1));
+        let (cos, sin) = positions.rope.device_table(rows, dev)?;
+        let at = |p: &[usize]| -> Result<(Tensor, Tensor)> {
+            let index: Vec<u32> = p.iter().map(|&x| x as u32).collect();
+            let index = Tensor::from_vec(index, p.len(), dev)?;
+            Ok((cos.index_select(&index, 0)?, sin.index_select(&index, 0)?))
+        };
+        let (q_start, q_len) = (positions.kv_len - positions.q_len, positions.q_len);
         let grouped = match &pos.grouped {
             Some((gq, gk)) => Some((at(gq)?, at(gk)?)),
             None => None,
         };
         Ok(Self {
-            q: at(&pos.q)?,
-            k: at(&pos.k)?,
+            q: (
+                cos.narrow(0, q_start, q_len)?,
+                sin.narrow(0, q_start, q_len)?,
+            ),
+            k: (
+                cos.narrow(0, 0, positions.kv_len)?,
+                sin.narrow(0, 0, positions.kv_len)?,
+            ),
             grouped,
         })
     }
