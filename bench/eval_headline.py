@@ -20,10 +20,16 @@ from typing import Any
 from selfextend_rs import eval as se_eval
 
 
-def headline(passkey: dict[str, Any], ppl: dict[str, Any]) -> str:
-    p_lengths = sorted({r["length"] for r in passkey["records"]})
-    q_lengths = sorted({r["length"] for r in ppl["records"]})
-    k = lambda n: f"{n // 1024}k"  # noqa: E731
+def headline(passkey: dict[str, Any], ppl: dict[str, Any], p_lengths: list[int],
+             q_lengths: list[int]) -> str:
+    """Cells for every length asked for, and any other length with records; "–" where
+    nothing has run yet."""
+    p_lengths = sorted(set(p_lengths) | {r["length"] for r in passkey["records"]})
+    q_lengths = sorted(set(q_lengths) | {r["length"] for r in ppl["records"]})
+
+    def k(n: int) -> str:
+        return f"{n // 1024}k"
+
     head = (["method"] + [f"passkey {k(n)}" for n in p_lengths]
             + [f"PPL {k(n)}" for n in q_lengths])
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
@@ -44,11 +50,16 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default="docs/long-context", help="the eval's --out")
     parser.add_argument("--update", nargs="*", default=None, metavar="FILE")
+    parser.add_argument("--passkey-lengths", type=int, nargs="+",
+                        default=[4096, 8192, 16384, 32768])
+    parser.add_argument("--ppl-lengths", type=int, nargs="+",
+                        default=[2048, 4096, 8192, 16384, 32768])
     args = parser.parse_args()
     root = Path(args.results)
     passkey = se_eval.load_result(root / "passkey.json")
     ppl = se_eval.load_result(root / "ppl.json")
-    blocks = {"headline": headline(passkey, ppl), "passkey": se_eval.markdown(passkey),
+    blocks = {"headline": headline(passkey, ppl, args.passkey_lengths, args.ppl_lengths),
+              "passkey": se_eval.markdown(passkey),
               "ppl": se_eval.markdown(ppl)}
     if args.update is None:
         print(blocks["headline"], end="")
