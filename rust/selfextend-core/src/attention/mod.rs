@@ -228,6 +228,16 @@ impl<'a> Positions<'a> {
     }
 }
 
+/// The value in `cell`, computing it with `init` the first time (one forward call's
+/// tables, shared by its layers).
+fn cached<T>(cell: &OnceCell<T>, init: impl FnOnce() -> Result<T>) -> Result<&T> {
+    if let Some(value) = cell.get() {
+        return Ok(value);
+    }
+    let value = init()?;
+    Ok(cell.get_or_init(|| value))
+}
+
 struct RotaryPositions {
     q: Vec<usize>,
     k: Vec<usize>,

@@ -65,13 +65,9 @@ pub(super) fn attention(
     let (b, n_heads, q_len, head_dim) = q.dims4()?;
     let n_kv_heads = k.dim(1)?;
     let out_dtype = q.dtype();
-    let tables = match positions.naive.get() {
-        Some(t) => t,
-        None => {
-            let t = Tables::new(positions, params, q.device())?;
-            positions.naive.get_or_init(|| t)
-        }
-    };
+    let tables = super::cached(&positions.naive, || {
+        Tables::new(positions, params, q.device())
+    })?;
     let q = q.to_dtype(DType::F32)?.contiguous()?;
     let k = k.to_dtype(DType::F32)?.contiguous()?;
     let v = v.to_dtype(DType::F32)?;

@@ -69,13 +69,9 @@ pub(super) fn rotated(
     positions: &Positions,
     params: &AttentionParams,
 ) -> Result<((Tensor, Tensor), Option<(Tensor, Tensor)>)> {
-    let tables = match positions.tiled.get() {
-        Some(t) => t,
-        None => {
-            let t = Tables::new(positions, params, q.device())?;
-            positions.tiled.get_or_init(|| t)
-        }
-    };
+    let tables = super::cached(&positions.tiled, || {
+        Tables::new(positions, params, q.device())
+    })?;
     let q = q.to_dtype(DType::F32)?.contiguous()?;
     let k = k.to_dtype(DType::F32)?.contiguous()?;
     let neighbor = (rotate(&q, &tables.q)?, rotate(&k, &tables.k)?);
