@@ -193,13 +193,8 @@ def passkey_prompt(model: se.Model, length: int, depth: float, key: str) -> str:
 
 
 def extract_key(text: str, digits: int) -> str:
-    """The first run of digits in the answer, or a printable excerpt of it."""
-    run = ""
-    for ch in text:
-        if ch.isdigit():
-            run += ch
-        elif run:
-            break
+    """The first run of digits in the answer (cut to `digits`), or a printable excerpt."""
+    run = se_eval.extract_number(text)
     if run:
         return run[:digits]
     shown = "".join(ch if ch.isprintable() else "?" for ch in text.strip())[:10]

@@ -465,8 +465,7 @@ def run_perplexity(
                 "method": method.spec, "length": n, "window": w,
                 "sources": all_windows[w].sources, "nll": nll, "ppl": math.exp(nll),
                 "forward_tokens": n_max, "seconds": round(seconds, 3),
-                **_settings_json(method.settings(n, trained) if not method.shares_prefixes
-                                 else settings),
+                **_settings_json(settings),
             })
         _recorded(result, bar, on_record)
     bar.close()

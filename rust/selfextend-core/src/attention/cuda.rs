@@ -21,10 +21,8 @@ const HEAD_DIMS: [usize; 5] = [32, 64, 80, 96, 128];
 /// Query rows per thread block (one thread each).
 const ROWS: usize = 64;
 
+/// The launch settings the tensors' shapes do not carry.
 struct FusedAttention {
-    heads: usize,
-    kv_heads: usize,
-    sets: usize,
     window: usize,
     scale: f32,
 }
@@ -83,10 +81,6 @@ impl CustomOp3 for FusedAttention {
             block_dim: (ROWS as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        debug_assert_eq!(
-            (heads, kv_heads, sets),
-            (self.heads, self.kv_heads, self.sets)
-        );
         let ints = [batch, heads, kv_heads, q_len, kv_len, sets, self.window]
             .map(|n| i32::try_from(n).unwrap_or(i32::MAX));
         let mut launch = func.builder();
@@ -111,8 +105,7 @@ pub(super) fn attention(
     positions: &Positions,
     params: &AttentionParams,
 ) -> Result<Option<Tensor>> {
-    let (_, heads, _, d) = q.dims4()?;
-    let kv_heads = k.dim(1)?;
+    let d = q.dim(3)?;
     if !q.device().is_cuda() || !HEAD_DIMS.contains(&d) {
         return Ok(None);
     }
@@ -128,9 +121,6 @@ pub(super) fn attention(
         _ => (qn.unsqueeze(0)?, kn.unsqueeze(0)?, usize::MAX),
     };
     let op = FusedAttention {
-        heads,
-        kv_heads,
-        sets: qs.dim(0)?,
         window: window.min(i32::MAX as usize),
         scale: params.scale as f32,
     };

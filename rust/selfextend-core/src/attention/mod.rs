@@ -136,8 +136,10 @@ pub enum AttentionBackend {
 }
 
 impl AttentionBackend {
-    /// The tiled backend with its default block of 256 query rows.
-    pub const TILED: Self = Self::Tiled { query_block: 256 };
+    /// The tiled backend with its default block of query rows.
+    pub const TILED: Self = Self::Tiled {
+        query_block: tiled::QUERY_BLOCK,
+    };
 
     /// The fastest backend for `device`: the fused kernel on the CPU, the tiled
     /// candle-ops version elsewhere.
@@ -302,7 +304,7 @@ pub fn run_attention(
             if let Some(out) = cuda::attention(q, k, v, positions, params)? {
                 return Ok(out);
             }
-            tiled::attention(q, k, v, positions, params, 256)
+            tiled::attention(q, k, v, positions, params, tiled::QUERY_BLOCK)
         }
     }
 }

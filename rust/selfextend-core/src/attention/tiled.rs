@@ -11,6 +11,9 @@ use super::naive::gqa_matmul;
 use super::{AttentionParams, Positions};
 use crate::error::Result;
 
+/// Query rows per block unless the context is long.
+pub(super) const QUERY_BLOCK: usize = 256;
+
 /// About this many f32 scores per block (64 MiB), across heads.
 const SCORE_BUDGET: usize = 1 << 24;
 

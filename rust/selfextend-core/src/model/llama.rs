@@ -5,6 +5,7 @@
 //! Departures from the reference: the KV cache holds un-rotated keys and RoPE is
 //! applied inside attention (see [`crate::kv_cache`]), and logits are always f32.
 
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 
 use candle_core::quantized::{QMatMul, QTensor};
@@ -342,16 +343,16 @@ impl Llama {
     }
 
     /// The rotary embedding for `scaling`, or the model's own for `None`.
-    pub fn rope_for(&self, scaling: Option<RopeScaling>) -> RotaryEmbedding {
+    pub fn rope_for(&self, scaling: Option<RopeScaling>) -> Cow<'_, RotaryEmbedding> {
         let Some(scaling) = scaling else {
-            return self.rope.clone();
+            return Cow::Borrowed(&self.rope);
         };
         let mut kept = self
             .rope_overrides
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         if let Some((_, rope)) = kept.iter().find(|(s, _)| *s == scaling) {
-            return rope.clone();
+            return Cow::Owned(rope.clone());
         }
         let rope =
             RotaryEmbedding::with_params(self.cfg.head_dim, self.cfg.rope_theta, Some(&scaling));
@@ -359,7 +360,7 @@ impl Llama {
             kept.remove(0);
         }
         kept.push((scaling, rope.clone()));
-        rope
+        Cow::Owned(rope)
     }
 
     pub fn dtype(&self) -> DType {
