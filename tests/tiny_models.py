@@ -59,6 +59,18 @@ CONFIGS: dict[str, dict[str, Any]] = {
         num_key_value_heads=1, max_position_embeddings=16, tie_word_embeddings=True,
     ),
 }
+# Head dimensions of real models, for the CUDA kernel's instantiations (tests/test_cuda.py);
+# kept out of CONFIGS, which every CPU suite runs over.
+WIDE_CONFIGS: dict[str, dict[str, Any]] = {
+    "wide64": dict(
+        hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    ),
+    "wide128": dict(
+        hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=False,
+    ),
+}
 SHARDED = {"llama3": np.float16}
 
 
@@ -127,7 +139,7 @@ def write_checkpoint(out: Path, name: str = "gqa", seed: int = 0) -> Path:
         "rope_theta": 10000.0,
         "bos_token_id": tok.token_to_id("<s>"),
         "eos_token_id": tok.token_to_id("</s>"),
-        **CONFIGS[name],
+        **{**CONFIGS, **WIDE_CONFIGS}[name],
     }
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     weights = random_weights(cfg, seed)
@@ -149,7 +161,7 @@ def write_checkpoint(out: Path, name: str = "gqa", seed: int = 0) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="directory to write the checkpoint into")
-    parser.add_argument("--name", choices=sorted(CONFIGS), default="gqa")
+    parser.add_argument("--name", choices=sorted({**CONFIGS, **WIDE_CONFIGS}), default="gqa")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     print(write_checkpoint(args.out, args.name, args.seed))

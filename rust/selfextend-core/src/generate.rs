@@ -8,7 +8,7 @@ use crate::attention::{AttentionParams, SelfExtend};
 use crate::config::RopeScaling;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
-use crate::model::{resolve_chunk_size, ChunkCallback, LogitsFor, Model};
+use crate::model::{resolve_chunk_size, ChunkCallback, LogitsFor, LogitsHeld, Model};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::StreamDecoder;
 
@@ -99,7 +99,7 @@ impl Generation {
             return Err(Error::invalid("stop", "stop strings must not be empty"));
         }
         let total = prompt_ids.len().saturating_add(opts.max_new_tokens);
-        model.check_memory(total, chunk_size, 0)?;
+        model.check_memory(total, chunk_size, LogitsHeld::LastRow)?;
         let sampler = Sampler::new(opts.sampling)?;
         let params = model.attention_params_with(opts.self_extend, opts.rope_scaling);
         let cache = model.llama().new_cache(total);

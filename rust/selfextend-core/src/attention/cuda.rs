@@ -1,6 +1,7 @@
 //! SelfExtend attention (Jin et al., ICML 2024) fused into one CUDA kernel
-//! (`cuda/selfextend.cu`): flash-style, an f32 online softmax, neighbor or grouped
-//! scores chosen per query/key pair, `O(block)` memory beyond the inputs.
+//! (`cuda/selfextend.cu`): flash-style, an f32 online softmax, each tile of keys loading
+//! only the rotated set (neighbor, grouped or both) its pairs need, `O(tile)` memory
+//! beyond the inputs.
 //!
 //! Queries and keys are rotated beforehand with candle's RoPE op, once at neighbor and
 //! once at grouped positions (see [`super::tiled::rotated`]), and stacked into one
@@ -16,10 +17,16 @@ use crate::error::Result;
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/selfextend.ptx"));
 
 /// Head dimensions the kernel is instantiated for.
-const HEAD_DIMS: [usize; 5] = [32, 64, 80, 96, 128];
+const HEAD_DIMS: [usize; 8] = [16, 24, 32, 48, 64, 80, 96, 128];
 
-/// Query rows per thread block (one thread each).
-const ROWS: usize = 64;
+/// Query rows per thread block, and threads per row (`ROWS` and `LANES` in the kernel).
+const ROWS: usize = 32;
+const LANES: usize = 8;
+
+/// Calls with fewer query rows (decode) run the tiled backend: the kernel spreads work
+/// over query rows only, so a single row would stream every key through one block
+/// while the rest of the GPU idles, where the tiled matmuls spread over the keys.
+const MIN_ROWS: usize = 8;
 
 /// The launch settings the tensors' shapes do not carry.
 struct FusedAttention {
@@ -78,7 +85,7 @@ impl CustomOp3 for FusedAttention {
         )?;
         let cfg = LaunchConfig {
             grid_dim: (q_len.div_ceil(ROWS) as u32, heads as u32, batch as u32),
-            block_dim: (ROWS as u32, 1, 1),
+            block_dim: ((ROWS * LANES) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
         let ints = [batch, heads, kv_heads, q_len, kv_len, sets, self.window]
@@ -96,8 +103,9 @@ impl CustomOp3 for FusedAttention {
     }
 }
 
-/// The fused kernel on a CUDA device; `None` elsewhere or for a head dimension it is
-/// not built for, where the caller runs the tiled backend.
+/// The fused kernel on a CUDA device; `None` elsewhere, for a head dimension it is not
+/// built for, or for fewer than [`MIN_ROWS`] queries, where the caller runs the tiled
+/// backend.
 pub(super) fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -106,7 +114,7 @@ pub(super) fn attention(
     params: &AttentionParams,
 ) -> Result<Option<Tensor>> {
     let d = q.dim(3)?;
-    if !q.device().is_cuda() || !HEAD_DIMS.contains(&d) {
+    if !q.device().is_cuda() || !HEAD_DIMS.contains(&d) || q.dim(2)? < MIN_ROWS {
         return Ok(None);
     }
     let out_dtype = q.dtype();

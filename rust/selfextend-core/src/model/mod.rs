@@ -302,9 +302,8 @@ impl Model {
     }
 
     /// Fails with [`Error::OutOfMemory`] when a sequence of `positions` tokens, run in
-    /// chunks of `chunk`, would not fit in memory. `logits_rows` extra rows of logits
-    /// are kept (all positions for [`Model::logits`], none for generation).
-    pub fn check_memory(&self, positions: usize, chunk: usize, logits_rows: usize) -> Result<()> {
+    /// chunks of `chunk`, would not fit in memory, holding the logits `held` says.
+    pub fn check_memory(&self, positions: usize, chunk: usize, held: LogitsHeld) -> Result<()> {
         let cfg = self.config();
         let f32_size = 4;
         let (hidden, inter, vocab) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
@@ -316,11 +315,19 @@ impl Model {
         let chunk = chunk.min(positions).max(1);
         let kv = KvCache::bytes_for(1, cfg.num_hidden_layers, kv_heads, d, self.dtype());
         // Returned logits live twice for a moment: ours, then the caller's copy.
-        let logits = if logits_rows > 0 {
-            2 * f32_size * vocab
-        } else {
-            0
+        let logits = match held {
+            LogitsHeld::Every => 2 * f32_size * vocab,
+            LogitsHeld::LastRow | LogitsHeld::PerChunk => 0,
         };
+        // A chunk's rows of logits, and for scoring their log-softmax and its
+        // intermediate, exist together.
+        let chunk_logits = f32_size
+            * vocab
+            * match held {
+                LogitsHeld::LastRow => 1,
+                LogitsHeld::Every => chunk,
+                LogitsHeld::PerChunk => 3 * chunk,
+            };
         let attention = match self.attention_params(None).backend {
             // About four f32 (heads, rows, context) score buffers.
             AttentionBackend::Naive => 4 * f32_size * heads * chunk,
@@ -338,7 +345,10 @@ impl Model {
         // dequantizes for a prefill chunk.
         let activations = f32_size * chunk * (4 * hidden + 3 * inter + (heads + 2 * kv_heads) * d);
         let dequantized = if self.is_quantized() {
-            let lm_head = if logits_rows > 0 { vocab * hidden } else { 0 };
+            let lm_head = match held {
+                LogitsHeld::LastRow => 0,
+                LogitsHeld::Every | LogitsHeld::PerChunk => vocab * hidden,
+            };
             f32_size
                 * lm_head
                     .max(2 * inter * hidden)
@@ -347,7 +357,7 @@ impl Model {
             0
         };
         memory::ensure_fits(
-            activations + dequantized,
+            activations + chunk_logits + dequantized,
             per_position,
             positions,
             self.max_memory,
@@ -443,7 +453,7 @@ impl Model {
     ) -> Result<Vec<f32>> {
         self.check_ids(ids)?;
         let chunk = resolve_chunk_size(chunk_size)?;
-        self.check_memory(ids.len(), chunk, ids.len())?;
+        self.check_memory(ids.len(), chunk, LogitsHeld::Every)?;
         let mut cache = self.llama.new_cache(ids.len());
         self.forward_chunked(ids, &mut cache, params, chunk, LogitsFor::All, on_chunk)
     }
@@ -471,7 +481,7 @@ impl Model {
             ));
         }
         let chunk = resolve_chunk_size(chunk_size)?;
-        self.check_memory(ids.len(), chunk, 0)?;
+        self.check_memory(ids.len(), chunk, LogitsHeld::PerChunk)?;
         let mut cache = self.llama.new_cache(ids.len());
         // Row `t - 1` predicts token `t`; the last row predicts nothing, so it is not
         // run, but length-dependent RoPE scaling still sees the whole sequence, as in
@@ -502,6 +512,18 @@ impl Model {
         )?;
         Ok(out)
     }
+}
+
+/// The logits a request holds besides the model's own buffers, for
+/// [`Model::check_memory`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsHeld {
+    /// The last row only: generation.
+    LastRow,
+    /// One chunk's rows at a time, with their log-softmax: [`Model::token_logprobs`].
+    PerChunk,
+    /// Every row, returned to the caller: [`Model::logits`].
+    Every,
 }
 
 /// `None` is [`DEFAULT_CHUNK_SIZE`]; zero is rejected.
