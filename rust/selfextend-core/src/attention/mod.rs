@@ -130,7 +130,8 @@ pub enum AttentionBackend {
     Tiled { query_block: usize },
     /// One fused kernel with an online softmax, `O(tile)` memory and about one
     /// attention's work with SelfExtend on: the tiled CPU kernel, or with the `cuda`
-    /// feature a CUDA kernel. Runs as [`Self::TILED`] where neither applies.
+    /// feature a CUDA kernel for prefill chunks (decode's single rows keep the tiled
+    /// path there). Runs as [`Self::TILED`] where neither applies.
     #[default]
     Fused,
 }
