@@ -56,3 +56,20 @@ def test_bench_help_and_errors(tmp_path: Path) -> None:
     assert "(L - W) * G + W" in help_text
     bad = subprocess.run([str(exe), "--model", str(tmp_path / "missing")], capture_output=True, text=True)
     assert bad.returncode == 1 and "cannot read" in bad.stderr
+
+
+def test_bench_backend_choice(model_path: Path) -> None:
+    def run(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(bench_binary()), "--model", str(model_path), "--prefill", "30", "--decode-context", "0",
+             "--repeats", "1", "--json", *extra],
+            capture_output=True, text=True, timeout=300,
+        )
+
+    assert json.loads(run().stdout)["backend"] == "Fused"
+    report = json.loads(run("--backend", "tiled").stdout)
+    assert report["backend"] == "Tiled { query_block: 256 }"
+    # GPU memory is reported on CUDA devices only.
+    assert report["gpu_memory_after_load_bytes"] is None and report["peak_gpu_memory_bytes"] is None
+    bad = run("--backend", "flash")
+    assert bad.returncode == 1 and "unknown attention backend 'flash'" in bad.stderr

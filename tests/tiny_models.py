@@ -71,6 +71,16 @@ WIDE_CONFIGS: dict[str, dict[str, Any]] = {
         num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=False,
     ),
 }
+# The default model's shape with random weights, for GPU benchmarks (scripts/bench-cuda):
+# speed does not depend on the weights, and this avoids carrying the 98 MB GGUF.
+BENCH_CONFIGS: dict[str, dict[str, Any]] = {
+    "smollm2-135m-shape": dict(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
+        tie_word_embeddings=True, vocab_size=49152,
+    ),
+}
+ALL_CONFIGS = {**CONFIGS, **WIDE_CONFIGS, **BENCH_CONFIGS}
 SHARDED = {"llama3": np.float16}
 
 
@@ -139,7 +149,7 @@ def write_checkpoint(out: Path, name: str = "gqa", seed: int = 0) -> Path:
         "rope_theta": 10000.0,
         "bos_token_id": tok.token_to_id("<s>"),
         "eos_token_id": tok.token_to_id("</s>"),
-        **{**CONFIGS, **WIDE_CONFIGS}[name],
+        **ALL_CONFIGS[name],
     }
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     weights = random_weights(cfg, seed)
@@ -161,7 +171,7 @@ def write_checkpoint(out: Path, name: str = "gqa", seed: int = 0) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="directory to write the checkpoint into")
-    parser.add_argument("--name", choices=sorted({**CONFIGS, **WIDE_CONFIGS}), default="gqa")
+    parser.add_argument("--name", choices=sorted(ALL_CONFIGS), default="gqa")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     print(write_checkpoint(args.out, args.name, args.seed))

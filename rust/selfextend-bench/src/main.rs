@@ -7,7 +7,7 @@ use std::time::Instant;
 use candle_core::Device;
 use clap::Parser;
 use rand::{Rng, SeedableRng};
-use selfextend_core::model::{parse_device, parse_dtype, LogitsFor};
+use selfextend_core::model::{parse_attention, parse_device, parse_dtype, LogitsFor};
 use selfextend_core::{Model, SelfExtend};
 use serde::Serialize;
 
@@ -17,7 +17,10 @@ use serde::Serialize;
 /// timed from an empty cache; decode is timed over `--decode-tokens` single-token
 /// steps right after the prefill of `--decode-context` tokens, reusing its cache.
 /// Every measurement is repeated `--repeats` times and the median is reported. Peak
-/// RSS is the whole process's: use `--attention` to measure one kind alone.
+/// RSS is the whole process's: use `--attention` to measure one kind alone. On CUDA
+/// the report adds the device's memory in use (all processes, as `nvidia-smi` counts
+/// it), sampled after load and between the layers of every prefill chunk and decode
+/// step; its maximum is the peak GPU memory.
 ///
 /// SelfExtend has two knobs: the neighbor window W keeps exact positions for the W
 /// closest keys, and the group size G floor-divides the positions of farther ones, so a
@@ -60,6 +63,11 @@ struct Args {
     /// Device: cpu, cuda, cuda:N or metal (if compiled in).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Attention implementation: auto (the fastest for the device: fused on the CPU,
+    /// tiled elsewhere), naive (the oracle; n² memory), tiled, or fused (the CUDA
+    /// kernel on CUDA builds).
+    #[arg(long, default_value = "auto")]
+    backend: String,
     /// Which attention to time: both (vanilla and SelfExtend, interleaved), vanilla or
     /// selfextend. Run one at a time to read the peak RSS of that one alone.
     #[arg(long, value_enum, default_value_t = Which::Both)]
@@ -91,6 +99,7 @@ struct Measurement {
 struct Report {
     model: String,
     device: String,
+    backend: String,
     dtype: String,
     threads: usize,
     group_size: usize,
@@ -103,6 +112,10 @@ struct Report {
     /// Resident memory once the model is loaded: weights and runtime.
     rss_after_load_bytes: Option<u64>,
     peak_rss_bytes: Option<u64>,
+    /// CUDA only: device memory in use once the model is loaded, and the most seen
+    /// at any sample during the run.
+    gpu_memory_after_load_bytes: Option<u64>,
+    peak_gpu_memory_bytes: Option<u64>,
 }
 
 fn median(xs: &[f64]) -> f64 {
@@ -114,6 +127,17 @@ fn median(xs: &[f64]) -> f64 {
     } else {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
+}
+
+/// Device memory in use on `device` (`total - free`), or `None` off CUDA.
+fn gpu_used_bytes(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        let (free, total) = dev.cuda_stream().context().mem_get_info().ok()?;
+        return Some(total.saturating_sub(free) as u64);
+    }
+    let _ = device;
+    None
 }
 
 fn peak_rss_bytes() -> Option<u64> {
@@ -144,6 +168,7 @@ struct Bench {
     args: Args,
     ids: Vec<u32>,
     kv_cache_bytes: usize,
+    peak_gpu_bytes: Option<u64>,
 }
 
 impl Bench {
@@ -161,7 +186,12 @@ impl Bench {
             .model
             .llama()
             .new_cache(n + if decode { steps } else { 0 });
-        let noop = &mut |_, _| Ok(());
+        let device = self.model.device().clone();
+        let mut peak_gpu = self.peak_gpu_bytes;
+        let sample = &mut |_, _| {
+            peak_gpu = peak_gpu.max(gpu_used_bytes(&device));
+            Ok(())
+        };
         let start = Instant::now();
         let chunk = self.args.chunk_size;
         self.model.forward_chunked(
@@ -170,19 +200,20 @@ impl Bench {
             &params,
             chunk,
             LogitsFor::Last,
-            noop,
+            sample,
         )?;
         let prefill = start.elapsed().as_secs_f64();
         let decode = if decode {
             let start = Instant::now();
             for &id in &self.ids[n..n + steps] {
                 self.model
-                    .forward_chunked(&[id], &mut cache, &params, 1, LogitsFor::Last, noop)?;
+                    .forward_chunked(&[id], &mut cache, &params, 1, LogitsFor::Last, sample)?;
             }
             Some(start.elapsed().as_secs_f64())
         } else {
             None
         };
+        self.peak_gpu_bytes = peak_gpu;
         self.kv_cache_bytes = self.kv_cache_bytes.max(cache.allocated_bytes());
         Ok((prefill, decode))
     }
@@ -232,8 +263,11 @@ fn run(args: Args) -> BenchResult<Report> {
     let se = SelfExtend::new(args.group_size, args.window)?;
     let device: Device = parse_device(&args.device)?;
     let dtype = args.dtype.as_deref().map(parse_dtype).transpose()?;
-    let model = Model::load(&args.model, &device, dtype)?;
+    let backend = parse_attention(&args.backend)?;
+    let mut model = Model::load(&args.model, &device, dtype)?;
+    model.set_attention_backend(backend);
     let rss_after_load_bytes = rss_bytes();
+    let gpu_memory_after_load_bytes = gpu_used_bytes(&device);
     let longest = args
         .prefill
         .iter()
@@ -256,6 +290,7 @@ fn run(args: Args) -> BenchResult<Report> {
         args,
         ids,
         kv_cache_bytes: 0,
+        peak_gpu_bytes: gpu_memory_after_load_bytes,
     };
     let modes = match bench.args.attention {
         Which::Both => vec![None, Some(se)],
@@ -284,6 +319,7 @@ fn run(args: Args) -> BenchResult<Report> {
     Ok(Report {
         model: args.model.display().to_string(),
         device: args.device.clone(),
+        backend: format!("{:?}", bench.model.attention_backend()),
         dtype: match &args.dtype {
             Some(d) => d.clone(),
             None if bench.model.is_quantized() => "quantized (f32 compute)".into(),
@@ -298,13 +334,15 @@ fn run(args: Args) -> BenchResult<Report> {
         kv_cache_bytes: bench.kv_cache_bytes,
         rss_after_load_bytes,
         peak_rss_bytes: peak_rss_bytes(),
+        gpu_memory_after_load_bytes,
+        peak_gpu_memory_bytes: bench.peak_gpu_bytes,
     })
 }
 
 fn print_table(r: &Report) {
     println!(
-        "SelfExtend G={} W={}, {} on {} ({} threads), chunk {}, median of {}",
-        r.group_size, r.window, r.dtype, r.device, r.threads, r.chunk_size, r.repeats
+        "SelfExtend G={} W={}, {} on {} ({} threads), {} attention, chunk {}, median of {}",
+        r.group_size, r.window, r.dtype, r.device, r.threads, r.backend, r.chunk_size, r.repeats
     );
     if r.measurements
         .iter()
@@ -331,6 +369,13 @@ fn print_table(r: &Report) {
     if let (Some(load), Some(peak)) = (r.rss_after_load_bytes, r.peak_rss_bytes) {
         println!(
             "RSS after load: {:.1} MiB, peak RSS: {:.1} MiB",
+            mib(load),
+            mib(peak)
+        );
+    }
+    if let (Some(load), Some(peak)) = (r.gpu_memory_after_load_bytes, r.peak_gpu_memory_bytes) {
+        println!(
+            "GPU memory in use after load: {:.1} MiB, peak: {:.1} MiB",
             mib(load),
             mib(peak)
         );
