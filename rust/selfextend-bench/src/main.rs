@@ -319,7 +319,7 @@ fn run(args: Args) -> BenchResult<Report> {
     Ok(Report {
         model: args.model.display().to_string(),
         device: args.device.clone(),
-        backend: format!("{:?}", bench.model.attention_backend()),
+        backend: bench.model.attention_backend().name().into(),
         dtype: match &args.dtype {
             Some(d) => d.clone(),
             None if bench.model.is_quantized() => "quantized (f32 compute)".into(),

@@ -13,7 +13,7 @@ use selfextend_core::chat::Message;
 use selfextend_core::generate::{Completion, GenerateOptions, Generation};
 use selfextend_core::model::{parse_attention, parse_device, parse_dtype};
 use selfextend_core::sampling::SamplingParams;
-use selfextend_core::{AttentionBackend, Error, Model, RopeScaling, SelfExtend};
+use selfextend_core::{Error, Model, RopeScaling, SelfExtend};
 
 use crate::errors::{invalid_argument, to_py, ContextLengthWarning, SelfExtendError};
 use crate::types::{PyCompletion, PyModelConfig, PyRopeScaling, PySelfExtend};
@@ -468,11 +468,7 @@ impl PyModel {
     /// The attention implementation calls run on: "naive", "tiled" or "fused".
     #[getter]
     fn attention(&self) -> &'static str {
-        match self.inner.attention_backend() {
-            AttentionBackend::Naive => "naive",
-            AttentionBackend::Tiled { .. } => "tiled",
-            AttentionBackend::Fused => "fused",
-        }
+        self.inner.attention_backend().name()
     }
 
     /// The max_memory cap given at load, in bytes, or None.

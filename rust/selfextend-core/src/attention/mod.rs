@@ -142,6 +142,15 @@ impl AttentionBackend {
         query_block: tiled::QUERY_BLOCK,
     };
 
+    /// The name `parse_attention` reads: "naive", "tiled" or "fused".
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Naive => "naive",
+            Self::Tiled { .. } => "tiled",
+            Self::Fused => "fused",
+        }
+    }
+
     /// The fastest backend for `device`: the fused kernel on the CPU, the tiled
     /// candle-ops version elsewhere.
     pub fn for_device(device: &candle_core::Device) -> Self {
