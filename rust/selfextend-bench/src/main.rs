@@ -184,7 +184,7 @@ impl Bench {
         let decode = n == self.args.decode_context && steps > 0;
         let mut cache = self
             .model
-            .llama()
+            .decoder()
             .new_cache(n + if decode { steps } else { 0 });
         let device = self.model.device().clone();
         let mut peak_gpu = self.peak_gpu_bytes;
@@ -206,8 +206,14 @@ impl Bench {
         let decode = if decode {
             let start = Instant::now();
             for &id in &self.ids[n..n + steps] {
-                self.model
-                    .forward_chunked(&[id], &mut cache, &params, 1, LogitsFor::Last, sample)?;
+                self.model.forward_chunked(
+                    &[id],
+                    &mut cache,
+                    &params,
+                    1,
+                    LogitsFor::Last,
+                    sample,
+                )?;
             }
             Some(start.elapsed().as_secs_f64())
         } else {

@@ -102,7 +102,7 @@ impl Generation {
         model.check_memory(total, chunk_size, LogitsHeld::LastRow)?;
         let sampler = Sampler::new(opts.sampling)?;
         let params = model.attention_params_with(opts.self_extend, opts.rope_scaling);
-        let cache = model.llama().new_cache(total);
+        let cache = model.decoder().new_cache(total);
         let decoder = model.tokenizer().stream_decoder(true);
         let prompt_len = prompt_ids.len();
         Ok(Self {
@@ -168,7 +168,7 @@ impl Generation {
         let start = Instant::now();
         if let Some(id) = self.pending.take() {
             let input = candle_core::Tensor::new(&[id], self.model.device())?.unsqueeze(0)?;
-            let logits = self.model.llama().forward(
+            let logits = self.model.decoder().forward(
                 &input,
                 &mut self.cache,
                 &self.params,

@@ -8,7 +8,15 @@
 //! - dynamic NTK (emozilla, 2023; `transformers`' `"dynamic"`): the NTK base recomputed
 //!   from the sequence length `n` once it exceeds the trained context `L`,
 //!   `theta * (s * n / L - (s - 1))^(d/(d-2))`;
-//! - Llama 3.1's frequency-dependent scaling, as checkpoints configure it.
+//! - Llama 3.1's frequency-dependent scaling, as checkpoints configure it, or as
+//!   llama.cpp stores it (one divisor per frequency, `rope_freqs.weight`);
+//! - LongRoPE (Ding et al., "LongRoPE: Extending LLM Context Window Beyond 2 Million
+//!   Tokens", 2024) as Phi-3 configures it: per-frequency divisors, short ones up to the
+//!   original context and long ones past it, and cos/sin scaled by an attention factor.
+//!
+//! Partial rotary embeddings (Phi-3's `partial_rotary_factor`) rotate the first
+//! `rotary_dim` dimensions of each head ("rotate half" within them) and pass the rest
+//! through.
 //!
 //! SelfExtend needs every query and key rotated at two different positions, so there
 //! is no fixed cos/sin table: angles are computed in f64 for exactly the positions
@@ -18,25 +26,38 @@
 use std::borrow::Cow;
 use std::sync::{Arc, Mutex, RwLock};
 
-use candle_core::{DType, Device, DeviceLocation, Tensor};
+use candle_core::{DType, Device, DeviceLocation, Tensor, D};
 
-use crate::config::{Config, RopeScaling};
+use crate::config::{RopeConfig, RopeScaling};
 use crate::error::Result;
 
 #[derive(Debug, Clone)]
 pub struct RotaryEmbedding {
+    /// `rotary_dim / 2` inverse frequencies, after scaling.
     inv_freq: Vec<f64>,
-    /// Shared by clones: the table depends only on `inv_freq`.
+    /// Multiplies cos and sin (LongRoPE's attention factor; 1 elsewhere).
+    attention_factor: f64,
+    /// Shared by clones: the table depends only on `inv_freq` and `attention_factor`.
     table: Arc<RwLock<Arc<CosSinTable>>>,
-    /// Copies of `table` on devices, as `(rows, head_dim / 2)` cos and sin tensors.
+    /// Copies of `table` on devices, as `(rows, rotary_dim / 2)` cos and sin tensors.
     device_tables: Arc<Mutex<Vec<(DeviceLocation, Tensor, Tensor)>>>,
-    /// Set for dynamic NTK, whose frequencies depend on the sequence length.
-    dynamic: Option<DynamicNtk>,
+    /// Set where the frequencies depend on the sequence length.
+    by_length: Option<ByLength>,
+}
+
+#[derive(Debug, Clone)]
+enum ByLength {
+    DynamicNtk(DynamicNtk),
+    /// LongRoPE: the embedding with the long factors, used past `original` positions.
+    LongRope {
+        original: usize,
+        long: Arc<RotaryEmbedding>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct DynamicNtk {
-    head_dim: usize,
+    rotary_dim: usize,
     theta: f64,
     factor: f64,
     trained: usize,
@@ -48,7 +69,7 @@ impl DynamicNtk {
         if len <= self.trained {
             return self.theta;
         }
-        let d = self.head_dim as f64;
+        let d = self.rotary_dim as f64;
         let grown = self.factor * len as f64 / self.trained as f64 - (self.factor - 1.0);
         self.theta * grown.powf(d / (d - 2.0))
     }
@@ -57,12 +78,23 @@ impl DynamicNtk {
 /// `theta * factor^(d / (d - 2))`: the "NTK-aware" base for a context `factor` times
 /// longer, which leaves the highest frequency unchanged and stretches the lowest by
 /// `factor`.
-pub fn ntk_base(theta: f64, factor: f64, head_dim: usize) -> f64 {
-    let d = head_dim as f64;
+pub fn ntk_base(theta: f64, factor: f64, rotary_dim: usize) -> f64 {
+    let d = rotary_dim as f64;
     theta * factor.powf(d / (d - 2.0))
 }
 
-/// f32 cos/sin of positions `0 .. len`, row `p` at `p * half`.
+/// LongRoPE's default attention factor for a context stretched `factor` times beyond
+/// `original` positions: `sqrt(1 + ln(factor) / ln(original))`, and 1 when not
+/// stretched (`transformers`' `_compute_longrope_parameters`).
+pub fn longrope_attention_factor(factor: f64, original: usize) -> f64 {
+    if factor <= 1.0 {
+        return 1.0;
+    }
+    (1.0 + factor.ln() / (original as f64).ln()).sqrt()
+}
+
+/// f32 cos/sin of positions `0 .. len`, row `p` at `p * half`, scaled by the attention
+/// factor.
 #[derive(Debug)]
 pub struct CosSinTable {
     half: usize,
@@ -72,15 +104,15 @@ pub struct CosSinTable {
 }
 
 impl CosSinTable {
-    fn new(inv_freq: &[f64], len: usize) -> Self {
+    fn new(inv_freq: &[f64], attention_factor: f64, len: usize) -> Self {
         let half = inv_freq.len();
         let mut cos = Vec::with_capacity(len * half);
         let mut sin = Vec::with_capacity(len * half);
         for p in 0..len {
             for &f in inv_freq {
                 let (s, c) = (p as f64 * f).sin_cos();
-                cos.push(c as f32);
-                sin.push(s as f32);
+                cos.push((c * attention_factor) as f32);
+                sin.push((s * attention_factor) as f32);
             }
         }
         Self {
@@ -99,94 +131,136 @@ impl CosSinTable {
         self.len == 0
     }
 
-    /// Writes `x` rotated to position `pos` into `out` ("rotate half" layout).
+    /// Writes `x` rotated to position `pos` into `out` ("rotate half" layout over the
+    /// first `2 * half` dimensions; the rest are copied).
     #[inline]
     pub fn rotate(&self, x: &[f32], pos: usize, out: &mut [f32]) {
         let h = self.half;
         let (cos, sin) = (&self.cos[pos * h..][..h], &self.sin[pos * h..][..h]);
-        let (x1, x2) = x.split_at(h);
-        let (o1, o2) = out.split_at_mut(h);
+        let (rot, pass) = x.split_at(2 * h);
+        let (out_rot, out_pass) = out.split_at_mut(2 * h);
+        let (x1, x2) = rot.split_at(h);
+        let (o1, o2) = out_rot.split_at_mut(h);
         for i in 0..h {
             o1[i] = x1[i] * cos[i] - x2[i] * sin[i];
             o2[i] = x2[i] * cos[i] + x1[i] * sin[i];
         }
+        out_pass.copy_from_slice(pass);
     }
 }
 
+/// `rotate_half` RoPE of `xs: (batch, heads, seq, head_dim)` with `cos`, `sin:
+/// (seq, rotary_dim / 2)`; dimensions past `rotary_dim` pass through.
+pub fn apply_rotary(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let rotary_dim = 2 * cos.dim(D::Minus1)?;
+    let head_dim = xs.dim(D::Minus1)?;
+    if rotary_dim == head_dim {
+        return Ok(candle_nn::rotary_emb::rope(&xs.contiguous()?, cos, sin)?);
+    }
+    let rot = xs.narrow(D::Minus1, 0, rotary_dim)?.contiguous()?;
+    let pass = xs.narrow(D::Minus1, rotary_dim, head_dim - rotary_dim)?;
+    let rot = candle_nn::rotary_emb::rope(&rot, cos, sin)?;
+    Ok(Tensor::cat(&[&rot, &pass], D::Minus1)?)
+}
+
 impl RotaryEmbedding {
-    pub fn new(cfg: &Config) -> Self {
-        Self::with_params(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling.as_ref())
+    pub fn new(rope: &RopeConfig) -> Self {
+        Self::with_params(rope.rotary_dim, rope.theta, rope.scaling.as_ref())
     }
 
-    pub fn with_params(head_dim: usize, theta: f64, scaling: Option<&RopeScaling>) -> Self {
+    /// The embedding of `rotary_dim` dimensions with base `theta` and `scaling`.
+    pub fn with_params(rotary_dim: usize, theta: f64, scaling: Option<&RopeScaling>) -> Self {
         let frequencies = |theta: f64| -> Vec<f64> {
-            (0..head_dim / 2)
-                .map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64))
+            (0..rotary_dim / 2)
+                .map(|i| 1.0 / theta.powf(2.0 * i as f64 / rotary_dim as f64))
                 .collect()
         };
         let base = frequencies(theta);
-        let mut dynamic = None;
+        let divided = |factors: &[f64]| -> Vec<f64> {
+            base.iter().zip(factors).map(|(f, s)| f / s).collect()
+        };
+        let mut by_length = None;
+        let mut attention_factor = 1.0;
         let inv_freq = match scaling {
-            None => base,
+            None => base.clone(),
             Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / factor).collect(),
-            Some(&RopeScaling::Ntk { factor }) => frequencies(ntk_base(theta, factor, head_dim)),
+            Some(&RopeScaling::Ntk { factor }) => frequencies(ntk_base(theta, factor, rotary_dim)),
             Some(&RopeScaling::DynamicNtk {
                 factor,
                 original_max_position_embeddings,
             }) => {
-                dynamic = Some(DynamicNtk {
-                    head_dim,
+                by_length = Some(ByLength::DynamicNtk(DynamicNtk {
+                    rotary_dim,
                     theta,
                     factor,
                     trained: original_max_position_embeddings.max(1),
-                });
-                base
+                }));
+                base.clone()
             }
-            Some(RopeScaling::Llama3 {
+            Some(&RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
                 high_freq_factor,
                 original_max_position_embeddings,
+            }) => llama3_frequencies(
+                &base,
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            ),
+            Some(RopeScaling::Frequencies { factors }) => divided(factors),
+            Some(RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                original_max_position_embeddings,
+                attention_factor: af,
             }) => {
-                let old_ctx = *original_max_position_embeddings as f64;
-                let low_freq_wavelen = old_ctx / low_freq_factor;
-                let high_freq_wavelen = old_ctx / high_freq_factor;
-                base.iter()
-                    .map(|&f| {
-                        let wavelen = 2.0 * std::f64::consts::PI / f;
-                        if wavelen < high_freq_wavelen {
-                            f
-                        } else if wavelen > low_freq_wavelen {
-                            f / factor
-                        } else {
-                            let smooth = (old_ctx / wavelen - low_freq_factor)
-                                / (high_freq_factor - low_freq_factor);
-                            (1.0 - smooth) * f / factor + smooth * f
-                        }
-                    })
-                    .collect()
+                attention_factor = *af;
+                let long = Self {
+                    inv_freq: divided(long_factor),
+                    attention_factor,
+                    table: Arc::new(RwLock::new(Arc::new(CosSinTable::new(&[], 1.0, 0)))),
+                    device_tables: Arc::default(),
+                    by_length: None,
+                };
+                by_length = Some(ByLength::LongRope {
+                    original: *original_max_position_embeddings,
+                    long: Arc::new(long),
+                });
+                divided(short_factor)
             }
         };
         Self {
             inv_freq,
-            table: Arc::new(RwLock::new(Arc::new(CosSinTable::new(&[], 0)))),
+            attention_factor,
+            table: Arc::new(RwLock::new(Arc::new(CosSinTable::new(&[], 1.0, 0)))),
             device_tables: Arc::default(),
-            dynamic,
+            by_length,
         }
     }
 
-    /// Inverse frequencies `theta^(-2i/d)` after scaling; for dynamic NTK, those of
-    /// sequences within the trained context (see [`RotaryEmbedding::at_length`]).
+    /// Inverse frequencies `theta^(-2i/d)` after scaling; for length-dependent scalings,
+    /// those of sequences within the original context (see [`RotaryEmbedding::at_length`]).
     pub fn inv_freq(&self) -> &[f64] {
         &self.inv_freq
     }
 
-    /// The embedding for a sequence of `len` positions: `self`, except under dynamic
-    /// NTK past the trained context, where the base grows with `len`.
+    /// The number of leading head dimensions this embedding rotates.
+    pub fn rotary_dim(&self) -> usize {
+        2 * self.inv_freq.len()
+    }
+
+    /// The embedding for a sequence of `len` positions: `self`, except past the
+    /// original context under dynamic NTK (the base grows with `len`) and LongRoPE (the
+    /// long factors apply).
     pub fn at_length(&self, len: usize) -> Cow<'_, Self> {
-        match self.dynamic {
-            Some(d) if len > d.trained => {
-                Cow::Owned(Self::with_params(d.head_dim, d.base(len), None))
+        match &self.by_length {
+            Some(ByLength::DynamicNtk(d)) if len > d.trained => {
+                Cow::Owned(Self::with_params(d.rotary_dim, d.base(len), None))
+            }
+            Some(ByLength::LongRope { original, long }) if len > *original => {
+                Cow::Borrowed(long.as_ref())
             }
             _ => Cow::Borrowed(self),
         }
@@ -204,13 +278,17 @@ impl RotaryEmbedding {
         let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
         if table.len < len {
             let grown = len.max(2 * table.len).max(4096);
-            *table = Arc::new(CosSinTable::new(&self.inv_freq, grown));
+            *table = Arc::new(CosSinTable::new(
+                &self.inv_freq,
+                self.attention_factor,
+                grown,
+            ));
         }
         Arc::clone(&table)
     }
 
     /// [`RotaryEmbedding::table`] on `device`: f32 `cos` and `sin` of positions
-    /// `0 .. len` (at least), `(rows, head_dim / 2)`. Uploaded once per growth, so a
+    /// `0 .. len` (at least), `(rows, rotary_dim / 2)`. Uploaded once per growth, so a
     /// decode step gathers its rows on the device instead of recomputing angles.
     pub fn device_table(&self, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
         let location = device.location();
@@ -230,7 +308,7 @@ impl RotaryEmbedding {
         Ok((cos, sin))
     }
 
-    /// `cos` and `sin` of shape `(positions.len(), head_dim / 2)`.
+    /// `cos` and `sin` of shape `(positions.len(), rotary_dim / 2)`.
     pub fn cos_sin(
         &self,
         positions: &[usize],
@@ -243,8 +321,8 @@ impl RotaryEmbedding {
         for &p in positions {
             for &f in &self.inv_freq {
                 let (s, c) = (p as f64 * f).sin_cos();
-                cos.push(c as f32);
-                sin.push(s as f32);
+                cos.push((c * self.attention_factor) as f32);
+                sin.push((s * self.attention_factor) as f32);
             }
         }
         let shape = (positions.len(), half);
@@ -256,8 +334,36 @@ impl RotaryEmbedding {
     /// Rotates `xs: (batch, heads, seq, head_dim)`; row `t` is rotated to `positions[t]`.
     pub fn apply(&self, xs: &Tensor, positions: &[usize]) -> Result<Tensor> {
         let (cos, sin) = self.cos_sin(positions, xs.dtype(), xs.device())?;
-        Ok(candle_nn::rotary_emb::rope(&xs.contiguous()?, &cos, &sin)?)
+        apply_rotary(xs, &cos, &sin)
     }
+}
+
+/// Llama 3.1's scaling: high frequencies kept, low ones divided by `factor`, and a
+/// smooth blend between the two wavelength bounds.
+fn llama3_frequencies(
+    base: &[f64],
+    factor: f64,
+    low_freq_factor: f64,
+    high_freq_factor: f64,
+    original: usize,
+) -> Vec<f64> {
+    let old_ctx = original as f64;
+    let low_freq_wavelen = old_ctx / low_freq_factor;
+    let high_freq_wavelen = old_ctx / high_freq_factor;
+    base.iter()
+        .map(|&f| {
+            let wavelen = 2.0 * std::f64::consts::PI / f;
+            if wavelen < high_freq_wavelen {
+                f
+            } else if wavelen > low_freq_wavelen {
+                f / factor
+            } else {
+                let smooth =
+                    (old_ctx / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                (1.0 - smooth) * f / factor + smooth * f
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -11,13 +11,30 @@ use selfextend_core::{AttentionBackend, AttentionParams, SelfExtend};
 
 const THETA: f64 = 10_000.0;
 
-/// Rotates one head vector to position `pos` ("rotate half" layout).
-fn rope(x: &[f32], pos: usize) -> Vec<f64> {
-    let d = x.len();
-    let half = d / 2;
-    let mut out = vec![0.0; d];
+/// What a layer may add to plain attention: a sliding window, soft-capped scores, a
+/// scale other than `1 / sqrt(d)`, and partial rotary (only `rotary_dim` rotate).
+#[derive(Debug, Clone, Copy)]
+struct Layer {
+    window: Option<usize>,
+    softcap: Option<f64>,
+    scale: Option<f64>,
+    rotary_dim: Option<usize>,
+}
+
+const PLAIN: Layer = Layer {
+    window: None,
+    softcap: None,
+    scale: None,
+    rotary_dim: None,
+};
+
+/// Rotates the first `rot` dimensions of one head vector to position `pos` ("rotate
+/// half" layout within them); the rest pass through.
+fn rope(x: &[f32], pos: usize, rot: usize) -> Vec<f64> {
+    let half = rot / 2;
+    let mut out: Vec<f64> = x.iter().map(|&v| v as f64).collect();
     for i in 0..half {
-        let angle = pos as f64 / THETA.powf(2.0 * i as f64 / d as f64);
+        let angle = pos as f64 / THETA.powf(2.0 * i as f64 / rot as f64);
         let (s, c) = angle.sin_cos();
         let (a, b) = (x[i] as f64, x[i + half] as f64);
         out[i] = a * c - b * s;
@@ -39,31 +56,42 @@ fn brute_force(
     (b, h, s, d): (usize, usize, usize, usize),
     (kvh, n): (usize, usize),
     se: Option<(usize, usize)>,
+    layer: Layer,
 ) -> Vec<f32> {
     let mut out = vec![0f32; b * h * s * d];
-    let scale = 1.0 / (d as f64).sqrt();
+    let scale = layer.scale.unwrap_or(1.0 / (d as f64).sqrt());
+    let rot = layer.rotary_dim.unwrap_or(d);
+    let first = |i: usize| layer.window.map_or(0, |w| (i + 1).saturating_sub(w));
     for bi in 0..b {
         for hi in 0..h {
             let kv = hi / (h / kvh);
             for t in 0..s {
                 let i = n - s + t;
                 let qv = &q[((bi * h + hi) * s + t) * d..][..d];
-                let scores: Vec<f64> = (0..=i)
+                let keys = first(i)..=i;
+                let scores: Vec<f64> = keys
+                    .clone()
                     .map(|j| {
                         let kvec = &k[((bi * kvh + kv) * n + j) * d..][..d];
                         let (qp, kp) = match se {
                             Some((g, w)) if i - j >= w => (i / g + w - w / g, j / g),
                             _ => (i, j),
                         };
-                        dot(&rope(qv, qp), &rope(kvec, kp)) * scale
+                        let score = dot(&rope(qv, qp, rot), &rope(kvec, kp, rot)) * scale;
+                        match layer.softcap {
+                            Some(cap) => cap * (score / cap).tanh(),
+                            None => score,
+                        }
                     })
                     .collect();
                 let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let exps: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
                 let z: f64 = exps.iter().sum();
                 for e in 0..d {
-                    let acc: f64 = (0..=i)
-                        .map(|j| exps[j] / z * v[((bi * kvh + kv) * n + j) * d + e] as f64)
+                    let acc: f64 = keys
+                        .clone()
+                        .zip(&exps)
+                        .map(|(j, p)| p / z * v[((bi * kvh + kv) * n + j) * d + e] as f64)
                         .sum();
                     out[((bi * h + hi) * s + t) * d + e] = acc as f32;
                 }
@@ -79,6 +107,16 @@ fn check(
     kv: (usize, usize),
     se: Option<(usize, usize)>,
 ) {
+    check_layer(rng, shape, kv, se, PLAIN)
+}
+
+fn check_layer(
+    rng: &mut Rng,
+    shape: (usize, usize, usize, usize),
+    kv: (usize, usize),
+    se: Option<(usize, usize)>,
+    layer: Layer,
+) {
     let (b, h, s, d) = shape;
     let (kvh, n) = kv;
     let dev = Device::Cpu;
@@ -86,12 +124,12 @@ fn check(
     let q = rng.vec(b * h * s * d, 2.0);
     let k = rng.vec(b * kvh * n * d, 2.0);
     let v = rng.vec(b * kvh * n * d, 1.0);
-    let expected = brute_force(&q, &k, &v, shape, kv, se);
+    let expected = brute_force(&q, &k, &v, shape, kv, se, layer);
     let qt = Tensor::from_vec(q, (b, h, s, d), &dev).unwrap();
     let kt = Tensor::from_vec(k, (b, kvh, n, d), &dev).unwrap();
     let vt = Tensor::from_vec(v, (b, kvh, n, d), &dev).unwrap();
     let self_extend = se.map(|(g, w)| SelfExtend::new(g, w).unwrap());
-    let rope = RotaryEmbedding::with_params(d, THETA, None);
+    let rope = RotaryEmbedding::with_params(layer.rotary_dim.unwrap_or(d), THETA, None);
     // Blocks of 1 and 3 query rows split the chunk across the window boundary.
     for backend in [
         AttentionBackend::Naive,
@@ -100,16 +138,20 @@ fn check(
         AttentionBackend::Tiled { query_block: 3 },
         AttentionBackend::Tiled { query_block: 1 },
     ] {
+        let defaults = AttentionParams::new(d, self_extend);
         let params = AttentionParams {
             backend,
-            ..AttentionParams::new(d, self_extend)
+            sliding_window: layer.window,
+            softcap: layer.softcap,
+            scale: layer.scale.unwrap_or(defaults.scale),
+            ..defaults
         };
         let got = run_attention(&qt, &kt, &vt, &Positions::new(&rope, s, n), &params).unwrap();
         let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let err = max_rel_diff(&got, &expected);
         assert!(
             err < 1e-5,
-            "{backend:?} shape {shape:?} kv {kv:?} se {se:?}: max relative error {err}"
+            "{backend:?} shape {shape:?} kv {kv:?} se {se:?} {layer:?}: max relative error {err}"
         );
     }
 }
@@ -176,6 +218,66 @@ fn every_fused_kernel_path() {
     ];
     for (shape, kv, se) in cases {
         check(&mut rng, shape, kv, se);
+    }
+}
+
+#[test]
+fn sliding_windows_soft_caps_and_partial_rotary() {
+    // Windows shorter than, across and longer than the chunk and the SelfExtend window,
+    // in prefill, chunks and decode, on every backend (the fused kernel with row-major
+    // and transposed keys, and split key ranges for decode).
+    let mut rng = Rng::new(6);
+    for window in [1, 3, 8, 37, 500] {
+        for se in [None, Some((3, 5)), Some((2, 20))] {
+            let layer = Layer {
+                window: Some(window),
+                ..PLAIN
+            };
+            for s in [60, 9, 1] {
+                check_layer(&mut rng, (1, 4, s, 8), (2, 60), se, layer);
+            }
+        }
+    }
+    check_layer(
+        &mut rng,
+        (1, 6, 1, 64),
+        (2, 1100),
+        Some((4, 300)),
+        Layer {
+            window: Some(700),
+            ..PLAIN
+        },
+    );
+    check_layer(
+        &mut rng,
+        (1, 6, 70, 64),
+        (2, 600),
+        None,
+        Layer {
+            window: Some(130),
+            ..PLAIN
+        },
+    );
+    let capped = Layer {
+        softcap: Some(1.5),
+        scale: Some(0.2),
+        rotary_dim: Some(4),
+        window: Some(11),
+    };
+    for se in [None, Some((3, 5))] {
+        for s in [40, 6, 1] {
+            check_layer(&mut rng, (1, 4, s, 8), (2, 40), se, capped);
+            check_layer(
+                &mut rng,
+                (1, 4, s, 8),
+                (2, 40),
+                se,
+                Layer {
+                    window: None,
+                    ..capped
+                },
+            );
+        }
     }
 }
 

@@ -49,7 +49,7 @@ fn prefill_chunks_and_decode_agree() {
             }
             // Decode: prefill 10 tokens, then feed one at a time through the cache.
             let params = model.attention_params(se);
-            let mut cache = model.llama().new_cache(4);
+            let mut cache = model.decoder().new_cache(4);
             let mut decoded = model
                 .forward_chunked(
                     &tokens[..10],
@@ -197,9 +197,9 @@ fn rope_scaling_overrides_match_a_model_configured_with_them() {
     for scaling in [
         RopeScaling::Linear { factor: 3.0 },
         RopeScaling::Ntk { factor: 3.0 },
-        dynamic,
+        dynamic.clone(),
     ] {
-        cfg.rope_scaling = Some(scaling);
+        cfg.attention_kinds[0].rope.scaling = Some(scaling.clone());
         let configured = tiny_model(&cfg, 5);
         let expected = logits(&configured, None, 40);
         assert!(
@@ -207,7 +207,7 @@ fn rope_scaling_overrides_match_a_model_configured_with_them() {
             "{scaling:?} changed nothing"
         );
         for chunk in [40, 7, 1] {
-            let err = max_rel_diff(&logits(&plain, Some(scaling), chunk), &expected);
+            let err = max_rel_diff(&logits(&plain, Some(scaling.clone()), chunk), &expected);
             assert!(err < 1e-5, "{scaling:?} chunk {chunk}: {err}");
         }
     }

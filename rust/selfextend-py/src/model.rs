@@ -157,7 +157,8 @@ fn optional_positive(value: Option<i64>, name: &str) -> PyResult<Option<usize>> 
     }
 }
 
-/// A Llama-family model with its tokenizer.
+/// A language model of a supported family (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3)
+/// with its tokenizer.
 ///
 /// Load one with `Model.load(path)`. A model is immutable and thread-safe: every call
 /// owns its KV cache, so several threads may use one model at the same time.
@@ -199,13 +200,25 @@ impl PyModel {
         py: Python<'_>,
         total: usize,
         se: Option<SelfExtend>,
-        rope: Option<RopeScaling>,
+        rope: Option<&RopeScaling>,
     ) -> PyResult<()> {
-        let trained = self.inner.config().max_position_embeddings;
-        let rope = rope.or(self.inner.config().rope_scaling);
+        let cfg = self.inner.config();
+        let trained = cfg.max_position_embeddings;
+        let rope = rope.or(cfg.rope().scaling.as_ref());
         let msg = match (se, rope) {
-            (_, Some(RopeScaling::DynamicNtk { .. } | RopeScaling::Llama3 { .. })) => None,
-            (_, Some(RopeScaling::Linear { factor } | RopeScaling::Ntk { factor })) => {
+            // Every layer has a sliding window within the trained context: no relative
+            // position ever exceeds it.
+            _ if cfg.extended_layers().is_empty() => None,
+            (
+                _,
+                Some(
+                    RopeScaling::DynamicNtk { .. }
+                    | RopeScaling::Llama3 { .. }
+                    | RopeScaling::Frequencies { .. }
+                    | RopeScaling::LongRope { .. },
+                ),
+            ) => None,
+            (_, Some(&(RopeScaling::Linear { factor } | RopeScaling::Ntk { factor }))) => {
                 let covered = (trained as f64 * factor).floor() as usize;
                 (total > covered).then(|| {
                     format!(
@@ -306,7 +319,7 @@ impl PyModel {
             py,
             prompt.len() + opts.max_new_tokens,
             opts.self_extend,
-            opts.rope_scaling,
+            opts.rope_scaling.as_ref(),
         )?;
         Ok(Request { prompt, opts })
     }
@@ -333,7 +346,7 @@ impl PyModel {
             .map(|s| s.resolve(ids.len(), trained))
             .transpose()?;
         let rope = rope_scaling.map(|r| r.resolve(trained));
-        self.warn_context(py, ids.len(), se, rope)?;
+        self.warn_context(py, ids.len(), se, rope.as_ref())?;
         Ok(Scoring {
             params: self.inner.attention_params_with(se, rope),
             ids,

@@ -130,7 +130,7 @@ impl PySelfExtend {
     eq,
     from_py_object
 )]
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct PyRopeScaling {
     scaling: RopeScaling,
     /// Dynamic NTK's L is the model's trained context, filled in per call.
@@ -154,7 +154,7 @@ impl PyRopeScaling {
                     original_max_position_embeddings: trained,
                 }
             }
-            s => s,
+            ref s => s.clone(),
         }
     }
 
@@ -223,7 +223,9 @@ impl PyRopeScaling {
         })
     }
 
-    /// "linear", "ntk", "dynamic_ntk" or "llama3" (only from a model's config).
+    /// "linear", "ntk" or "dynamic_ntk"; from a model's files also "llama3",
+    /// "rope_freqs" (Llama 3.1 scaling as llama.cpp stores it: a divisor per
+    /// frequency) or "longrope" (Phi-3).
     #[getter]
     fn kind(&self) -> &'static str {
         match self.scaling {
@@ -231,22 +233,28 @@ impl PyRopeScaling {
             RopeScaling::Ntk { .. } => "ntk",
             RopeScaling::DynamicNtk { .. } => "dynamic_ntk",
             RopeScaling::Llama3 { .. } => "llama3",
+            RopeScaling::Frequencies { .. } => "rope_freqs",
+            RopeScaling::LongRope { .. } => "longrope",
         }
     }
 
-    /// The scale factor s.
+    /// The scale factor s; for "rope_freqs" and "longrope" (whose factors differ per
+    /// frequency), the largest divisor (of the long factors for "longrope").
     #[getter]
     fn factor(&self) -> f64 {
-        match self.scaling {
+        let largest = |f: &[f64]| f.iter().copied().fold(1.0, f64::max);
+        match &self.scaling {
             RopeScaling::Linear { factor }
             | RopeScaling::Ntk { factor }
             | RopeScaling::DynamicNtk { factor, .. }
-            | RopeScaling::Llama3 { factor, .. } => factor,
+            | RopeScaling::Llama3 { factor, .. } => *factor,
+            RopeScaling::Frequencies { factors } => largest(factors),
+            RopeScaling::LongRope { long_factor, .. } => largest(long_factor),
         }
     }
 
-    /// The context L the scaling starts from, when fixed (dynamic NTK and llama3 with
-    /// an explicit one); None otherwise.
+    /// The context L the scaling starts from, when fixed (dynamic NTK with an explicit
+    /// one, llama3 and longrope); None otherwise.
     #[getter]
     fn original_context(&self) -> Option<usize> {
         match self.scaling {
@@ -255,6 +263,10 @@ impl PyRopeScaling {
                 ..
             } if !self.trained_from_model => Some(n),
             RopeScaling::Llama3 {
+                original_max_position_embeddings: n,
+                ..
+            }
+            | RopeScaling::LongRope {
                 original_max_position_embeddings: n,
                 ..
             } => Some(n),
@@ -270,10 +282,13 @@ impl PyRopeScaling {
                     self.factor()
                 )
             }
-            ("llama3", Some(n)) => format!(
-                "RopeScaling(kind='llama3', factor={:?}, original_context={n})",
+            (kind @ ("llama3" | "longrope"), Some(n)) => format!(
+                "RopeScaling(kind='{kind}', factor={:?}, original_context={n})",
                 self.factor()
             ),
+            ("rope_freqs", _) => {
+                format!("RopeScaling(kind='rope_freqs', factor={:?})", self.factor())
+            }
             (kind, _) => format!("RopeScaling.{kind}({:?})", self.factor()),
         }
     }
@@ -283,6 +298,9 @@ impl PyRopeScaling {
 #[pyclass(name = "ModelConfig", module = "selfextend_rs", frozen, get_all)]
 #[derive(Clone)]
 pub struct PyModelConfig {
+    /// The family, as transformers names it: "llama", "mistral", "qwen2", "qwen3",
+    /// "gemma2", "gemma3_text" or "phi3".
+    pub model_type: String,
     /// The context length the model was trained on (`max_position_embeddings`).
     pub trained_context: usize,
     pub num_layers: usize,
@@ -292,9 +310,19 @@ pub struct PyModelConfig {
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub vocab_size: usize,
+    /// The RoPE base of the layers SelfExtend applies to.
     pub rope_theta: f64,
-    /// The RoPE scaling from the model's files, or None.
+    /// The RoPE scaling of those layers from the model's files, or None.
     pub rope_scaling: Option<PyRopeScaling>,
+    /// Per layer, "full_attention" or "sliding_attention".
+    pub layer_types: Vec<&'static str>,
+    /// The window of the sliding-attention layers, or None when every layer is global.
+    pub sliding_window: Option<usize>,
+    /// The layers SelfExtend (and a per-call rope_scaling) applies to: the global
+    /// ones, and sliding ones whose window exceeds the trained context. The others keep
+    /// plain attention within their window, which never reaches past the trained
+    /// context.
+    pub self_extend_layers: Vec<usize>,
     pub rms_norm_eps: f64,
     pub tie_word_embeddings: bool,
     pub bos_token_id: Option<u32>,
@@ -303,7 +331,9 @@ pub struct PyModelConfig {
 
 impl From<&Config> for PyModelConfig {
     fn from(c: &Config) -> Self {
+        let kinds = &c.attention_kinds;
         Self {
+            model_type: c.model_type.to_string(),
             trained_context: c.max_position_embeddings,
             num_layers: c.num_hidden_layers,
             num_heads: c.num_attention_heads,
@@ -312,8 +342,18 @@ impl From<&Config> for PyModelConfig {
             hidden_size: c.hidden_size,
             intermediate_size: c.intermediate_size,
             vocab_size: c.vocab_size,
-            rope_theta: c.rope_theta,
-            rope_scaling: c.rope_scaling.map(PyRopeScaling::from_config),
+            rope_theta: c.rope().theta,
+            rope_scaling: c.rope().scaling.clone().map(PyRopeScaling::from_config),
+            layer_types: c
+                .layer_kinds
+                .iter()
+                .map(|&k| match kinds[k].sliding_window {
+                    Some(_) => "sliding_attention",
+                    None => "full_attention",
+                })
+                .collect(),
+            sliding_window: kinds.iter().find_map(|k| k.sliding_window),
+            self_extend_layers: c.extended_layers(),
             rms_norm_eps: c.rms_norm_eps,
             tie_word_embeddings: c.tie_word_embeddings,
             bos_token_id: c.bos_token_id,
@@ -326,8 +366,9 @@ impl From<&Config> for PyModelConfig {
 impl PyModelConfig {
     fn __repr__(&self) -> String {
         format!(
-            "ModelConfig(trained_context={}, num_layers={}, num_heads={}, num_kv_heads={}, \
-             head_dim={}, hidden_size={}, vocab_size={}, rope_theta={})",
+            "ModelConfig(model_type={:?}, trained_context={}, num_layers={}, num_heads={}, \
+             num_kv_heads={}, head_dim={}, hidden_size={}, vocab_size={}, rope_theta={})",
+            self.model_type,
             self.trained_context,
             self.num_layers,
             self.num_heads,

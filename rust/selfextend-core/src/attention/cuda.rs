@@ -104,7 +104,8 @@ impl CustomOp3 for FusedAttention {
 }
 
 /// The fused kernel on a CUDA device; `None` elsewhere, for a head dimension it is not
-/// built for, or for fewer than [`MIN_ROWS`] queries, where the caller runs the tiled
+/// built for, for fewer than [`MIN_ROWS`] queries, or for layers with a sliding window
+/// or soft-capped scores (the kernel has neither), where the caller runs the tiled
 /// backend.
 pub(super) fn attention(
     q: &Tensor,
@@ -114,7 +115,8 @@ pub(super) fn attention(
     params: &AttentionParams,
 ) -> Result<Option<Tensor>> {
     let d = q.dim(3)?;
-    if !q.device().is_cuda() || !HEAD_DIMS.contains(&d) || q.dim(2)? < MIN_ROWS {
+    let plain_layer = params.sliding_window.is_none() && params.softcap.is_none();
+    if !q.device().is_cuda() || !HEAD_DIMS.contains(&d) || q.dim(2)? < MIN_ROWS || !plain_layer {
         return Ok(None);
     }
     let out_dtype = q.dtype();

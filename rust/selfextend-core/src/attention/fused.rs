@@ -250,6 +250,14 @@ struct Shape {
     d: usize,
 }
 
+/// What a layer adds to plain causal attention besides SelfExtend.
+#[derive(Clone, Copy)]
+struct Layer {
+    /// Keys at this distance or more are masked (`usize::MAX`: none).
+    sliding_window: usize,
+    softcap: Option<f32>,
+}
+
 /// Writes the keys `j0 .. j1` rotated to `pos(j)` into `out`, transposed `(d, K_TILE)`
 /// or row-major `(K_TILE, d)`.
 #[allow(clippy::too_many_arguments)]
@@ -285,6 +293,7 @@ fn run_item(
     (qv, kv, vv): (&View, &View, &View),
     table: &CosSinTable,
     se: Option<SelfExtend>,
+    layer: Layer,
     scale: f32,
     s: &mut Scratch,
 ) -> Partial {
@@ -329,7 +338,8 @@ fn run_item(
     let mut sn = [[0f32; K_TILE]; GROUP];
     let mut sg = [[0f32; K_TILE]; GROUP];
     let mut values: Vec<&[f32]> = Vec::with_capacity(K_TILE);
-    let mut j0 = keys.0;
+    // Keys before the first row's window are masked for every row of the tile.
+    let mut j0 = keys.0.max((i_min + 1).saturating_sub(layer.sliding_window));
     while j0 < keys.1.min(i_max + 1) {
         let j1 = (j0 + K_TILE).min(keys.1).min(i_max + 1);
         // Some pair of the tile is a neighbor / is grouped.
@@ -367,15 +377,21 @@ fn run_item(
         let kt = j1 - j0;
         for r0 in (0..rows).step_by(GROUP) {
             let group = GROUP.min(rows - r0);
-            // Row r0 + x scores keys j0 .. j0 + n[x]; the first split[x] of them grouped.
+            // Row r0 + x sees keys j0 + lo[x] .. j0 + n[x] (the ones before lo[x] are
+            // outside its sliding window); the first split[x] from j0 are grouped.
             let mut n = [0usize; GROUP];
+            let mut lo = [0usize; GROUP];
             let mut split = [0usize; GROUP];
             for x in 0..group {
                 let i = pos(r0 + x);
                 n[x] = (i + 1).saturating_sub(j0).min(kt);
+                lo[x] = (i + 1)
+                    .saturating_sub(layer.sliding_window)
+                    .saturating_sub(j0)
+                    .min(n[x]);
                 split[x] = (i + 1).saturating_sub(j0).saturating_sub(window).min(n[x]);
             }
-            if n[..group].iter().all(|&n| n == 0) {
+            if (0..group).all(|x| n[x] == lo[x]) {
                 continue;
             }
             let any_n = (0..group).any(|x| split[x] < n[x]);
@@ -413,13 +429,18 @@ fn run_item(
             for x in 0..group {
                 let r = r0 + x;
                 let scores = &mut sn[x];
-                if n[x] == 0 {
+                if n[x] == lo[x] {
                     scores[..kt].fill(0.0);
                     continue;
                 }
+                let seen = &mut scores[lo[x]..n[x]];
+                if let Some(cap) = layer.softcap {
+                    seen.iter_mut().for_each(|s| *s = cap * (*s / cap).tanh());
+                }
                 let m_old = part.m[r];
-                let m_new = m_old.max(max_of(&scores[..n[x]]));
-                let sum = exp_and_sum(&mut scores[..n[x]], m_new);
+                let m_new = m_old.max(max_of(seen));
+                let sum = exp_and_sum(seen, m_new);
+                scores[..lo[x]].fill(0.0);
                 scores[n[x]..kt].fill(0.0);
                 let correction = (m_old - m_new).exp();
                 if correction != 1.0 {
@@ -498,13 +519,17 @@ pub(super) fn attention(
         .collect();
 
     let scale = params.scale as f32;
+    let layer = Layer {
+        sliding_window: params.sliding_window.unwrap_or(usize::MAX),
+        softcap: params.softcap.map(|c| c as f32),
+    };
     let computed = with_view(&q, |qv| {
         with_view(&k, |kv| {
             with_view(&v, |vv| {
                 items
                     .par_iter()
                     .map_init(Scratch::default, |scratch, &item| {
-                        run_item(item, &shape, (qv, kv, vv), table, se, scale, scratch)
+                        run_item(item, &shape, (qv, kv, vv), table, se, layer, scale, scratch)
                     })
                     .collect::<Vec<Partial>>()
             })

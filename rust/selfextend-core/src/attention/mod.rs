@@ -8,6 +8,16 @@
 //! and one f32 softmax spans both kinds of score. Keys arrive un-rotated (see
 //! [`crate::kv_cache`]), so each backend rotates queries and keys to whichever
 //! positions it needs.
+//!
+//! Every backend also masks keys outside a layer's sliding window (`i - j >= window`)
+//! and soft-caps scores (`cap * tanh(s / cap)`, Gemma 2) when the layer asks for it.
+//!
+//! **SelfExtend on sliding-window layers.** A layer whose window is no longer than the
+//! trained context never scores a pair farther apart than the model was trained on, so
+//! it keeps plain attention within its window; SelfExtend applies to the global layers
+//! (see [`crate::Config::extends`]). A layer that declares a window longer than the
+//! trained context is not protected by it: it gets SelfExtend, still masked by the
+//! window.
 
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -167,15 +177,21 @@ impl AttentionBackend {
     }
 }
 
-/// Everything that varies between attention calls.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// Everything that varies between attention calls (and between the kinds of layer of
+/// one model).
+#[derive(Debug, Clone, PartialEq)]
 pub struct AttentionParams {
     /// Multiplies `q . k`; `1 / sqrt(head_dim)` for Llama.
     pub scale: f64,
     /// `None` is ordinary causal attention.
     pub self_extend: Option<SelfExtend>,
+    /// Keys at distance `window` or more from the query are masked.
+    pub sliding_window: Option<usize>,
+    /// Scores (after `scale`) become `cap * tanh(score / cap)`.
+    pub softcap: Option<f64>,
     pub backend: AttentionBackend,
-    /// Replaces the model's own RoPE scaling (from its config) for this call.
+    /// Replaces the model's own RoPE scaling (from its config) for this call, on the
+    /// layers SelfExtend would apply to.
     pub rope_scaling: Option<RopeScaling>,
     /// The sequence length that length-dependent RoPE scaling (dynamic NTK) is computed
     /// for. `None` is the length of the cache after each forward call; a chunked prefill
@@ -188,6 +204,8 @@ impl AttentionParams {
         Self {
             scale: 1.0 / (head_dim as f64).sqrt(),
             self_extend,
+            sliding_window: None,
+            softcap: None,
             backend: AttentionBackend::default(),
             rope_scaling: None,
             rope_length: None,
@@ -238,6 +256,14 @@ impl<'a> Positions<'a> {
         };
         RotaryPositions { q, k, grouped }
     }
+}
+
+/// `cap * tanh(scores / cap)`, or `scores` without a cap.
+fn softcap(scores: Tensor, cap: Option<f64>) -> Result<Tensor> {
+    Ok(match cap {
+        Some(cap) => ((scores / cap)?.tanh()? * cap)?,
+        None => scores,
+    })
 }
 
 /// The value in `cell`, computing it with `init` the first time (one forward call's

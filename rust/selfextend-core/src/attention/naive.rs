@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use super::{AttentionParams, Positions};
 use crate::error::Result;
-use crate::rope::RotaryEmbedding;
+use crate::rope::{apply_rotary, RotaryEmbedding};
 
 /// cos/sin tables for one set of query and key positions.
 struct Rotation {
@@ -50,7 +50,7 @@ impl Tables {
         Ok(Self {
             neighbor,
             grouped,
-            causal_bias: causal_bias(q_len, kv_len, index_pos, dev)?,
+            causal_bias: causal_bias(q_len, kv_len, index_pos, params.sliding_window, dev)?,
         })
     }
 }
@@ -73,8 +73,8 @@ pub(super) fn attention(
     let v = v.to_dtype(DType::F32)?;
 
     let scores_at = |rot: &Rotation| -> Result<Tensor> {
-        let q = candle_nn::rotary_emb::rope(&q, &rot.q.0, &rot.q.1)?;
-        let k = candle_nn::rotary_emb::rope(&k, &rot.k.0, &rot.k.1)?;
+        let q = apply_rotary(&q, &rot.q.0, &rot.q.1)?;
+        let k = apply_rotary(&k, &rot.k.0, &rot.k.1)?;
         let scores = gqa_matmul(&q, &k.t()?, n_kv_heads)?;
         Ok((scores * params.scale)?)
     };
@@ -85,7 +85,7 @@ pub(super) fn attention(
             .broadcast_as(scores.shape())?
             .where_cond(&scores, &grouped)?;
     }
-    let scores = scores.broadcast_add(&tables.causal_bias)?;
+    let scores = super::softcap(scores, params.softcap)?.broadcast_add(&tables.causal_bias)?;
     let probs = candle_nn::ops::softmax_last_dim(&scores)?;
     let out = gqa_matmul(&probs, &v, n_kv_heads)?;
     debug_assert_eq!(out.dims(), [b, n_heads, q_len, head_dim]);
@@ -118,10 +118,24 @@ fn pair_mask(
     Ok(Tensor::from_vec(mask, (q_len, kv_len), device)?)
 }
 
-fn causal_bias(q_len: usize, kv_len: usize, index_pos: usize, device: &Device) -> Result<Tensor> {
+/// 0 where query `i` sees key `j` (causal, and within `window` when set), else -inf.
+fn causal_bias(
+    q_len: usize,
+    kv_len: usize,
+    index_pos: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
+    let window = window.unwrap_or(usize::MAX);
     let bias: Vec<f32> = (0..q_len)
         .flat_map(|t| (0..kv_len).map(move |j| (index_pos + t, j)))
-        .map(|(i, j)| if j <= i { 0.0 } else { f32::NEG_INFINITY })
+        .map(|(i, j)| {
+            if j <= i && i - j < window {
+                0.0
+            } else {
+                f32::NEG_INFINITY
+            }
+        })
         .collect();
     Ok(Tensor::from_vec(bias, (q_len, kv_len), device)?)
 }

@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use super::naive::gqa_matmul;
 use super::{AttentionParams, Positions};
 use crate::error::Result;
+use crate::rope::apply_rotary;
 
 /// Query rows per block unless the context is long.
 pub(super) const QUERY_BLOCK: usize = 256;
@@ -60,7 +61,7 @@ impl Tables {
 }
 
 fn rotate(x: &Tensor, (cos, sin): &(Tensor, Tensor)) -> Result<Tensor> {
-    Ok(candle_nn::rotary_emb::rope(x, cos, sin)?)
+    apply_rotary(x, cos, sin)
 }
 
 /// Queries and keys (as f32) rotated to their neighbor positions, and with SelfExtend
@@ -111,16 +112,21 @@ pub(super) fn attention(
     let mut blocks = Vec::with_capacity(q_len.div_ceil(rows));
     for b0 in (0..q_len).step_by(rows) {
         let rows = rows.min(q_len - b0);
-        // Keys past the block's last query are masked for every row: leave them out.
+        // Keys past the block's last query, or before its first query's window, are
+        // masked for every row: leave them out.
         let visible = start + b0 + rows;
+        let first = params
+            .sliding_window
+            .map_or(0, |w| (start + b0 + 1).saturating_sub(w));
+        let keys = visible - first;
         let scores = |(q, k): &(Tensor, Tensor)| -> Result<Tensor> {
             let q = q.narrow(2, b0, rows)?;
-            let k = k.narrow(2, 0, visible)?;
+            let k = k.narrow(2, first, keys)?;
             Ok((gqa_matmul(&q, &k.t()?, n_kv_heads)? * scale)?)
         };
         // Absolute positions: i of the block's queries (a column), j of the keys (a row).
         let i = Tensor::arange((start + b0) as u32, visible as u32, dev)?.unsqueeze(1)?;
-        let j = Tensor::arange(0u32, visible as u32, dev)?.unsqueeze(0)?;
+        let j = Tensor::arange(first as u32, visible as u32, dev)?.unsqueeze(0)?;
         let mut s = scores(&neighbor)?;
         if let (Some(g), Some(se)) = (&grouped, params.self_extend) {
             // Grouped pairs exist in this block once its last query is W past key 0.
@@ -132,11 +138,19 @@ pub(super) fn attention(
                     .where_cond(&s, &scores(g)?)?;
             }
         }
-        let causal = j.broadcast_le(&i)?;
+        let s = super::softcap(s, params.softcap)?;
+        let mut visible_pair = j.broadcast_le(&i)?;
+        if let Some(w) = params.sliding_window {
+            let w = Tensor::new(w as u32, dev)?;
+            let in_window = j.broadcast_add(&w)?.broadcast_gt(&i)?;
+            visible_pair = (visible_pair.broadcast_mul(&in_window))?;
+        }
         let masked = Tensor::new(f32::NEG_INFINITY, dev)?.broadcast_as(s.shape())?;
-        let s = causal.broadcast_as(s.shape())?.where_cond(&s, &masked)?;
+        let s = visible_pair
+            .broadcast_as(s.shape())?
+            .where_cond(&s, &masked)?;
         let p = candle_nn::ops::softmax_last_dim(&s)?;
-        blocks.push(gqa_matmul(&p, &v.narrow(2, 0, visible)?, n_kv_heads)?);
+        blocks.push(gqa_matmul(&p, &v.narrow(2, first, keys)?, n_kv_heads)?);
     }
     Ok(Tensor::cat(&blocks, 2)?.to_dtype(out_dtype)?)
 }

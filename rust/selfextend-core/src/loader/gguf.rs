@@ -12,8 +12,9 @@ use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use super::TensorSource;
-use crate::config::{Config, RopeScaling};
+use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::family::{self, GgufLayout};
 
 const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
@@ -405,122 +406,31 @@ impl GgufFile {
         })
     }
 
-    /// The model configuration from the `{arch}.*` and `tokenizer.ggml.*` keys.
+    /// The model configuration from the `{arch}.*` and `tokenizer.ggml.*` keys, read
+    /// by the family of `general.architecture`.
     pub fn config(&self) -> Result<Config> {
         let arch = self.required("general.architecture", "a string", |v| {
             v.as_str().map(str::to_string)
         })?;
-        if arch != "llama" {
-            return Err(Error::Unsupported {
-                path: self.path.clone(),
-                msg: format!("architecture '{arch}' is not supported (expected 'llama')"),
-            });
-        }
-        let key = |k: &str| format!("llama.{k}");
-        let hidden_size = self.required_usize(&key("embedding_length"))?;
-        let num_attention_heads = self.required_usize(&key("attention.head_count"))?;
-        let num_key_value_heads = match self.get(&key("attention.head_count_kv")) {
-            Some(_) => self.required_usize(&key("attention.head_count_kv"))?,
-            None => num_attention_heads,
-        };
-        if num_attention_heads % num_key_value_heads != 0 {
-            return Err(self.config_err(format!(
-                "head_count ({num_attention_heads}) must be a multiple of head_count_kv ({num_key_value_heads})"
-            )));
-        }
-        let head_dim = match self.get(&key("attention.key_length")) {
-            Some(_) => self.required_usize(&key("attention.key_length"))?,
-            None if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
-            None => {
-                return Err(self.config_err(format!(
-                    "embedding_length ({hidden_size}) is not divisible by head_count ({num_attention_heads})"
-                )))
-            }
-        };
-        if head_dim % 2 != 0 {
-            return Err(self.config_err(format!("head dimension {head_dim} must be even for RoPE")));
-        }
-        if let Some(rot) = self
-            .get(&key("rope.dimension_count"))
-            .and_then(Value::as_u64)
-        {
-            if rot as usize != head_dim {
-                return Err(Error::Unsupported {
-                    path: self.path.clone(),
-                    msg: format!("partial rotary embeddings (rope.dimension_count {rot} != head dim {head_dim}) are not supported"),
-                });
-            }
-        }
-        if self.tensors.contains_key("rope_freqs.weight") {
-            return Err(Error::Unsupported {
-                path: self.path.clone(),
-                msg: "per-frequency RoPE factors (rope_freqs.weight, Llama 3.1 style) are not supported".into(),
-            });
-        }
-        let rope_scaling = match self.get(&key("rope.scaling.type")).and_then(Value::as_str) {
-            None | Some("none") => None,
-            Some("linear") => {
-                let factor =
-                    self.required(&key("rope.scaling.factor"), "a number", Value::as_f64)?;
-                if !(factor.is_finite() && factor > 0.0) {
-                    return Err(
-                        self.config_err(format!("rope.scaling.factor must be > 0, got {factor}"))
-                    );
-                }
-                Some(RopeScaling::Linear { factor })
-            }
-            Some(other) => {
-                return Err(Error::Unsupported {
-                    path: self.path.clone(),
-                    msg: format!(
-                        "RoPE scaling '{other}' is not supported (expected none or linear)"
-                    ),
-                })
-            }
-        };
-        let tokens = self
-            .get("tokenizer.ggml.tokens")
-            .and_then(Value::as_array)
-            .map(<[Value]>::len);
-        let vocab_size = match self.get(&key("vocab_size")) {
-            Some(_) => self.required_usize(&key("vocab_size"))?,
-            None => tokens.ok_or_else(|| {
-                self.config_err("missing 'llama.vocab_size' and 'tokenizer.ggml.tokens'".into())
-            })?,
-        };
-        let token_id = |k: &str| {
-            self.get(k)
-                .and_then(Value::as_u64)
-                .and_then(|v| u32::try_from(v).ok())
-        };
-        let rope_theta = self
-            .get(&key("rope.freq_base"))
-            .and_then(Value::as_f64)
-            .unwrap_or(10_000.0);
-        let rms_norm_eps = self
-            .get(&key("attention.layer_norm_rms_epsilon"))
-            .and_then(Value::as_f64)
-            .unwrap_or(1e-5);
-        Ok(Config {
-            vocab_size,
-            hidden_size,
-            intermediate_size: self.required_usize(&key("feed_forward_length"))?,
-            num_hidden_layers: self.required_usize(&key("block_count"))?,
-            num_attention_heads,
-            num_key_value_heads,
-            head_dim,
-            rms_norm_eps,
-            rope_theta,
-            rope_scaling,
-            max_position_embeddings: self.required_usize(&key("context_length"))?,
-            tie_word_embeddings: !self.tensors.contains_key("output.weight"),
-            attention_bias: self.tensors.contains_key("blk.0.attn_q.bias"),
-            mlp_bias: self.tensors.contains_key("blk.0.ffn_up.bias"),
-            bos_token_id: token_id("tokenizer.ggml.bos_token_id"),
-            eos_token_ids: token_id("tokenizer.ggml.eos_token_id")
-                .into_iter()
-                .collect(),
-        })
+        let family = family::for_gguf_arch(&arch).ok_or_else(|| Error::Unsupported {
+            path: self.path.clone(),
+            msg: format!(
+                "architecture '{arch}' is not supported (supported: {})",
+                family::supported_gguf_archs()
+            ),
+        })?;
+        let cfg = (family.from_gguf)(&ArchMetadata {
+            file: self,
+            arch: &arch,
+        })?;
+        cfg.validate().map_err(|msg| self.config_err(msg))?;
+        Ok(cfg)
+    }
+
+    /// How the family of `general.architecture` stores its weights.
+    pub(crate) fn layout(&self) -> Option<GgufLayout> {
+        let arch = self.get("general.architecture")?.as_str()?;
+        Some(family::for_gguf_arch(arch)?.gguf)
     }
 
     /// The chat template stored in the file, if any.
@@ -533,54 +443,201 @@ impl GgufFile {
     }
 }
 
-/// Maps a Hugging Face Llama tensor name to its GGUF name.
-pub fn gguf_name(hf: &str) -> Option<String> {
-    let fixed = match hf {
-        "model.embed_tokens.weight" => Some("token_embd.weight"),
-        "model.norm.weight" => Some("output_norm.weight"),
-        "lm_head.weight" => Some("output.weight"),
-        _ => None,
-    };
-    if let Some(name) = fixed {
-        return Some(name.to_string());
-    }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (module, param) = rest.rsplit_once('.')?;
-    let module = match module {
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{module}.{param}"))
+/// A GGUF file's metadata under one architecture's `{arch}.` prefix, as the family
+/// files read it.
+pub(crate) struct ArchMetadata<'a> {
+    file: &'a GgufFile,
+    arch: &'a str,
 }
 
-/// Serves a GGUF file's tensors under Hugging Face names.
+impl ArchMetadata<'_> {
+    fn key(&self, k: &str) -> String {
+        format!("{}.{k}", self.arch)
+    }
+
+    pub fn err(&self, msg: String) -> Error {
+        self.file.config_err(msg)
+    }
+
+    pub fn unsupported(&self, msg: String) -> Error {
+        Error::Unsupported {
+            path: self.file.path.clone(),
+            msg,
+        }
+    }
+
+    pub fn required_usize(&self, k: &str) -> Result<usize> {
+        self.file.required_usize(&self.key(k))
+    }
+
+    /// `{arch}.k` as a positive integer, when present.
+    pub fn usize(&self, k: &str) -> Result<Option<usize>> {
+        let key = self.key(k);
+        match self.file.get(&key) {
+            None => Ok(None),
+            Some(_) => self.file.required_usize(&key).map(Some),
+        }
+    }
+
+    /// `{arch}.k` where 0 (or absence) means "none", as llama.cpp writes a missing
+    /// sliding window.
+    pub fn usize_or_zero(&self, k: &str) -> Result<Option<usize>> {
+        let key = self.key(k);
+        match self.file.get(&key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(|n| (n > 0).then_some(n as usize))
+                .ok_or_else(|| {
+                    self.err(format!(
+                        "metadata key '{key}' should be an integer, found {v:?}"
+                    ))
+                }),
+        }
+    }
+
+    /// Which of `layers` slide: `{arch}.attention.sliding_window_pattern` as a bool per
+    /// layer or as a period `P` (layer `l` slides unless `l % P == P - 1`), else the
+    /// period `default`, as llama.cpp's `set_swa_pattern` reads it.
+    pub fn sliding_pattern(&self, layers: usize, default: usize) -> Result<Vec<bool>> {
+        let key = self.key("attention.sliding_window_pattern");
+        let period =
+            |p: usize| -> Vec<bool> { (0..layers).map(|l| p == 0 || l % p < p - 1).collect() };
+        match self.file.get(&key) {
+            None => Ok(period(default)),
+            Some(Value::Array(flags)) if flags.len() == layers => flags
+                .iter()
+                .map(|f| {
+                    f.as_bool()
+                        .ok_or_else(|| self.err(format!("'{key}' must hold bools")))
+                })
+                .collect(),
+            Some(v) => match v.as_u64() {
+                Some(p) => Ok(period(p as usize)),
+                None => Err(self.err(format!(
+                    "metadata key '{key}' should be a period or one bool per layer, found {v:?}"
+                ))),
+            },
+        }
+    }
+
+    pub fn f64(&self, k: &str) -> Result<Option<f64>> {
+        let key = self.key(k);
+        match self.file.get(&key) {
+            None => Ok(None),
+            Some(_) => self
+                .file
+                .required(&key, "a number", Value::as_f64)
+                .map(Some),
+        }
+    }
+
+    pub fn required_f64(&self, k: &str) -> Result<f64> {
+        let key = self.key(k);
+        let v = self.file.required(&key, "a number", Value::as_f64)?;
+        if !(v.is_finite() && v > 0.0) {
+            return Err(self.err(format!("metadata key '{key}' must be > 0, got {v}")));
+        }
+        Ok(v)
+    }
+
+    pub fn str(&self, k: &str) -> Result<Option<&str>> {
+        let key = self.key(k);
+        match self.file.get(&key) {
+            None => Ok(None),
+            Some(v) => v.as_str().map(Some).ok_or_else(|| {
+                self.err(format!(
+                    "metadata key '{key}' should be a string, found {v:?}"
+                ))
+            }),
+        }
+    }
+
+    /// `{arch}.vocab_size`, or the length of `tokenizer.ggml.tokens`.
+    pub fn vocab_size(&self) -> Result<usize> {
+        if self.file.get(&self.key("vocab_size")).is_some() {
+            return self.required_usize("vocab_size");
+        }
+        self.file
+            .get("tokenizer.ggml.tokens")
+            .and_then(Value::as_array)
+            .map(<[Value]>::len)
+            .ok_or_else(|| {
+                self.err(format!(
+                    "missing '{}' and 'tokenizer.ggml.tokens'",
+                    self.key("vocab_size")
+                ))
+            })
+    }
+
+    pub fn token_id(&self, key: &str) -> Option<u32> {
+        self.file
+            .get(key)
+            .and_then(Value::as_u64)
+            .and_then(|v| u32::try_from(v).ok())
+    }
+
+    pub fn has_tensor(&self, name: &str) -> bool {
+        self.file.tensors.contains_key(name)
+    }
+
+    /// The values of a small 1-D tensor (RoPE factors), when the file has it.
+    pub fn tensor_values(&self, name: &str) -> Result<Option<Vec<f64>>> {
+        let Some(info) = self.file.tensors.get(name) else {
+            return Ok(None);
+        };
+        let err = |msg: String| Error::Weights {
+            what: format!("tensor '{name}'"),
+            path: self.file.path.clone(),
+            msg,
+        };
+        if info.dims.len() != 1 {
+            return Err(err(format!(
+                "expected one dimension, found {:?}",
+                info.dims
+            )));
+        }
+        let q = qtensor_from_ggml(
+            info.dtype,
+            &aligned_copy(self.file.bytes(info)),
+            info.dims.clone(),
+            &Device::Cpu,
+        )
+        .map_err(|e| err(e.to_string()))?;
+        let values = q.dequantize(&Device::Cpu)?.to_vec1::<f32>()?;
+        Ok(Some(values.into_iter().map(f64::from).collect()))
+    }
+}
+
+/// Serves a GGUF file's tensors under Hugging Face names, converted back to Hugging
+/// Face conventions, so both formats share one decoder:
 ///
-/// llama.cpp's converter permutes the rows of `q_proj`/`k_proj` (weights and biases)
-/// so its interleaved RoPE can be used; we undo that permutation on load, so GGUF and
-/// safetensors models share one RoPE layout and one attention path.
+/// - llama.cpp's converter permutes the rows of `q_proj`/`k_proj` (weights and biases)
+///   of the `llama` arch so its interleaved RoPE can be used; we undo that;
+/// - it stores Gemma's norm weights as `1 + w`; we subtract the one again.
 pub struct GgufSource {
     file: GgufFile,
     num_heads: usize,
     num_kv_heads: usize,
+    head_dim: usize,
+    layout: GgufLayout,
+    sandwich_norms: bool,
     keep_quantized: bool,
 }
 
 impl GgufSource {
     pub fn new(file: GgufFile, cfg: &Config, keep_quantized: bool) -> Self {
+        let layout = file.layout().unwrap_or(GgufLayout {
+            permute_qk: true,
+            norm_offset: 0.0,
+        });
         Self {
             file,
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            layout,
+            sandwich_norms: cfg.block.sandwich_norms,
             keep_quantized,
         }
     }
@@ -597,9 +654,14 @@ impl GgufSource {
         }
     }
 
+    fn gguf_name(&self, hf_name: &str) -> Option<String> {
+        family::gguf_name(hf_name, self.sandwich_norms)
+    }
+
     /// The tensor as a `QTensor`, rows restored to Hugging Face order.
     fn qtensor(&self, hf_name: &str, shape: &[usize], device: &Device) -> Result<QTensor> {
-        let name = gguf_name(hf_name)
+        let name = self
+            .gguf_name(hf_name)
             .ok_or_else(|| self.err(hf_name, "no GGUF equivalent for this tensor".into()))?;
         let info =
             self.file.tensors.get(&name).ok_or_else(|| {
@@ -612,25 +674,32 @@ impl GgufSource {
             ));
         }
         let raw = self.file.bytes(info);
-        let heads = if hf_name.contains("self_attn.q_proj") {
-            Some(self.num_heads)
-        } else if hf_name.contains("self_attn.k_proj") {
-            Some(self.num_kv_heads)
-        } else {
-            None
+        let rows = shape[0];
+        let (q_rows, kv_rows) = (
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+        );
+        // Row ranges that llama.cpp permuted: q and k, alone or inside a fused qkv.
+        let permuted: &[(usize, usize)] = match () {
+            _ if !self.layout.permute_qk => &[],
+            _ if hf_name.contains("self_attn.q_proj") => &[(0, rows)],
+            _ if hf_name.contains("self_attn.k_proj") => &[(0, rows)],
+            _ if hf_name.contains("self_attn.qkv_proj") => &[(0, q_rows), (q_rows, kv_rows)],
+            _ => &[],
         };
-        let wrap = |e: candle_core::Error| self.err(&name, e.to_string());
-        match heads {
-            None => qtensor_from_ggml(info.dtype, &aligned_copy(raw), shape.to_vec(), device)
-                .map_err(wrap),
-            Some(heads) => {
-                let rows = shape[0];
-                let row_bytes = info.len / rows;
-                let head_dim = rows / heads;
-                let permuted = unpermute_rows(raw, rows, row_bytes, head_dim);
-                qtensor_from_ggml(info.dtype, &permuted, shape.to_vec(), device).map_err(wrap)
-            }
+        let mut bytes = aligned_copy(raw);
+        let row_bytes = info.len / rows.max(1);
+        for &(start, len) in permuted {
+            let range = start * row_bytes..(start + len) * row_bytes;
+            let restored = unpermute_rows(&raw[range.clone()], len, row_bytes, self.head_dim);
+            bytes.as_mut()[range].copy_from_slice(&restored);
         }
+        qtensor_from_ggml(info.dtype, &bytes, shape.to_vec(), device)
+            .map_err(|e| self.err(&name, e.to_string()))
+    }
+
+    fn is_norm(hf_name: &str) -> bool {
+        hf_name.ends_with("norm.weight")
     }
 }
 
@@ -685,6 +754,13 @@ struct AlignedBytes {
     len: usize,
 }
 
+impl AsMut<[u8]> for AlignedBytes {
+    fn as_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `aligned_copy`.
+        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr() as *mut u8, self.len) }
+    }
+}
+
 impl std::ops::Deref for AlignedBytes {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
@@ -713,14 +789,18 @@ fn unpermute_rows(raw: &[u8], rows: usize, row_bytes: usize, head_dim: usize) ->
 impl TensorSource for GgufSource {
     fn load(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
         let q = self.qtensor(name, shape, &Device::Cpu)?;
-        let t = q
+        let mut t = q
             .dequantize(&Device::Cpu)
             .map_err(|e| self.err(name, e.to_string()))?;
+        if self.layout.norm_offset != 0.0 && Self::is_norm(name) {
+            t = (t - f64::from(self.layout.norm_offset))?;
+        }
         Ok(t.to_dtype(dtype)?.to_device(device)?)
     }
 
     fn contains(&self, name: &str) -> bool {
-        gguf_name(name).is_some_and(|n| self.file.tensors.contains_key(&n))
+        self.gguf_name(name)
+            .is_some_and(|n| self.file.tensors.contains_key(&n))
     }
 
     fn load_quantized(
@@ -732,7 +812,7 @@ impl TensorSource for GgufSource {
         if !self.keep_quantized {
             return Ok(None);
         }
-        let info = gguf_name(name).and_then(|n| self.file.tensors.get(&n));
+        let info = self.gguf_name(name).and_then(|n| self.file.tensors.get(&n));
         match info {
             Some(info)
                 if !matches!(
@@ -767,24 +847,6 @@ impl TensorSource for GgufSource {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names_map_to_llama_cpp() {
-        assert_eq!(
-            gguf_name("model.layers.12.self_attn.o_proj.weight").unwrap(),
-            "blk.12.attn_output.weight"
-        );
-        assert_eq!(
-            gguf_name("model.layers.0.self_attn.q_proj.bias").unwrap(),
-            "blk.0.attn_q.bias"
-        );
-        assert_eq!(
-            gguf_name("model.layers.3.post_attention_layernorm.weight").unwrap(),
-            "blk.3.ffn_norm.weight"
-        );
-        assert_eq!(gguf_name("lm_head.weight").unwrap(), "output.weight");
-        assert!(gguf_name("model.layers.x.mlp.up_proj.weight").is_none());
-    }
 
     #[test]
     fn unpermute_inverts_the_converter() {

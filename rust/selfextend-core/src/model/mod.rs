@@ -1,6 +1,6 @@
 //! A loaded model: weights, tokenizer and the chunked forward passes built on them.
 
-pub mod llama;
+pub mod decoder;
 
 use std::path::{Path, PathBuf};
 
@@ -15,7 +15,7 @@ use crate::loader::safetensors::SafetensorsSource;
 use crate::loader::Weights;
 use crate::memory;
 use crate::tokenizer::Tokenizer;
-pub use llama::{Llama, LogitsFor};
+pub use decoder::{Decoder, LogitsFor};
 
 /// Prefill chunk length when the caller does not choose one. Bounds a chunk's
 /// activations (and the naive backend's `chunk * context` scores per head).
@@ -30,11 +30,11 @@ const CHECK_LAYERS_FROM: usize = 64;
 /// (typically [`Error::Interrupted`]) stops the computation.
 pub type ChunkCallback<'a> = dyn FnMut(usize, usize) -> Result<()> + 'a;
 
-/// A Llama-family model with its tokenizer, ready to run. Immutable: every call owns
+/// A model of a supported family with its tokenizer, ready to run. Immutable: every call owns
 /// its own KV cache, so one model may serve many threads at once.
 #[derive(Debug, Clone)]
 pub struct Model {
-    llama: Llama,
+    decoder: Decoder,
     tokenizer: Tokenizer,
     source: PathBuf,
     chat: Option<ChatTemplate>,
@@ -124,8 +124,9 @@ pub fn parse_device(name: &str) -> Result<Device> {
 }
 
 impl Model {
-    /// Loads a model from a Hugging Face Llama directory (`config.json`,
-    /// `tokenizer.json`, `model.safetensors` or a sharded index) or a llama.cpp GGUF file.
+    /// Loads a model from a Hugging Face model directory (`config.json`,
+    /// `tokenizer.json`, `model.safetensors` or a sharded index) or a llama.cpp GGUF
+    /// file, of any family in [`crate::family`].
     ///
     /// `dtype` is the compute dtype, f32 when `None`. GGUF weights stay quantized when
     /// `dtype` is `None`; naming a dtype dequantizes them into a dense model.
@@ -153,10 +154,10 @@ impl Model {
         let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json"))?;
         let source = SafetensorsSource::open_dir(path)?;
         let dtype = dtype.unwrap_or(DType::F32);
-        let llama = Llama::load(&Weights::new(&source, dtype, device), &cfg)?;
+        let decoder = Decoder::load(&Weights::new(&source, dtype, device), &cfg)?;
         let chat = hf_chat_template(path)?;
         Ok(Self {
-            llama,
+            decoder,
             tokenizer,
             source: path.to_path_buf(),
             chat,
@@ -182,12 +183,12 @@ impl Model {
         });
         let quantized = dtype.is_none() && has_blocks;
         let source = GgufSource::new(file, &cfg, quantized);
-        let llama = Llama::load(
+        let decoder = Decoder::load(
             &Weights::new(&source, dtype.unwrap_or(DType::F32), device),
             &cfg,
         )?;
         Ok(Self {
-            llama,
+            decoder,
             tokenizer,
             source: path.to_path_buf(),
             chat,
@@ -197,9 +198,9 @@ impl Model {
         })
     }
 
-    pub fn from_parts(llama: Llama, tokenizer: Tokenizer, source: PathBuf) -> Self {
+    pub fn from_parts(decoder: Decoder, tokenizer: Tokenizer, source: PathBuf) -> Self {
         Self {
-            llama,
+            decoder,
             tokenizer,
             source,
             chat: None,
@@ -220,15 +221,15 @@ impl Model {
     }
 
     pub fn config(&self) -> &Config {
-        self.llama.config()
+        self.decoder.config()
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
     }
 
-    pub fn llama(&self) -> &Llama {
-        &self.llama
+    pub fn decoder(&self) -> &Decoder {
+        &self.decoder
     }
 
     pub fn source(&self) -> &Path {
@@ -236,11 +237,11 @@ impl Model {
     }
 
     pub fn dtype(&self) -> DType {
-        self.llama.dtype()
+        self.decoder.dtype()
     }
 
     pub fn device(&self) -> &Device {
-        self.llama.device()
+        self.decoder.device()
     }
 
     /// Caps the memory one request may plan to use (KV cache, logits, workspace) at
@@ -414,7 +415,7 @@ impl Model {
         // Length-dependent RoPE scaling sees the whole prompt in every chunk.
         let params = AttentionParams {
             rope_length: params.rope_length.or(Some(cache.len() + total)),
-            ..*params
+            ..params.clone()
         };
         for (n, chunk) in ids.chunks(chunk_size).enumerate() {
             let done = n * chunk_size;
@@ -433,7 +434,7 @@ impl Model {
                 false => LogitsFor::Last,
             };
             let logits =
-                self.llama
+                self.decoder
                     .forward_checked(&input, cache, &params, rows, &mut between_layers)?;
             if wanted {
                 sink(logits.squeeze(0)?)?;
@@ -454,7 +455,7 @@ impl Model {
         self.check_ids(ids)?;
         let chunk = resolve_chunk_size(chunk_size)?;
         self.check_memory(ids.len(), chunk, LogitsHeld::Every)?;
-        let mut cache = self.llama.new_cache(ids.len());
+        let mut cache = self.decoder.new_cache(ids.len());
         self.forward_chunked(ids, &mut cache, params, chunk, LogitsFor::All, on_chunk)
     }
 
@@ -482,14 +483,14 @@ impl Model {
         }
         let chunk = resolve_chunk_size(chunk_size)?;
         self.check_memory(ids.len(), chunk, LogitsHeld::PerChunk)?;
-        let mut cache = self.llama.new_cache(ids.len());
+        let mut cache = self.decoder.new_cache(ids.len());
         // Row `t - 1` predicts token `t`; the last row predicts nothing, so it is not
         // run, but length-dependent RoPE scaling still sees the whole sequence, as in
         // `logits`.
         let scored = &ids[..ids.len() - 1];
         let params = AttentionParams {
             rope_length: params.rope_length.or(Some(ids.len())),
-            ..*params
+            ..params.clone()
         };
         let mut targets = ids[from..].iter().copied();
         let mut out = Vec::with_capacity(ids.len() - from);

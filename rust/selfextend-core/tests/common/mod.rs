@@ -5,8 +5,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
+use selfextend_core::config::{Block, LayerAttention, RopeConfig};
 use selfextend_core::loader::Weights;
-use selfextend_core::model::Llama;
+use selfextend_core::model::Decoder;
 use selfextend_core::{Config, Model, Tokenizer};
 
 /// SplitMix64: small, seedable, and independent of any crate's RNG stream.
@@ -42,6 +43,7 @@ impl Rng {
 
 pub fn tiny_config(num_kv_heads: usize, tie: bool) -> Config {
     Config {
+        model_type: "llama",
         vocab_size: 50,
         hidden_size: 32,
         intermediate_size: 48,
@@ -50,15 +52,62 @@ pub fn tiny_config(num_kv_heads: usize, tie: bool) -> Config {
         num_key_value_heads: num_kv_heads,
         head_dim: 8,
         rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        rope_scaling: None,
         max_position_embeddings: 16,
         tie_word_embeddings: tie,
-        attention_bias: false,
-        mlp_bias: false,
         bos_token_id: Some(0),
         eos_token_ids: vec![1],
+        block: Block::llama(8),
+        attention_kinds: vec![LayerAttention {
+            sliding_window: None,
+            rope: RopeConfig {
+                theta: 10_000.0,
+                rotary_dim: 8,
+                scaling: None,
+            },
+        }],
+        layer_kinds: vec![0, 0],
     }
+}
+
+/// A Gemma-2-like tiny config exercising every block switch: sandwich `1 + w` norms,
+/// q/k norms, GELU, embedding scale, an attention scale other than `1/sqrt(d)`,
+/// soft-caps, q/k/v biases, partial rotary, and a sliding layer (window 5) between
+/// global ones, the local layer with its own RoPE base.
+pub fn tiny_mixed_config() -> Config {
+    use selfextend_core::config::{Activation, Norm};
+    let mut cfg = tiny_config(2, true);
+    cfg.model_type = "gemma2";
+    cfg.num_hidden_layers = 3;
+    cfg.block = Block {
+        norm: Norm::RmsPlusOne,
+        sandwich_norms: true,
+        qkv_bias: true,
+        qk_norm: true,
+        embedding_scale: Some(2.0),
+        activation: Activation::GeluTanh,
+        attention_scale: 0.3,
+        attn_logit_softcap: Some(4.0),
+        final_logit_softcap: Some(6.0),
+        ..Block::llama(8)
+    };
+    let global = LayerAttention {
+        sliding_window: None,
+        rope: RopeConfig {
+            theta: 10_000.0,
+            rotary_dim: 4,
+            scaling: None,
+        },
+    };
+    let local = LayerAttention {
+        sliding_window: Some(5),
+        rope: RopeConfig {
+            theta: 100.0,
+            ..global.rope.clone()
+        },
+    };
+    cfg.attention_kinds = vec![global, local];
+    cfg.layer_kinds = vec![0, 1, 0];
+    cfg
 }
 
 /// Random weights, with q/k scaled up so attention is sharp and positions matter.
@@ -90,6 +139,31 @@ pub fn tiny_weights(cfg: &Config, seed: u64) -> HashMap<String, Tensor> {
     put("model.norm.weight".into(), vec![h], 1.0, &mut rng);
     for l in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{l}");
+        let b = &cfg.block;
+        if b.qkv_bias {
+            for (name, n) in [("q_proj", nq * d), ("k_proj", nkv * d), ("v_proj", nkv * d)] {
+                put(format!("{p}.self_attn.{name}.bias"), vec![n], 0.3, &mut rng);
+            }
+        }
+        if b.qk_norm {
+            put(
+                format!("{p}.self_attn.q_norm.weight"),
+                vec![d],
+                1.0,
+                &mut rng,
+            );
+            put(
+                format!("{p}.self_attn.k_norm.weight"),
+                vec![d],
+                1.0,
+                &mut rng,
+            );
+        }
+        if b.sandwich_norms {
+            for name in ["pre_feedforward_layernorm", "post_feedforward_layernorm"] {
+                put(format!("{p}.{name}.weight"), vec![h], 1.0, &mut rng);
+            }
+        }
         put(
             format!("{p}.self_attn.q_proj.weight"),
             vec![nq * d, h],
@@ -160,13 +234,13 @@ pub fn word_tokenizer(vocab_size: usize) -> Tokenizer {
 
 pub fn tiny_model(cfg: &Config, seed: u64) -> Model {
     let weights = tiny_weights(cfg, seed);
-    let llama = Llama::load(
+    let decoder = Decoder::load(
         &Weights::new(&weights, candle_core::DType::F32, &Device::Cpu),
         cfg,
     )
     .unwrap();
     Model::from_parts(
-        llama,
+        decoder,
         word_tokenizer(cfg.vocab_size),
         PathBuf::from("<memory>"),
     )

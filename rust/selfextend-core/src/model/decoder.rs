@@ -1,6 +1,8 @@
-//! The Llama decoder (Touvron et al., "LLaMA: Open and Efficient Foundation Language
-//! Models", 2023), following `transformers`' `modeling_llama.py`, with attention that
-//! can apply SelfExtend (Jin et al., ICML 2024).
+//! One decoder for every supported family: the Llama decoder (Touvron et al., "LLaMA:
+//! Open and Efficient Foundation Language Models", 2023) as `transformers`'
+//! `modeling_llama.py` writes it, generalised by a [`crate::config::Block`] and per-layer attention
+//! (see [`crate::family`]) to Qwen2/3, Mistral, Gemma 2/3 and Phi-3, with attention
+//! that can apply SelfExtend (Jin et al., ICML 2024).
 //!
 //! Departures from the reference: the KV cache holds un-rotated keys and RoPE is
 //! applied inside attention (see [`crate::kv_cache`]), and logits are always f32.
@@ -13,7 +15,7 @@ use candle_core::{DType, Module, Tensor, D};
 use candle_nn::Embedding;
 
 use crate::attention::{run_attention, AttentionParams, Positions};
-use crate::config::{Config, RopeScaling};
+use crate::config::{Activation, Config, Norm, RopeScaling};
 use crate::error::Result;
 use crate::kv_cache::{KvCache, LayerCache};
 use crate::loader::Weights;
@@ -74,6 +76,10 @@ impl Linear {
 /// Projections of one input (q/k/v; gate/up). When their weights are quantized alike
 /// they run as one stacked matmul: candle then quantizes the activations once and
 /// wakes its worker pool once, which is most of a decode step's overhead.
+/// Projections of one input (q/k/v; gate/up): separate, or one matmul whose output is
+/// split. Quantized weights alike are stacked into one matrix (biases concatenated):
+/// candle then quantizes the activations once and wakes its worker pool once, which is
+/// most of a decode step's overhead.
 #[derive(Debug, Clone)]
 enum Projections {
     Fused { linear: Linear, sizes: Vec<usize> },
@@ -83,24 +89,39 @@ enum Projections {
 impl Projections {
     fn new(parts: Vec<Linear>) -> Result<Self> {
         let mut blocks = vec![];
+        let mut biases = vec![];
         for part in &parts {
             match part {
                 Linear::Quantized {
-                    blocks: b,
-                    bias: None,
-                    ..
-                } => blocks.push(b.as_ref()),
+                    blocks: b, bias, ..
+                } => {
+                    blocks.push(b.as_ref());
+                    biases.push(bias.clone());
+                }
                 _ => return Ok(Self::Separate(parts)),
             }
         }
+        let bias = match biases.iter().all(Option::is_some) {
+            true => Some(Tensor::cat(
+                &biases.into_iter().flatten().collect::<Vec<_>>(),
+                0,
+            )?),
+            false if biases.iter().all(Option::is_none) => None,
+            false => return Ok(Self::Separate(parts)),
+        };
         let sizes = blocks.iter().map(|b| b.shape().dims()[0]).collect();
         Ok(match crate::loader::gguf::concat_rows(&blocks)? {
             Some(stacked) => Self::Fused {
-                linear: Linear::quantized(stacked, None)?,
+                linear: Linear::quantized(stacked, bias)?,
                 sizes,
             },
             None => Self::Separate(parts),
         })
+    }
+
+    /// One matrix that a checkpoint already stores fused (Phi-3's `qkv_proj`).
+    fn split(linear: Linear, sizes: Vec<usize>) -> Self {
+        Self::Fused { linear, sizes }
     }
 
     /// `xs: (.., in)` to one `(.., out_k)` tensor per projection.
@@ -134,6 +155,7 @@ fn linear(vb: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Lin
     Ok(Linear::Dense(candle_nn::Linear::new(weight, bias)))
 }
 
+/// RMSNorm; Gemma's `x / rms(x) * (1 + w)` keeps `1 + w`.
 #[derive(Debug, Clone)]
 struct RmsNorm {
     weight: Tensor,
@@ -141,10 +163,15 @@ struct RmsNorm {
 }
 
 impl RmsNorm {
-    fn load(vb: &Weights, size: usize, eps: f64) -> Result<Self> {
+    fn load(vb: &Weights, size: usize, cfg: &Config) -> Result<Self> {
+        let weight = vb.get([size], "weight")?;
+        let weight = match cfg.block.norm {
+            Norm::Rms => weight,
+            Norm::RmsPlusOne => (weight + 1.0)?,
+        };
         Ok(Self {
-            weight: vb.get([size], "weight")?,
-            eps: eps as f32,
+            weight,
+            eps: cfg.rms_norm_eps as f32,
         })
     }
 
@@ -155,20 +182,27 @@ impl RmsNorm {
 
 #[derive(Debug, Clone)]
 struct Mlp {
-    /// `gate_proj` and `up_proj`.
+    /// `gate_proj` and `up_proj`, or Phi-3's `gate_up_proj`.
     gate_up: Projections,
     down_proj: Linear,
+    activation: Activation,
 }
 
 impl Mlp {
     fn load(vb: &Weights, cfg: &Config) -> Result<Self> {
-        let (h, i, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
-        Ok(Self {
-            gate_up: Projections::new(vec![
+        let (h, i, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.block.mlp_bias);
+        let gate_up = if cfg.block.fused_gate_up {
+            Projections::split(linear(&vb.pp("gate_up_proj"), h, 2 * i, bias)?, vec![i, i])
+        } else {
+            Projections::new(vec![
                 linear(&vb.pp("gate_proj"), h, i, bias)?,
                 linear(&vb.pp("up_proj"), h, i, bias)?,
-            ])?,
+            ])?
+        };
+        Ok(Self {
+            gate_up,
             down_proj: linear(&vb.pp("down_proj"), i, h, bias)?,
+            activation: cfg.block.activation,
         })
     }
 
@@ -178,16 +212,21 @@ impl Mlp {
             .forward(xs)?
             .try_into()
             .expect("two projections");
-        self.down_proj
-            .forward(&(candle_nn::ops::silu(&gate)? * up)?)
+        let gate = match self.activation {
+            Activation::Silu => candle_nn::ops::silu(&gate)?,
+            Activation::GeluTanh => gate.gelu()?,
+        };
+        self.down_proj.forward(&(gate * up)?)
     }
 }
 
 #[derive(Debug, Clone)]
 struct Attention {
-    /// `q_proj`, `k_proj` and `v_proj`.
+    /// `q_proj`, `k_proj` and `v_proj`, or Phi-3's `qkv_proj`.
     qkv: Projections,
     o_proj: Linear,
+    /// Qwen3 and Gemma 3: RMSNorm over each head's `head_dim`, before RoPE.
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -195,15 +234,30 @@ struct Attention {
 
 impl Attention {
     fn load(vb: &Weights, cfg: &Config) -> Result<Self> {
-        let (h, d, bias) = (cfg.hidden_size, cfg.head_dim, cfg.attention_bias);
+        let (h, d, b) = (cfg.hidden_size, cfg.head_dim, &cfg.block);
         let (n_q, n_kv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let qkv = if b.fused_qkv {
+            let sizes = vec![n_q * d, n_kv * d, n_kv * d];
+            let out = sizes.iter().sum();
+            Projections::split(linear(&vb.pp("qkv_proj"), h, out, b.qkv_bias)?, sizes)
+        } else {
+            Projections::new(vec![
+                linear(&vb.pp("q_proj"), h, n_q * d, b.qkv_bias)?,
+                linear(&vb.pp("k_proj"), h, n_kv * d, b.qkv_bias)?,
+                linear(&vb.pp("v_proj"), h, n_kv * d, b.qkv_bias)?,
+            ])?
+        };
+        let qk_norm = match b.qk_norm {
+            true => Some((
+                RmsNorm::load(&vb.pp("q_norm"), d, cfg)?,
+                RmsNorm::load(&vb.pp("k_norm"), d, cfg)?,
+            )),
+            false => None,
+        };
         Ok(Self {
-            qkv: Projections::new(vec![
-                linear(&vb.pp("q_proj"), h, n_q * d, bias)?,
-                linear(&vb.pp("k_proj"), h, n_kv * d, bias)?,
-                linear(&vb.pp("v_proj"), h, n_kv * d, bias)?,
-            ])?,
-            o_proj: linear(&vb.pp("o_proj"), n_q * d, h, bias)?,
+            qkv,
+            o_proj: linear(&vb.pp("o_proj"), n_q * d, h, b.o_bias)?,
+            qk_norm,
             num_heads: n_q,
             num_kv_heads: n_kv,
             head_dim: d,
@@ -219,15 +273,22 @@ impl Attention {
         params: &AttentionParams,
     ) -> Result<Tensor> {
         let (b_sz, seq_len, _) = xs.dims3()?;
-        let heads = |ys: &Tensor, n: usize| -> Result<Tensor> {
-            Ok(ys
-                .reshape((b_sz, seq_len, n, self.head_dim))?
-                .transpose(1, 2)?)
+        let heads = |ys: &Tensor, n: usize, norm: Option<&RmsNorm>| -> Result<Tensor> {
+            let ys = ys.reshape((b_sz, seq_len, n, self.head_dim))?;
+            let ys = match norm {
+                Some(norm) => norm.forward(&ys)?,
+                None => ys,
+            };
+            Ok(ys.transpose(1, 2)?)
         };
         let [q, k, v]: [Tensor; 3] = self.qkv.forward(xs)?.try_into().expect("three projections");
-        let q = heads(&q, self.num_heads)?;
-        let k = heads(&k, self.num_kv_heads)?;
-        let v = heads(&v, self.num_kv_heads)?;
+        let (q_norm, k_norm) = match &self.qk_norm {
+            Some((q, k)) => (Some(q), Some(k)),
+            None => (None, None),
+        };
+        let q = heads(&q, self.num_heads, q_norm)?;
+        let k = heads(&k, self.num_kv_heads, k_norm)?;
+        let v = heads(&v, self.num_kv_heads, None)?;
         let (k, v) = cache.append(&k, &v)?;
         let ys = run_attention(&q, &k, &v, positions, params)?;
         let ys = ys
@@ -237,29 +298,37 @@ impl Attention {
     }
 }
 
+/// Pre-norm (`input_layernorm`, then `post_attention_layernorm` before the MLP), or
+/// Gemma's sandwich, which also norms each sublayer's output before its residual add.
 #[derive(Debug, Clone)]
 struct DecoderLayer {
     self_attn: Attention,
     mlp: Mlp,
     input_layernorm: RmsNorm,
     post_attention_layernorm: RmsNorm,
+    /// Gemma: `pre_feedforward_layernorm` and `post_feedforward_layernorm`.
+    feedforward_norms: Option<(RmsNorm, RmsNorm)>,
+    /// Index into the call's per-kind attention settings.
+    kind: usize,
 }
 
 impl DecoderLayer {
-    fn load(vb: &Weights, cfg: &Config) -> Result<Self> {
+    fn load(vb: &Weights, cfg: &Config, layer: usize) -> Result<Self> {
+        let norm = |name: &str| RmsNorm::load(&vb.pp(name), cfg.hidden_size, cfg);
+        let feedforward_norms = match cfg.block.sandwich_norms {
+            true => Some((
+                norm("pre_feedforward_layernorm")?,
+                norm("post_feedforward_layernorm")?,
+            )),
+            false => None,
+        };
         Ok(Self {
             self_attn: Attention::load(&vb.pp("self_attn"), cfg)?,
             mlp: Mlp::load(&vb.pp("mlp"), cfg)?,
-            input_layernorm: RmsNorm::load(
-                &vb.pp("input_layernorm"),
-                cfg.hidden_size,
-                cfg.rms_norm_eps,
-            )?,
-            post_attention_layernorm: RmsNorm::load(
-                &vb.pp("post_attention_layernorm"),
-                cfg.hidden_size,
-                cfg.rms_norm_eps,
-            )?,
+            input_layernorm: norm("input_layernorm")?,
+            post_attention_layernorm: norm("post_attention_layernorm")?,
+            feedforward_norms,
+            kind: cfg.layer_kinds[layer],
         })
     }
 
@@ -271,17 +340,26 @@ impl DecoderLayer {
         params: &AttentionParams,
     ) -> Result<Tensor> {
         let residual = xs;
-        let xs = self.input_layernorm.forward(xs)?;
-        let xs = (self.self_attn.forward(&xs, cache, positions, params)? + residual)?;
-        let residual = &xs;
-        let ys = self
-            .mlp
-            .forward(&self.post_attention_layernorm.forward(&xs)?)?;
-        Ok((ys + residual)?)
+        let h = self.input_layernorm.forward(xs)?;
+        let h = self.self_attn.forward(&h, cache, positions, params)?;
+        match &self.feedforward_norms {
+            None => {
+                let xs = (h + residual)?;
+                let ys = self
+                    .mlp
+                    .forward(&self.post_attention_layernorm.forward(&xs)?)?;
+                Ok((ys + xs)?)
+            }
+            Some((pre, post)) => {
+                let xs = (self.post_attention_layernorm.forward(&h)? + residual)?;
+                let ys = self.mlp.forward(&pre.forward(&xs)?)?;
+                Ok((post.forward(&ys)? + xs)?)
+            }
+        }
     }
 }
 
-/// Which positions [`Llama::forward`] computes logits for.
+/// Which positions [`Decoder::forward`] computes logits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogitsFor {
     /// Every input position: `(batch, seq, vocab)`.
@@ -292,24 +370,25 @@ pub enum LogitsFor {
     From(usize),
 }
 
-/// `LlamaForCausalLM`.
+/// `*ForCausalLM`: embeddings, the decoder layers, the final norm and the LM head.
 #[derive(Debug, Clone)]
-pub struct Llama {
+pub struct Decoder {
     embed_tokens: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Linear,
-    rope: RotaryEmbedding,
-    /// Embeddings for per-call RoPE overrides, kept so that decoding with one does not
-    /// rebuild its cos/sin table every step.
-    rope_overrides: Arc<Mutex<Vec<(RopeScaling, RotaryEmbedding)>>>,
+    /// The rotary embedding of each kind of layer (`Config::attention_kinds`).
+    ropes: Vec<RotaryEmbedding>,
+    /// Embeddings for per-call RoPE overrides, by kind, kept so that decoding with one
+    /// does not rebuild its cos/sin table every step.
+    rope_overrides: Arc<Mutex<Vec<(usize, RopeScaling, RotaryEmbedding)>>>,
     cfg: Config,
 }
 
 /// Distinct per-call RoPE overrides kept per model; the oldest is dropped first.
 const ROPE_OVERRIDES_KEPT: usize = 4;
 
-impl Llama {
+impl Decoder {
     pub fn load(vb: &Weights, cfg: &Config) -> Result<Self> {
         let vb_m = vb.pp("model");
         let embed_weight = vb_m
@@ -325,14 +404,18 @@ impl Llama {
             linear(&vb.pp("lm_head"), cfg.hidden_size, cfg.vocab_size, false)?
         };
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::load(&vb_m.pp("layers").pp(i), cfg))
+            .map(|i| DecoderLayer::load(&vb_m.pp("layers").pp(i), cfg, i))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             embed_tokens: Embedding::new(embed_weight, cfg.hidden_size),
             layers,
-            norm: RmsNorm::load(&vb_m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+            norm: RmsNorm::load(&vb_m.pp("norm"), cfg.hidden_size, cfg)?,
             lm_head,
-            rope: RotaryEmbedding::new(cfg),
+            ropes: cfg
+                .attention_kinds
+                .iter()
+                .map(|k| RotaryEmbedding::new(&k.rope))
+                .collect(),
             rope_overrides: Arc::default(),
             cfg: cfg.clone(),
         })
@@ -342,25 +425,40 @@ impl Llama {
         &self.cfg
     }
 
-    /// The rotary embedding for `scaling`, or the model's own for `None`.
-    pub fn rope_for(&self, scaling: Option<RopeScaling>) -> Cow<'_, RotaryEmbedding> {
+    /// The rotary embedding of layers of `kind` under `scaling`, or their own for `None`.
+    pub fn rope_for(&self, kind: usize, scaling: Option<&RopeScaling>) -> Cow<'_, RotaryEmbedding> {
         let Some(scaling) = scaling else {
-            return Cow::Borrowed(&self.rope);
+            return Cow::Borrowed(&self.ropes[kind]);
         };
         let mut kept = self
             .rope_overrides
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if let Some((_, rope)) = kept.iter().find(|(s, _)| *s == scaling) {
+        if let Some((_, _, rope)) = kept.iter().find(|(k, s, _)| *k == kind && s == scaling) {
             return Cow::Owned(rope.clone());
         }
-        let rope =
-            RotaryEmbedding::with_params(self.cfg.head_dim, self.cfg.rope_theta, Some(&scaling));
+        let own = &self.cfg.attention_kinds[kind].rope;
+        let rope = RotaryEmbedding::with_params(own.rotary_dim, own.theta, Some(scaling));
         if kept.len() == ROPE_OVERRIDES_KEPT {
             kept.remove(0);
         }
-        kept.push((scaling, rope.clone()));
+        kept.push((kind, scaling.clone(), rope.clone()));
         Cow::Owned(rope)
+    }
+
+    /// The attention settings of layers of `kind` in a call made with `call`: the
+    /// block's scale and soft-cap, the kind's window, and SelfExtend and the per-call
+    /// RoPE scaling only where the kind extends (see [`Config::extends`]).
+    pub fn layer_params(&self, kind: usize, call: &AttentionParams) -> AttentionParams {
+        let extends = self.cfg.extends(kind);
+        AttentionParams {
+            scale: self.cfg.block.attention_scale,
+            self_extend: call.self_extend.filter(|_| extends),
+            sliding_window: self.cfg.attention_kinds[kind].sliding_window,
+            softcap: self.cfg.block.attn_logit_softcap,
+            rope_scaling: call.rope_scaling.clone().filter(|_| extends),
+            ..call.clone()
+        }
     }
 
     pub fn dtype(&self) -> DType {
@@ -388,7 +486,7 @@ impl Llama {
         self.forward_checked(input_ids, cache, params, logits_for, &mut || Ok(()))
     }
 
-    /// [`Llama::forward`], calling `between_layers` after each layer; an error from it
+    /// [`Decoder::forward`], calling `between_layers` after each layer; an error from it
     /// (an interrupt) abandons the call. The cache then holds this call's positions
     /// for some layers only, so it must be discarded.
     pub fn forward_checked(
@@ -401,12 +499,29 @@ impl Llama {
     ) -> Result<Tensor> {
         let seq_len = input_ids.dim(1)?;
         let kv_len = cache.len() + seq_len;
-        let rope = self.rope_for(params.rope_scaling);
-        let rope = rope.at_length(params.rope_length.unwrap_or(kv_len).max(kv_len));
-        let positions = Positions::new(&rope, seq_len, kv_len);
+        let rope_length = params.rope_length.unwrap_or(kv_len).max(kv_len);
+        // Each kind of layer has its own settings, rotary embedding and position tables.
+        let kinds: Vec<AttentionParams> = (0..self.cfg.attention_kinds.len())
+            .map(|kind| self.layer_params(kind, params))
+            .collect();
+        let ropes: Vec<_> = kinds
+            .iter()
+            .enumerate()
+            .map(|(kind, p)| self.rope_for(kind, p.rope_scaling.as_ref()))
+            .collect();
+        let ropes: Vec<_> = ropes.iter().map(|r| r.at_length(rope_length)).collect();
+        let positions: Vec<Positions> = ropes
+            .iter()
+            .map(|rope| Positions::new(rope, seq_len, kv_len))
+            .collect();
         let mut xs = self.embed_tokens.forward(input_ids)?;
+        if let Some(scale) = self.cfg.block.embedding_scale {
+            let scale = rounded_to(scale, xs.dtype());
+            xs = (xs * scale)?;
+        }
         for (idx, layer) in self.layers.iter().enumerate() {
-            xs = layer.forward(&xs, cache.layer_mut(idx), &positions, params)?;
+            let kind = layer.kind;
+            xs = layer.forward(&xs, cache.layer_mut(idx), &positions[kind], &kinds[kind])?;
             between_layers()?;
         }
         let first = match logits_for {
@@ -418,8 +533,22 @@ impl Llama {
             xs = xs.narrow(1, first, seq_len - first)?;
         }
         let xs = self.norm.forward(&xs)?;
-        let logits = self.lm_head.forward(&xs)?;
+        let logits = self.lm_head.forward(&xs)?.to_dtype(DType::F32)?;
         debug_assert_eq!(logits.dim(D::Minus1)?, self.cfg.vocab_size);
-        Ok(logits.to_dtype(DType::F32)?)
+        Ok(match self.cfg.block.final_logit_softcap {
+            Some(cap) => ((logits / cap)?.tanh()? * cap)?,
+            None => logits,
+        })
+    }
+}
+
+/// `x` as the nearest value of `dtype`: `transformers` casts Gemma's embedding scale
+/// to the activations' dtype before multiplying.
+fn rounded_to(x: f64, dtype: DType) -> f64 {
+    match dtype {
+        DType::BF16 => half::bf16::from_f64(x).to_f64(),
+        DType::F16 => half::f16::from_f64(x).to_f64(),
+        DType::F32 => x as f32 as f64,
+        _ => x,
     }
 }

@@ -1,0 +1,48 @@
+//! Llama 2, 3, 3.1 and 3.2, and models that reuse its architecture (SmolLM).
+
+use super::{gguf_base, hf_base, Family, GgufLayout, HfDefaults};
+use crate::config::{Config, HfConfig, RopeScaling};
+use crate::error::Result;
+use crate::loader::gguf::ArchMetadata;
+
+pub(super) static FAMILY: Family = Family {
+    model_type: "llama",
+    architectures: &["LlamaForCausalLM"],
+    gguf_arch: Some("llama"),
+    from_hf,
+    from_gguf,
+    gguf: GgufLayout {
+        permute_qk: true,
+        norm_offset: 0.0,
+    },
+};
+
+fn from_hf(c: &HfConfig) -> Result<Config> {
+    let defaults = HfDefaults {
+        rms_norm_eps: 1e-6,
+        rope_theta: 10_000.0,
+        tie_word_embeddings: false,
+        head_dim: None,
+    };
+    let mut cfg = hf_base(c, "llama", &defaults)?;
+    let attention_bias = c.bool("attention_bias")?.unwrap_or(false);
+    cfg.block.qkv_bias = attention_bias;
+    cfg.block.o_bias = attention_bias;
+    cfg.block.mlp_bias = c.bool("mlp_bias")?.unwrap_or(false);
+    Ok(cfg)
+}
+
+/// Also the GGUF of Mistral, which llama.cpp converts to the `llama` arch. Llama 3.1
+/// files carry their RoPE scaling as one divisor per frequency (`rope_freqs.weight`).
+fn from_gguf(m: &ArchMetadata) -> Result<Config> {
+    let mut cfg = gguf_base(m, "llama")?;
+    cfg.block.qkv_bias = m.has_tensor("blk.0.attn_q.bias");
+    cfg.block.o_bias = m.has_tensor("blk.0.attn_output.bias");
+    cfg.block.mlp_bias = m.has_tensor("blk.0.ffn_up.bias");
+    if let Some(factors) = m.tensor_values("rope_freqs.weight")? {
+        cfg.attention_kinds[0].rope.scaling = Some(RopeScaling::Frequencies {
+            factors: factors.into(),
+        });
+    }
+    Ok(cfg)
+}
