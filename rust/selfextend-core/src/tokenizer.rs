@@ -151,6 +151,9 @@ pub mod gguf {
     /// The Llama 3 ("llama-bpe") pre-tokenizer split.
     const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+    /// Qwen2's split ("qwen2" and its derivatives): Llama 3's with one digit per piece.
+    const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
     struct Meta<'a> {
         map: &'a BTreeMap<String, Value>,
         path: &'a Path,
@@ -312,18 +315,27 @@ pub mod gguf {
         let pre_tokenizer: PreTokenizerWrapper = match pre {
             "default" | "gpt2" | "gpt-2" => byte_level.into(),
             "smollm" => Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
-            "llama-bpe" | "llama3" => {
+            "llama-bpe" | "llama3" | "llama-v3" | "qwen2" | "deepseek-r1-qwen" => {
+                let regex = match pre {
+                    "qwen2" | "deepseek-r1-qwen" => QWEN2_SPLIT,
+                    _ => LLAMA3_SPLIT,
+                };
                 let split = Split::new(
-                    SplitPattern::Regex(LLAMA3_SPLIT.into()),
+                    SplitPattern::Regex(regex.into()),
                     SplitDelimiterBehavior::Isolated,
                     false,
                 )
                 .map_err(|e| meta.err(e.to_string()))?;
-                Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into()
+                Sequence::new(vec![
+                    split.into(),
+                    ByteLevel::new(false, true, false).into(),
+                ])
+                .into()
             }
             other => {
                 return Err(meta.err(format!(
-                    "pre-tokenizer '{other}' is not supported (supported: default, gpt2, smollm, llama-bpe)"
+                    "pre-tokenizer '{other}' is not supported (supported: default, gpt2, smollm, \
+                     llama-bpe, qwen2, deepseek-r1-qwen)"
                 )))
             }
         };
@@ -458,10 +470,10 @@ mod tests {
             &["a"],
             vec![
                 ("tokenizer.ggml.merges", Value::Array(vec![])),
-                ("tokenizer.ggml.pre", Value::String("qwen2".into())),
+                ("tokenizer.ggml.pre", Value::String("tekken".into())),
             ],
         );
         let err = super::gguf::from_metadata(&m, Path::new("t.gguf")).unwrap_err();
-        assert!(err.to_string().contains("'qwen2'"), "{err}");
+        assert!(err.to_string().contains("'tekken'"), "{err}");
     }
 }

@@ -5,10 +5,10 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{max_rel_diff, tiny_config, tiny_model, Rng};
+use common::{max_rel_diff, tiny_config, tiny_mixed_config, tiny_model, Rng};
 use selfextend_core::generate::{generate, FinishReason, GenerateOptions};
 use selfextend_core::model::LogitsFor;
-use selfextend_core::{Error, RopeScaling, SelfExtend};
+use selfextend_core::{AttentionBackend, Config, Error, Model, RopeScaling, SelfExtend};
 
 fn ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
     let mut rng = Rng::new(seed);
@@ -23,7 +23,58 @@ fn no_progress() -> impl FnMut(usize, usize) -> selfextend_core::Result<()> {
 fn prefill_chunks_and_decode_agree() {
     for (kv_heads, tie) in [(2, false), (4, true), (1, false)] {
         let cfg = tiny_config(kv_heads, tie);
-        let model = tiny_model(&cfg, 7);
+        check_chunks_and_decode(&tiny_model(&cfg, 7), &cfg, &format!("kv {kv_heads}"));
+    }
+}
+
+#[test]
+fn mixed_layers_agree_across_chunks_decode_and_backends() {
+    let cfg = tiny_mixed_config();
+    let mut model = tiny_model(&cfg, 9);
+    check_chunks_and_decode(&model, &cfg, "mixed");
+    let tokens = ids(70, cfg.vocab_size, 12);
+    let logits = |model: &Model, se| {
+        let params = model.attention_params(se);
+        model
+            .logits(&tokens, &params, Some(16), &mut no_progress())
+            .unwrap()
+    };
+    for se in [None, Some(SelfExtend::new(3, 6).unwrap())] {
+        let fused = logits(&model, se);
+        for backend in [AttentionBackend::Naive, AttentionBackend::TILED] {
+            model.set_attention_backend(Some(backend));
+            let err = max_rel_diff(&logits(&model, se), &fused);
+            assert!(err < 1e-5, "{backend:?} se {se:?}: {err}");
+        }
+        model.set_attention_backend(None);
+    }
+}
+
+#[test]
+fn self_extend_applies_to_global_layers_only() {
+    let mut cfg = tiny_mixed_config();
+    let model = tiny_model(&cfg, 9);
+    let call = model.attention_params(Some(SelfExtend::new(3, 6).unwrap()));
+    let decoder = model.decoder();
+    let (global, local) = (
+        decoder.layer_params(0, &call),
+        decoder.layer_params(1, &call),
+    );
+    assert!(global.self_extend.is_some() && global.sliding_window.is_none());
+    assert!(local.self_extend.is_none() && local.sliding_window == Some(5));
+    assert_eq!(cfg.extended_layers(), [0, 2]);
+    // A declared window longer than the trained context does not protect the layer.
+    cfg.attention_kinds[1].sliding_window = Some(cfg.max_position_embeddings + 1);
+    assert_eq!(cfg.extended_layers(), [0, 1, 2]);
+    let model = tiny_model(&cfg, 9);
+    let local = model.decoder().layer_params(1, &call);
+    assert!(local.self_extend.is_some() && local.sliding_window.is_some());
+}
+
+/// Full prefill, prefill in chunks of several sizes, and prefill then token-by-token
+/// decode give the same logits, with and without SelfExtend.
+fn check_chunks_and_decode(model: &Model, cfg: &Config, what: &str) {
+    {
         let tokens = ids(70, cfg.vocab_size, 11);
         for se in [None, Some((2, 4)), Some((3, 5)), Some((4, 16))] {
             let se = se.map(|(g, w)| SelfExtend::new(g, w).unwrap());
@@ -45,7 +96,7 @@ fn prefill_chunks_and_decode_agree() {
                     )
                     .unwrap();
                 let err = max_rel_diff(&chunked, &full);
-                assert!(err < 1e-5, "kv {kv_heads} se {se:?} chunk {chunk}: {err}");
+                assert!(err < 1e-5, "{what} se {se:?} chunk {chunk}: {err}");
             }
             // Decode: prefill 10 tokens, then feed one at a time through the cache.
             let params = model.attention_params(se);
@@ -75,7 +126,7 @@ fn prefill_chunks_and_decode_agree() {
                 );
             }
             let err = max_rel_diff(&decoded, &full);
-            assert!(err < 1e-5, "kv {kv_heads} se {se:?} decode: {err}");
+            assert!(err < 1e-5, "{what} se {se:?} decode: {err}");
         }
     }
 }
