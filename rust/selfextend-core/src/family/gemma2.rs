@@ -42,6 +42,9 @@ fn from_hf(c: &HfConfig) -> Result<Config> {
     cfg.block.final_logit_softcap =
         c.f64("final_logit_softcapping")?
             .or(default_cap(c, "final_logit_softcapping", 30.0));
+    let attention_bias = c.bool("attention_bias")?.unwrap_or(false);
+    cfg.block.qkv_bias = attention_bias;
+    cfg.block.o_bias = attention_bias;
     let n = cfg.num_hidden_layers;
     let sliding = hf_layer_types(c, n)?.unwrap_or_else(|| (0..n).map(|i| i % 2 == 0).collect());
     let window = usize_or(c, "sliding_window", Some(4096))?;

@@ -48,6 +48,9 @@ fn from_hf(c: &HfConfig) -> Result<Config> {
     // `transformers` keeps Gemma 3's `attn_logit_softcapping` but never applies it (and
     // llama.cpp's converter requires it to be null): no cap on scores.
     cfg.block.final_logit_softcap = c.f64("final_logit_softcapping")?;
+    let attention_bias = c.bool("attention_bias")?.unwrap_or(false);
+    cfg.block.qkv_bias = attention_bias;
+    cfg.block.o_bias = attention_bias;
     let n = cfg.num_hidden_layers;
     let sliding = match hf_layer_types(c, n)? {
         Some(types) => types,
