@@ -1,10 +1,21 @@
-"""Tiny random Llama checkpoints in the Hugging Face layout, for tests and smoke runs.
+"""Tiny random checkpoints in the Hugging Face layout, for tests and smoke runs.
 
 Each checkpoint is a directory with config.json, tokenizer.json (a byte-level BPE
 trained here) and model.safetensors, or shards plus model.safetensors.index.json.
 Weights are random but scaled so attention is sharp: positions change the output.
 
-    python tests/tiny_models.py OUT_DIR [--name gqa]
+Two kinds of checkpoint:
+- CONFIGS (and WIDE_CONFIGS, BENCH_CONFIGS): Llama checkpoints whose config.json is
+  written here;
+- FAMILIES: one checkpoint per supported model family (Llama 3.1, Qwen2, Qwen3,
+  Mistral, Gemma 2, Gemma 3, Phi-3). Their config.json is a fixture in tests/configs,
+  written by transformers itself (tests/configs/generate.py), in the transformers 4.x
+  style ("v4": rope_theta/rope_scaling) or the 5.x style ("v5": rope_parameters); both
+  styles describe the same model and give the same weights. Tensor names are the
+  Hugging Face ones of each family (fused qkv_proj/gate_up_proj for Phi-3, q/k norms
+  for Qwen3 and Gemma 3, four norms per layer for Gemma).
+
+    python tests/tiny_models.py OUT_DIR [--name gqa] [--style v5]
 """
 
 from __future__ import annotations
@@ -12,11 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 from safetensors.numpy import save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -83,10 +94,63 @@ BENCH_CONFIGS: dict[str, dict[str, Any]] = {
 ALL_CONFIGS = {**CONFIGS, **WIDE_CONFIGS, **BENCH_CONFIGS}
 SHARDED = {"llama3": np.float16}
 
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# Family checkpoints: name -> the Hugging Face architecture its fixture declares. Kept
+# out of CONFIGS (the existing suites iterate CONFIGS); tests/test_families.py uses these.
+FAMILIES: dict[str, str] = {
+    "llama31": "LlamaForCausalLM",       # Llama 3.1 RoPE scaling, GQA, untied
+    "qwen2": "Qwen2ForCausalLM",         # q/k/v biases; layer 0 global, layers 1-2 sliding (8)
+    "qwen3": "Qwen3ForCausalLM",         # q/k RMSNorm over head_dim (24), tied
+    "mistral": "MistralForCausalLM",     # sliding window 8 < trained context 32, MQA
+    "mistral-wide": "MistralForCausalLM",  # sliding window 48 > trained context 32
+    "gemma2": "Gemma2ForCausalLM",       # sandwich norms, soft-capping, local/global layers
+    "gemma3": "Gemma3ForCausalLM",       # q/k norms, per-layer-type RoPE, local/global layers
+    "phi3": "Phi3ForCausalLM",           # fused qkv/gate_up, partial rotary, LongRoPE
+}
+STYLES = ("v4", "v5")
+# Config overrides (v4 vocabulary) under which a family's GGUF, written the way llama.cpp's
+# converter writes it (tests/gguf_files.py), describes the same model as the safetensors:
+# a GGUF has no key for Qwen2's or Mistral's sliding window, for Gemma's
+# query_pre_attn_scalar (llama.cpp uses 1/sqrt(head_dim)), for Gemma 3's layer pattern
+# (llama.cpp: every 6th layer global) or its local RoPE base (llama.cpp: 10000).
+GGUF_EXPRESSIBLE: dict[str, dict[str, Any]] = {
+    "llama31": {},
+    "qwen2": {"use_sliding_window": False, "sliding_window": None,
+              "layer_types": ["full_attention"] * 3},
+    "qwen3": {},
+    "mistral": {"sliding_window": None},
+    "mistral-wide": {"sliding_window": None},
+    "gemma2": {"query_pre_attn_scalar": 16},
+    "gemma3": {"query_pre_attn_scalar": 16, "rope_local_base_freq": 10000.0,
+               "num_hidden_layers": 6, "sliding_window_pattern": 6, "_sliding_window_pattern": 6,
+               "layer_types": ["sliding_attention"] * 5 + ["full_attention"]},
+    "phi3": {},
+}
+# Families whose tokenizer.json uses their real pre-tokenizer split regex; the others use
+# the byte-level tokenizer of CONFIGS.
+FAMILY_TOKENIZERS = {"qwen2": "qwen2", "llama31": "llama3"}
+SPLIT_PATTERNS = {
+    # Qwen2 / Qwen2.5 / Qwen3 tokenizer.json: digits one at a time.
+    "qwen2": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+              r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+    # Llama 3 tokenizer.json: digits in groups of up to three.
+    "llama3": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+}
 
-def build_tokenizer() -> Tokenizer:
+
+def build_tokenizer(kind: str = "bytelevel") -> Tokenizer:
+    """A BPE trained on CORPUS. `kind` picks the pre-tokenizer: "bytelevel" (GPT-2's
+    regex, inside the ByteLevel step) or a SPLIT_PATTERNS key (that model's Split regex,
+    then ByteLevel without its own regex, as in Qwen2's and Llama 3's tokenizer.json)."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if kind == "bytelevel":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(SPLIT_PATTERNS[kind]), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=320,
@@ -135,9 +199,102 @@ def random_weights(cfg: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
     return w
 
 
-def write_checkpoint(out: Path, name: str = "gqa", seed: int = 0) -> Path:
-    """Writes the named tiny checkpoint into `out` and returns `out`."""
+def family_config(name: str, style: str = "v4") -> dict[str, Any]:
+    """The fixture config.json of a family checkpoint, in the given style."""
+    if name not in FAMILIES:
+        raise KeyError(f"unknown family {name!r}; known: {sorted(FAMILIES)}")
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, not {style!r}")
+    return json.loads((CONFIG_DIR / f"{name}.{style}.json").read_text())
+
+
+def family_weights(name: str, cfg: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
+    """Random weights with the Hugging Face tensor names of the family. Only shapes are
+    read from `cfg` (the same in both fixture styles), so both styles get the same
+    weights. Gemma's norms store w and compute x * (1 + w): their weights are drawn
+    around 0, the others' around 1, so a missing or doubled offset shows."""
+    rng = np.random.default_rng(seed)
+    model_type = cfg["model_type"]
+    gemma = model_type in ("gemma2", "gemma3_text")
+    h, i = cfg["hidden_size"], cfg["intermediate_size"]
+    nq, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg.get("head_dim") or h // nq
+    vocab = cfg["vocab_size"]
+
+    def u(shape: tuple[int, ...], scale: float) -> np.ndarray:
+        return rng.uniform(-scale, scale, size=shape).astype(np.float32)
+
+    def norm(n: int) -> np.ndarray:
+        return u((n,), 0.2) if gemma else 1 + u((n,), 0.2)
+
+    def qk_norm(n: int) -> np.ndarray:
+        # q/k norms make |q| = |k| = sqrt(head_dim) times the weight: larger weights
+        # keep the attention peaked (scores up to |q||k|/sqrt(d) ~ 13-20 rather than ~4-5).
+        return (1.0 if gemma else 2.0) + u((n,), 0.3)
+
+    w = {"model.embed_tokens.weight": u((vocab, h), 1.0), "model.norm.weight": norm(h)}
+    # transformers' default is tied: Gemma's 4.x config.json omits the key.
+    if not cfg.get("tie_word_embeddings", True):
+        w["lm_head.weight"] = u((vocab, h), 0.3)
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}"
+        q, k, v = u((nq * d, h), 0.45), u((nkv * d, h), 0.45), u((nkv * d, h), 0.3)
+        if model_type == "phi3":
+            w[f"{p}.self_attn.qkv_proj.weight"] = np.concatenate([q, k, v])
+        else:
+            w[f"{p}.self_attn.q_proj.weight"] = q
+            w[f"{p}.self_attn.k_proj.weight"] = k
+            w[f"{p}.self_attn.v_proj.weight"] = v
+        w[f"{p}.self_attn.o_proj.weight"] = u((h, nq * d), 0.3)
+        if model_type == "qwen2":  # q/k/v biases, no o_proj bias
+            for proj, n in [("q_proj", nq * d), ("k_proj", nkv * d), ("v_proj", nkv * d)]:
+                w[f"{p}.self_attn.{proj}.bias"] = u((n,), 0.2)
+        if model_type in ("qwen3", "gemma3_text"):
+            w[f"{p}.self_attn.q_norm.weight"] = qk_norm(d)
+            w[f"{p}.self_attn.k_norm.weight"] = qk_norm(d)
+        gate, up = u((i, h), 0.3), u((i, h), 0.3)
+        if model_type == "phi3":
+            w[f"{p}.mlp.gate_up_proj.weight"] = np.concatenate([gate, up])
+        else:
+            w[f"{p}.mlp.gate_proj.weight"] = gate
+            w[f"{p}.mlp.up_proj.weight"] = up
+        w[f"{p}.mlp.down_proj.weight"] = u((h, i), 0.3)
+        w[f"{p}.input_layernorm.weight"] = norm(h)
+        w[f"{p}.post_attention_layernorm.weight"] = norm(h)
+        if gemma:
+            w[f"{p}.pre_feedforward_layernorm.weight"] = norm(h)
+            w[f"{p}.post_feedforward_layernorm.weight"] = norm(h)
+    return w
+
+
+def _write_family(out: Path, name: str, seed: int, style: str,
+                  overrides: Optional[dict[str, Any]]) -> None:
+    tok = build_tokenizer(FAMILY_TOKENIZERS.get(name, "bytelevel"))
+    tok.save(str(out / "tokenizer.json"))
+    if overrides:
+        cfg = {**family_config(name, style), **overrides}
+        (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    else:
+        # Byte for byte what transformers wrote.
+        (out / "config.json").write_text((CONFIG_DIR / f"{name}.{style}.json").read_text())
+        cfg = family_config(name, style)
+    assert cfg["vocab_size"] == tok.get_vocab_size(), "regenerate tests/configs"
+    save_file(family_weights(name, cfg, seed), str(out / "model.safetensors"))
+
+
+def write_checkpoint(out: Path, name: str = "gqa", seed: int = 0, style: str = "v4",
+                     overrides: Optional[dict[str, Any]] = None) -> Path:
+    """Writes the named tiny checkpoint into `out` and returns `out`.
+
+    For a FAMILIES name, `style` picks the config fixture ("v4" or "v5"), and
+    `overrides` (top-level config.json keys, in that style's vocabulary) changes the
+    model; the weights depend on the name, the seed and the shapes only."""
     out.mkdir(parents=True, exist_ok=True)
+    if name in FAMILIES:
+        _write_family(out, name, seed, style, overrides)
+        return out
+    if style != "v4" or overrides:
+        raise ValueError(f"{name!r} has no config styles or overrides; only FAMILIES do")
     tok = build_tokenizer()
     tok.save(str(out / "tokenizer.json"))
     cfg: dict[str, Any] = {
@@ -171,10 +328,11 @@ def write_checkpoint(out: Path, name: str = "gqa", seed: int = 0) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="directory to write the checkpoint into")
-    parser.add_argument("--name", choices=sorted(ALL_CONFIGS), default="gqa")
+    parser.add_argument("--name", choices=sorted({**ALL_CONFIGS, **FAMILIES}), default="gqa")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--style", choices=STYLES, default="v4", help="config.json style (FAMILIES only)")
     args = parser.parse_args()
-    print(write_checkpoint(args.out, args.name, args.seed))
+    print(write_checkpoint(args.out, args.name, args.seed, args.style))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from selfextend_rs._native import (  # noqa: E402
     TextStream,
     Tokenizer,
     TokenizerError,
+    UnsupportedModelError,
     __version__,
     cuda_available,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "TextStream",
     "Tokenizer",
     "TokenizerError",
+    "UnsupportedModelError",
     "__version__",
     "cuda_available",
     "default_model",

@@ -20,6 +20,13 @@ pyo3::create_exception!(
 );
 pyo3::create_exception!(
     selfextend_rs,
+    UnsupportedModelError,
+    ModelLoadError,
+    "The model is of a family, or uses a feature (a RoPE scaling, a config field, a GGUF \
+     architecture or tokenizer), that selfextend_rs does not implement; the message names it."
+);
+pyo3::create_exception!(
+    selfextend_rs,
     TokenizerError,
     SelfExtendError,
     "Encoding or decoding text failed."
@@ -84,10 +91,10 @@ pub fn invalid_argument(msg: impl Into<String>) -> PyErr {
 pub fn to_py(err: Error, during_load: bool) -> PyErr {
     let msg = err.to_string();
     match err {
-        Error::Io { .. }
-        | Error::Config { .. }
-        | Error::Unsupported { .. }
-        | Error::Weights { .. } => ModelLoadError::new_err(msg),
+        Error::Io { .. } | Error::Config { .. } | Error::Weights { .. } => {
+            ModelLoadError::new_err(msg)
+        }
+        Error::Unsupported { .. } => UnsupportedModelError::new_err(msg),
         Error::Tokenizer { .. } if during_load => ModelLoadError::new_err(msg),
         Error::Tokenizer { .. } => TokenizerError::new_err(msg),
         Error::InvalidArgument { .. } => invalid_argument(msg),
@@ -102,6 +109,10 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("SelfExtendError", py.get_type::<SelfExtendError>())?;
     m.add("ModelLoadError", py.get_type::<ModelLoadError>())?;
+    m.add(
+        "UnsupportedModelError",
+        py.get_type::<UnsupportedModelError>(),
+    )?;
     m.add("TokenizerError", py.get_type::<TokenizerError>())?;
     m.add("OutOfMemoryError", py.get_type::<OutOfMemoryError>())?;
     m.add("InferenceError", py.get_type::<InferenceError>())?;

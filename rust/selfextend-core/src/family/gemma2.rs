@@ -29,6 +29,8 @@ fn from_hf(c: &HfConfig) -> Result<Config> {
         rope_theta: 10_000.0,
         tie_word_embeddings: true,
         head_dim: Some(256),
+        vocab_size: None,
+        max_position_embeddings: None,
     };
     let mut cfg = hf_base(c, "gemma2", &defaults)?;
     super::check_activation(c, "hidden_activation", "gelu_pytorch_tanh")?;

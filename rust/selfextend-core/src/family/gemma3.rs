@@ -32,6 +32,8 @@ fn from_hf(c: &HfConfig) -> Result<Config> {
         rope_theta: 1_000_000.0,
         tie_word_embeddings: true,
         head_dim: Some(256),
+        vocab_size: Some(262_208),
+        max_position_embeddings: Some(131_072),
     };
     let mut cfg = hf_base(c, "gemma3_text", &defaults)?;
     super::check_activation(c, "hidden_activation", "gelu_pytorch_tanh")?;

@@ -23,6 +23,8 @@ fn from_hf(c: &HfConfig) -> Result<Config> {
         rope_theta: 10_000.0,
         tie_word_embeddings: false,
         head_dim: None,
+        vocab_size: None,
+        max_position_embeddings: None,
     };
     let mut cfg = hf_base(c, "llama", &defaults)?;
     let attention_bias = c.bool("attention_bias")?.unwrap_or(false);

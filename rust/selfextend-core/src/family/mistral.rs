@@ -26,6 +26,8 @@ fn from_hf(c: &HfConfig) -> Result<Config> {
         rope_theta: 10_000.0,
         tie_word_embeddings: false,
         head_dim: None,
+        vocab_size: None,
+        max_position_embeddings: None,
     };
     let mut cfg = hf_base(c, "mistral", &defaults)?;
     cfg.attention_kinds[0].sliding_window = usize_or(c, "sliding_window", Some(4096))?;

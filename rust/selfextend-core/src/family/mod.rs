@@ -74,7 +74,14 @@ pub(crate) fn from_hf(c: &HfConfig) -> Result<Config> {
             .nested("text_config")?
             .ok_or_else(|| c.err("model_type 'gemma3' needs a `text_config`"))?;
         check_quantization(c)?;
-        return from_hf_family(&gemma3::FAMILY, &text, None);
+        let mut cfg = from_hf_family(&gemma3::FAMILY, &text, None)?;
+        if cfg.bos_token_id.is_none() {
+            cfg.bos_token_id = c.token_ids("bos_token_id")?.first().copied();
+        }
+        if cfg.eos_token_ids.is_empty() {
+            cfg.eos_token_ids = c.token_ids("eos_token_id")?;
+        }
+        return Ok(cfg);
     }
     let family = FAMILIES
         .iter()
@@ -141,6 +148,10 @@ pub(crate) struct HfDefaults {
     pub tie_word_embeddings: bool,
     /// `None`: `hidden_size / num_attention_heads`.
     pub head_dim: Option<usize>,
+    /// Defaults for fields some families' released configs leave out (Gemma 3's
+    /// `text_config`); `None`: required.
+    pub vocab_size: Option<usize>,
+    pub max_position_embeddings: Option<usize>,
 }
 
 /// The [`Config`] every family starts from: the shared dimensions, a Llama block with
@@ -161,7 +172,13 @@ pub(crate) fn hf_base(c: &HfConfig, model_type: &'static str, d: &HfDefaults) ->
         }
     };
     check_activation(c, "hidden_act", "silu")?;
-    let max_position_embeddings = c.required_usize("max_position_embeddings")?;
+    let required = |key: &str, default: Option<usize>| -> Result<usize> {
+        match c.usize(key)?.or(default) {
+            Some(n) => Ok(n),
+            None => c.required_usize(key),
+        }
+    };
+    let max_position_embeddings = required("max_position_embeddings", d.max_position_embeddings)?;
     let rope = hf_rope(
         c,
         "full_attention",
@@ -179,7 +196,7 @@ pub(crate) fn hf_base(c: &HfConfig, model_type: &'static str, d: &HfDefaults) ->
     );
     Ok(Config {
         model_type,
-        vocab_size: c.required_usize("vocab_size")?,
+        vocab_size: required("vocab_size", d.vocab_size)?,
         hidden_size,
         intermediate_size: c.required_usize("intermediate_size")?,
         num_hidden_layers,

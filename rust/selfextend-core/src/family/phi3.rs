@@ -25,6 +25,8 @@ fn from_hf(c: &HfConfig) -> Result<Config> {
         rope_theta: 10_000.0,
         tie_word_embeddings: false,
         head_dim: None,
+        vocab_size: None,
+        max_position_embeddings: None,
     };
     let mut cfg = hf_base(c, "phi3", &defaults)?;
     cfg.block.fused_qkv = true;

@@ -24,6 +24,8 @@ fn from_hf(c: &HfConfig) -> Result<Config> {
         rope_theta: 10_000.0,
         tie_word_embeddings: false,
         head_dim: Some(128),
+        vocab_size: None,
+        max_position_embeddings: None,
     };
     let mut cfg = hf_base(c, "qwen3", &defaults)?;
     let attention_bias = c.bool("attention_bias")?.unwrap_or(false);

@@ -55,6 +55,33 @@ impl TensorSource for HashMap<String, Tensor> {
     }
 }
 
+/// A source whose tensors sit under other names: the decoder asks for
+/// `model.layers.0...`, a multimodal checkpoint stores its text model under a prefix.
+pub struct Renamed<S> {
+    pub source: S,
+    pub rename: fn(&str) -> String,
+}
+
+impl<S: TensorSource> TensorSource for Renamed<S> {
+    fn load(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        self.source.load(&(self.rename)(name), shape, dtype, device)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.source.contains(&(self.rename)(name))
+    }
+
+    fn load_quantized(
+        &self,
+        name: &str,
+        shape: &[usize],
+        device: &Device,
+    ) -> Result<Option<QTensor>> {
+        self.source
+            .load_quantized(&(self.rename)(name), shape, device)
+    }
+}
+
 /// A view of a [`TensorSource`] under a name prefix, with the dtype and device that
 /// loaded weights take.
 #[derive(Clone)]

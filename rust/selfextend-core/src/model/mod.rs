@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::loader::gguf::{GgufFile, GgufSource};
 use crate::loader::safetensors::SafetensorsSource;
-use crate::loader::Weights;
+use crate::loader::{Renamed, TensorSource, Weights};
 use crate::memory;
 use crate::tokenizer::Tokenizer;
 pub use decoder::{Decoder, LogitsFor};
@@ -154,7 +154,13 @@ impl Model {
         let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json"))?;
         let source = SafetensorsSource::open_dir(path)?;
         let dtype = dtype.unwrap_or(DType::F32);
-        let decoder = Decoder::load(&Weights::new(&source, dtype, device), &cfg)?;
+        let decoder = match text_model_prefix(&source) {
+            Some(rename) => Decoder::load(
+                &Weights::new(&Renamed { source, rename }, dtype, device),
+                &cfg,
+            )?,
+            None => Decoder::load(&Weights::new(&source, dtype, device), &cfg)?,
+        };
         let chat = hf_chat_template(path)?;
         Ok(Self {
             decoder,
@@ -537,6 +543,23 @@ pub fn resolve_chunk_size(chunk_size: Option<usize>) -> Result<usize> {
         )),
         Some(n) => Ok(n),
     }
+}
+
+/// Where a multimodal checkpoint (Gemma 3 4B and up) keeps its text model:
+/// `language_model.model.*` (transformers 4.x) or `model.language_model.*` (5.x).
+fn text_model_prefix(source: &SafetensorsSource) -> Option<fn(&str) -> String> {
+    const EMBED: &str = "model.embed_tokens.weight";
+    if source.contains(EMBED) {
+        return None;
+    }
+    let v4: fn(&str) -> String = |name| format!("language_model.{name}");
+    let v5: fn(&str) -> String = |name| match name.strip_prefix("model.") {
+        Some(rest) => format!("model.language_model.{rest}"),
+        None => name.to_string(),
+    };
+    [v4, v5]
+        .into_iter()
+        .find(|rename| source.contains(&rename(EMBED)))
 }
 
 fn is_gguf(path: &Path) -> bool {
