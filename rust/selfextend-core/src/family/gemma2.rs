@@ -17,20 +17,14 @@ pub(super) static FAMILY: Family = Family {
     gguf_arch: Some("gemma2"),
     from_hf,
     from_gguf,
-    gguf: GgufLayout {
-        permute_qk: false,
-        norm_offset: 1.0,
-    },
+    gguf: GgufLayout::GEMMA,
 };
 
 fn from_hf(c: &HfConfig) -> Result<Config> {
     let defaults = HfDefaults {
-        rms_norm_eps: 1e-6,
-        rope_theta: 10_000.0,
         tie_word_embeddings: true,
         head_dim: Some(256),
-        vocab_size: None,
-        max_position_embeddings: None,
+        ..HfDefaults::LLAMA
     };
     let mut cfg = hf_base(c, "gemma2", &defaults)?;
     super::check_activation(c, "hidden_activation", "gelu_pytorch_tanh")?;

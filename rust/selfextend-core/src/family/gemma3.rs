@@ -18,22 +18,19 @@ pub(super) static FAMILY: Family = Family {
     gguf_arch: Some("gemma3"),
     from_hf,
     from_gguf,
-    gguf: GgufLayout {
-        permute_qk: false,
-        norm_offset: 1.0,
-    },
+    gguf: GgufLayout::GEMMA,
 };
 
 const LOCAL_BASE: f64 = 10_000.0;
 
 fn from_hf(c: &HfConfig) -> Result<Config> {
     let defaults = HfDefaults {
-        rms_norm_eps: 1e-6,
         rope_theta: 1_000_000.0,
         tie_word_embeddings: true,
         head_dim: Some(256),
         vocab_size: Some(262_208),
         max_position_embeddings: Some(131_072),
+        ..HfDefaults::LLAMA
     };
     let mut cfg = hf_base(c, "gemma3_text", &defaults)?;
     super::check_activation(c, "hidden_activation", "gelu_pytorch_tanh")?;

@@ -11,21 +11,11 @@ pub(super) static FAMILY: Family = Family {
     gguf_arch: Some("llama"),
     from_hf,
     from_gguf,
-    gguf: GgufLayout {
-        permute_qk: true,
-        norm_offset: 0.0,
-    },
+    gguf: GgufLayout::PERMUTED,
 };
 
 fn from_hf(c: &HfConfig) -> Result<Config> {
-    let defaults = HfDefaults {
-        rms_norm_eps: 1e-6,
-        rope_theta: 10_000.0,
-        tie_word_embeddings: false,
-        head_dim: None,
-        vocab_size: None,
-        max_position_embeddings: None,
-    };
+    let defaults = HfDefaults::LLAMA;
     let mut cfg = hf_base(c, "llama", &defaults)?;
     let attention_bias = c.bool("attention_bias")?.unwrap_or(false);
     cfg.block.qkv_bias = attention_bias;

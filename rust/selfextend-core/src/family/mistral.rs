@@ -14,21 +14,11 @@ pub(super) static FAMILY: Family = Family {
     gguf_arch: None,
     from_hf,
     from_gguf: |m| (super::llama::FAMILY.from_gguf)(m),
-    gguf: GgufLayout {
-        permute_qk: true,
-        norm_offset: 0.0,
-    },
+    gguf: GgufLayout::PERMUTED,
 };
 
 fn from_hf(c: &HfConfig) -> Result<Config> {
-    let defaults = HfDefaults {
-        rms_norm_eps: 1e-6,
-        rope_theta: 10_000.0,
-        tie_word_embeddings: false,
-        head_dim: None,
-        vocab_size: None,
-        max_position_embeddings: None,
-    };
+    let defaults = HfDefaults::LLAMA;
     let mut cfg = hf_base(c, "mistral", &defaults)?;
     cfg.attention_kinds[0].sliding_window = usize_or(c, "sliding_window", Some(4096))?;
     Ok(cfg)

@@ -45,6 +45,24 @@ pub(crate) struct GgufLayout {
     pub norm_offset: f32,
 }
 
+impl GgufLayout {
+    /// The `llama` arch: q/k rows permuted.
+    pub const PERMUTED: Self = Self {
+        permute_qk: true,
+        norm_offset: 0.0,
+    };
+    /// Weights as in the Hugging Face checkpoint ("NeoX" RoPE in llama.cpp).
+    pub const AS_HF: Self = Self {
+        permute_qk: false,
+        norm_offset: 0.0,
+    };
+    /// Gemma: as in the checkpoint, norm weights stored as `1 + w`.
+    pub const GEMMA: Self = Self {
+        permute_qk: false,
+        norm_offset: 1.0,
+    };
+}
+
 const FAMILIES: [&Family; 7] = [
     &llama::FAMILY,
     &mistral::FAMILY,
@@ -152,6 +170,18 @@ pub(crate) struct HfDefaults {
     /// `text_config`); `None`: required.
     pub vocab_size: Option<usize>,
     pub max_position_embeddings: Option<usize>,
+}
+
+impl HfDefaults {
+    /// `LlamaConfig`'s, which most families share.
+    pub const LLAMA: Self = Self {
+        rms_norm_eps: 1e-6,
+        rope_theta: 10_000.0,
+        tie_word_embeddings: false,
+        head_dim: None,
+        vocab_size: None,
+        max_position_embeddings: None,
+    };
 }
 
 /// The [`Config`] every family starts from: the shared dimensions, a Llama block with

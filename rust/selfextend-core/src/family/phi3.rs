@@ -13,20 +13,13 @@ pub(super) static FAMILY: Family = Family {
     gguf_arch: Some("phi3"),
     from_hf,
     from_gguf,
-    gguf: GgufLayout {
-        permute_qk: false,
-        norm_offset: 0.0,
-    },
+    gguf: GgufLayout::AS_HF,
 };
 
 fn from_hf(c: &HfConfig) -> Result<Config> {
     let defaults = HfDefaults {
         rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        tie_word_embeddings: false,
-        head_dim: None,
-        vocab_size: None,
-        max_position_embeddings: None,
+        ..HfDefaults::LLAMA
     };
     let mut cfg = hf_base(c, "phi3", &defaults)?;
     cfg.block.fused_qkv = true;

@@ -13,21 +13,11 @@ pub(super) static FAMILY: Family = Family {
     gguf_arch: Some("qwen2"),
     from_hf,
     from_gguf,
-    gguf: GgufLayout {
-        permute_qk: false,
-        norm_offset: 0.0,
-    },
+    gguf: GgufLayout::AS_HF,
 };
 
 fn from_hf(c: &HfConfig) -> Result<Config> {
-    let defaults = HfDefaults {
-        rms_norm_eps: 1e-6,
-        rope_theta: 10_000.0,
-        tie_word_embeddings: false,
-        head_dim: None,
-        vocab_size: None,
-        max_position_embeddings: None,
-    };
+    let defaults = HfDefaults::LLAMA;
     let mut cfg = hf_base(c, "qwen2", &defaults)?;
     cfg.block.qkv_bias = true;
     super::qwen3::sliding_layers(c, &mut cfg, 28)?;

@@ -12,20 +12,13 @@ pub(super) static FAMILY: Family = Family {
     gguf_arch: Some("qwen3"),
     from_hf,
     from_gguf,
-    gguf: GgufLayout {
-        permute_qk: false,
-        norm_offset: 0.0,
-    },
+    gguf: GgufLayout::AS_HF,
 };
 
 fn from_hf(c: &HfConfig) -> Result<Config> {
     let defaults = HfDefaults {
-        rms_norm_eps: 1e-6,
-        rope_theta: 10_000.0,
-        tie_word_embeddings: false,
         head_dim: Some(128),
-        vocab_size: None,
-        max_position_embeddings: None,
+        ..HfDefaults::LLAMA
     };
     let mut cfg = hf_base(c, "qwen3", &defaults)?;
     let attention_bias = c.bool("attention_bias")?.unwrap_or(false);
