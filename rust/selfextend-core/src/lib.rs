@@ -22,7 +22,7 @@ pub mod attention;
 pub mod chat;
 pub mod config;
 pub mod error;
-mod family;
+pub mod family;
 pub mod generate;
 pub mod kv_cache;
 pub mod loader;
