@@ -120,3 +120,24 @@ def test_fused_kernel_at_real_head_dims(wide: dict[str, Path], name: str, dtype:
         for chunk in [None, 33, 64]:
             got = gpu.logits(ids, self_extend=setting, chunk_size=chunk)
             assert rel_err(got, want) < tol, (name, dtype, setting, chunk)
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gemma3", "qwen2", "phi3"])
+@pytest.mark.parametrize("attention", ["naive", "tiled", "fused"])
+def test_families_match_the_cpu(tmp_path: Path, name: str, attention: str,
+                                quiet_context: None) -> None:
+    """Sliding windows, soft-caps, q/k norms, per-layer RoPE, partial rotary and LongRoPE
+    on the GPU backends (the fused CUDA kernel hands windowed and soft-capped layers to
+    the tiled path)."""
+    from tiny_models import FAMILIES
+
+    assert name in FAMILIES
+    path = write_checkpoint(tmp_path / name, name, seed=11)
+    cpu = se.Model.load(path)
+    gpu = se.Model.load(path, device="cuda", attention=attention)
+    ids = random_ids(4 * cpu.config.trained_context + 7, cpu.config.vocab_size, seed=12)
+    for setting in [None, se.SelfExtend(2, 4), se.SelfExtend(3, 12)]:
+        want = cpu.logits(ids, self_extend=setting)
+        for chunk in [None, 13]:
+            got = gpu.logits(ids, self_extend=setting, chunk_size=chunk)
+            assert rel_err(got, want) < 1e-4, (name, attention, setting, chunk)
