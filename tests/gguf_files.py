@@ -277,6 +277,8 @@ def tokenizer_pre(tok: dict[str, Any]) -> str:
     pre = tok.get("pre_tokenizer") or {}
     for step in pre.get("pretokenizers", [pre]):
         regex = (step.get("pattern") or {}).get("Regex", "") if step.get("type") == "Split" else ""
+        if "\\p{Lu}" in regex:
+            return "gpt-4o"
         if "\\p{N}{1,3}" in regex:
             return "llama-bpe"
         if "\\p{N}|" in regex:

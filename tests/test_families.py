@@ -256,7 +256,7 @@ def test_gguf_file_round_trips_to_the_checkpoint(root: Path, name: str) -> None:
         assert "gemma3.final_logit_softcapping" not in kv
     if name == "qwen3":
         assert kv["qwen3.attention.key_length"] == 24
-    pre = {"qwen2": "qwen2", "llama31": "llama-bpe"}.get(name, "default")
+    pre = {"qwen2": "qwen2", "llama31": "llama-bpe", "phi3": "gpt-4o"}.get(name, "default")
     assert kv["tokenizer.ggml.pre"] == pre
 
 
@@ -344,13 +344,14 @@ def test_gguf_matches_safetensors(root: Path, name: str) -> None:
         assert_close(ours, ref.logits(ids, setting))
 
 
-@pytest.mark.parametrize("name", ["llama31", "qwen2", "qwen3"])
+@pytest.mark.parametrize("name", ["llama31", "qwen2", "qwen3", "phi3"])
 def test_gguf_tokenizer_matches_tokenizer_json(root: Path, name: str) -> None:
-    """tokenizer.ggml.pre "llama-bpe" / "qwen2" / "default" split text like the
-    tokenizer.json regexes (digits in threes, one by one, GPT-2 style)."""
+    """tokenizer.ggml.pre "llama-bpe" / "qwen2" / "default" / "gpt-4o" split text like the
+    tokenizer.json regexes (digits in threes, one by one, GPT-2 style, case-aware)."""
     g = se.Model.load(_gguf(root, name))
     model = _model(_checkpoint(root, name, gguf_variant=True))
-    text = "The passkey is 4817, not 12345678. Remember it!  Ünïcödé 🦀 漢字\n\n  new line's <s> </s>"
+    text = ("The passkey is 4817, not 12345678. Remember it!  Ünïcödé 🦀 漢字\n\n  new line's <s> </s>"
+            " It's John's HTTPServer, camelCaseWords DON'T stop.\n/here")
     assert g.tokenizer.encode(text) == model.tokenizer.encode(text)
     ids = model.tokenizer.encode(text)
     assert g.tokenizer.decode(ids) == model.tokenizer.decode(ids)

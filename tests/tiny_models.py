@@ -39,6 +39,8 @@ CORPUS = [
     "Ünïcödé text, emoji 🦀 and CJK 漢字 must round-trip through the tokenizer.",
 ] * 4
 
+CASED_CORPUS = ["It's John's HTTPServer. McDonald's iPhone DON'T.\n/usr/bin/env camelCaseWords"] * 8
+
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]
 
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -128,7 +130,7 @@ GGUF_EXPRESSIBLE: dict[str, dict[str, Any]] = {
 }
 # Families whose tokenizer.json uses their real pre-tokenizer split regex; the others use
 # the byte-level tokenizer of CONFIGS.
-FAMILY_TOKENIZERS = {"qwen2": "qwen2", "llama31": "llama3"}
+FAMILY_TOKENIZERS = {"qwen2": "qwen2", "llama31": "llama3", "phi3": "gpt4o"}
 SPLIT_PATTERNS = {
     # Qwen2 / Qwen2.5 / Qwen3 tokenizer.json: digits one at a time.
     "qwen2": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
@@ -136,6 +138,11 @@ SPLIT_PATTERNS = {
     # Llama 3 tokenizer.json: digits in groups of up to three.
     "llama3": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+    # GPT-4o's o200k tokenizer.json, which Phi-4-mini uses: case-aware letter runs.
+    "gpt4o": (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+              r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+"
+              r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}"
+              r"| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
 }
 
 
@@ -158,7 +165,10 @@ def build_tokenizer(kind: str = "bytelevel") -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(CORPUS, trainer)
+    # Cased words and contractions, so the case-aware split makes merges the others
+    # would not, and a wrong split shows in the ids.
+    corpus = CORPUS + CASED_CORPUS if kind == "gpt4o" else CORPUS
+    tok.train_from_iterator(corpus, trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
     )

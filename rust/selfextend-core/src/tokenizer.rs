@@ -151,6 +151,10 @@ pub mod gguf {
     /// The Llama 3 ("llama-bpe") pre-tokenizer split.
     const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+    /// GPT-4o's (o200k) split ("gpt-4o"): case-aware letter runs with the contraction
+    /// as a suffix, digits in threes, and a `/` absorbed after punctuation.
+    const GPT4O_SPLIT: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
     /// Qwen2's split ("qwen2" and its derivatives): Llama 3's with one digit per piece.
     const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
@@ -315,9 +319,10 @@ pub mod gguf {
         let pre_tokenizer: PreTokenizerWrapper = match pre {
             "default" | "gpt2" | "gpt-2" => byte_level.into(),
             "smollm" => Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
-            "llama-bpe" | "llama3" | "llama-v3" | "qwen2" | "deepseek-r1-qwen" => {
+            "llama-bpe" | "llama3" | "llama-v3" | "qwen2" | "deepseek-r1-qwen" | "gpt-4o" => {
                 let regex = match pre {
                     "qwen2" | "deepseek-r1-qwen" => QWEN2_SPLIT,
+                    "gpt-4o" => GPT4O_SPLIT,
                     _ => LLAMA3_SPLIT,
                 };
                 let split = Split::new(
@@ -335,7 +340,7 @@ pub mod gguf {
             other => {
                 return Err(meta.err(format!(
                     "pre-tokenizer '{other}' is not supported (supported: default, gpt2, smollm, \
-                     llama-bpe, qwen2, deepseek-r1-qwen)"
+                     llama-bpe, qwen2, deepseek-r1-qwen, gpt-4o)"
                 )))
             }
         };
