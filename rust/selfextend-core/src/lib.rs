@@ -1,6 +1,7 @@
-//! Llama-family inference on candle with exact SelfExtend attention (Jin et al., "LLM
-//! Maybe LongLM: Self-Extend LLM Context Window Without Tuning", ICML 2024): models run
-//! far beyond their trained context, with no fine-tuning.
+//! Inference for open LLMs (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3) on candle with
+//! exact SelfExtend attention (Jin et al., "LLM Maybe LongLM: Self-Extend LLM Context
+//! Window Without Tuning", ICML 2024): models run far beyond their trained context,
+//! with no fine-tuning.
 //!
 //! ```no_run
 //! use std::sync::Arc;
