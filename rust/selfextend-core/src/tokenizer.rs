@@ -466,6 +466,30 @@ mod tests {
     }
 
     #[test]
+    fn gemma_sentencepiece_adds_no_space_prefix() {
+        // Gemma and Gemma 2/3 GGUFs set `add_space_prefix` false: "ab ab" starts with
+        // "ab", not "▁ab", and decoding strips no leading space.
+        let tokens = ["<unk>", "<s>", "</s>", "▁", "a", "b", "▁a", "ab", "▁ab"];
+        let scores = [0.0, 0.0, 0.0, -1.0, -2.0, -3.0, -0.5, -0.6, -0.1];
+        let m = meta(
+            "llama",
+            &tokens,
+            vec![
+                (
+                    "tokenizer.ggml.scores",
+                    Value::Array(scores.iter().map(|&s| Value::F32(s)).collect()),
+                ),
+                ("tokenizer.ggml.add_space_prefix", Value::Bool(false)),
+                ("tokenizer.ggml.bos_token_id", Value::U32(1)),
+            ],
+        );
+        let tok = super::gguf::from_metadata(&m, Path::new("t.gguf")).unwrap();
+        assert_eq!(tok.encode("ab ab", false).unwrap(), [7, 8]);
+        assert_eq!(tok.encode("ab", true).unwrap(), [1, 7]);
+        assert_eq!(tok.decode(&[8, 7], true).unwrap(), " abab");
+    }
+
+    #[test]
     fn unsupported_tokenizers_are_named() {
         let m = meta("bert", &["a"], vec![]);
         let err = super::gguf::from_metadata(&m, Path::new("t.gguf")).unwrap_err();
