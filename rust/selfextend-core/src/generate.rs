@@ -167,9 +167,8 @@ impl Generation {
         }
         let start = Instant::now();
         if let Some(id) = self.pending.take() {
-            let input = candle_core::Tensor::new(&[id], self.model.device())?.unsqueeze(0)?;
             let logits = self.model.decoder().forward(
-                &input,
+                &[id],
                 &mut self.cache,
                 &self.params,
                 LogitsFor::Last,

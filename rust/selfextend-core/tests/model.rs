@@ -325,3 +325,82 @@ fn token_logprobs_are_the_log_softmax_of_the_logits() {
         );
     }
 }
+
+#[test]
+fn a_batch_gives_each_sequence_its_own_logits() {
+    use selfextend_core::model::SequenceStep;
+    for cfg in [tiny_config(2, false), tiny_mixed_config()] {
+        let model = tiny_model(&cfg, 13);
+        let decoder = model.decoder();
+        let tokens = ids(60, cfg.vocab_size, 14);
+        let se = |g, w| Some(SelfExtend::new(g, w).unwrap());
+        let linear = model.attention_params_with(None, Some(RopeScaling::Linear { factor: 2.0 }));
+        // (already cached, new tokens, settings, rows wanted): a 40-token prefill, a
+        // decode step after 25, a chunk after 10 with some rows, a RoPE override.
+        let cases = [
+            (0, 40, model.attention_params(se(3, 5)), LogitsFor::All),
+            (25, 1, model.attention_params(None), LogitsFor::Last),
+            (10, 7, model.attention_params(se(2, 4)), LogitsFor::From(3)),
+            (0, 5, linear, LogitsFor::All),
+        ];
+        let prefilled = |cached: usize, params| {
+            let mut cache = decoder.new_cache(4);
+            if cached > 0 {
+                decoder
+                    .forward(&tokens[..cached], &mut cache, params, LogitsFor::Last)
+                    .unwrap();
+            }
+            cache
+        };
+        let mut alone = vec![];
+        let mut alone_caches = vec![];
+        for (cached, n, params, rows) in &cases {
+            let mut cache = prefilled(*cached, params);
+            let new = &tokens[*cached..cached + n];
+            alone.push(decoder.forward(new, &mut cache, params, *rows).unwrap());
+            alone_caches.push(cache);
+        }
+        let mut caches: Vec<_> = cases.iter().map(|(c, _, p, _)| prefilled(*c, p)).collect();
+        let mut steps: Vec<SequenceStep> = cases
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|((cached, n, params, rows), cache)| SequenceStep {
+                ids: &tokens[*cached..cached + n],
+                cache,
+                params,
+                logits_for: *rows,
+            })
+            .collect();
+        let batched = decoder.forward_batch(&mut steps, &mut || Ok(())).unwrap();
+        let flat = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (i, (b, a)) in batched.iter().zip(&alone).enumerate() {
+            assert_eq!(b.dims(), &a.dims()[1..], "sequence {i}");
+            let err = max_rel_diff(&flat(b), &flat(a));
+            assert!(err < 1e-5, "{} sequence {i}: {err}", cfg.model_type);
+        }
+        // The caches the batch filled continue exactly as the ones filled alone: one
+        // more batched decode step for every sequence.
+        let next: Vec<u32> = (0..cases.len() as u32).map(|i| 3 + i).collect();
+        let mut steps: Vec<SequenceStep> = caches
+            .iter_mut()
+            .zip(&cases)
+            .zip(&next)
+            .map(|((cache, (_, _, params, _)), id)| SequenceStep {
+                ids: std::slice::from_ref(id),
+                cache,
+                params,
+                logits_for: LogitsFor::Last,
+            })
+            .collect();
+        let batched = decoder.forward_batch(&mut steps, &mut || Ok(())).unwrap();
+        for (i, ((cache, (_, _, params, _)), id)) in
+            alone_caches.iter_mut().zip(&cases).zip(&next).enumerate()
+        {
+            let a = decoder
+                .forward(&[*id], cache, params, LogitsFor::Last)
+                .unwrap();
+            let err = max_rel_diff(&flat(&batched[i]), &flat(&a));
+            assert!(err < 1e-5, "{} decode {i}: {err}", cfg.model_type);
+        }
+    }
+}

@@ -49,26 +49,56 @@ impl Linear {
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        Ok(match self {
-            Self::Dense(l) => l.forward(xs)?,
-            Self::Quantized {
-                weight,
-                blocks,
-                bias,
-            } => {
-                let rows = xs.elem_count() / xs.dim(D::Minus1)?.max(1);
-                let ys = if rows >= DENSE_FROM_ROWS && xs.device().is_cpu() {
-                    let dense = blocks.dequantize(xs.device())?.to_dtype(xs.dtype())?;
-                    candle_nn::Linear::new(dense, None).forward(xs)?
-                } else {
-                    weight.forward(xs)?
-                };
-                match bias {
-                    Some(b) => ys.broadcast_add(b)?,
-                    None => ys,
-                }
+    /// `xs: (batch, rows, in)` where the rows are the consecutive segments of
+    /// `segments` (one per sequence of a batched call). A quantized layer picks its path
+    /// per segment, so a sequence's result does not depend on what else is in the batch.
+    fn forward(&self, xs: &Tensor, segments: &[usize]) -> Result<Tensor> {
+        let Self::Quantized {
+            weight,
+            blocks,
+            bias,
+        } = self
+        else {
+            let Self::Dense(l) = self else { unreachable!() };
+            return Ok(l.forward(xs)?);
+        };
+        let dense_path = |rows: usize| rows >= DENSE_FROM_ROWS && xs.device().is_cpu();
+        // Runs of consecutive segments that take the same path: (start, rows, dense).
+        let mut runs: Vec<(usize, usize, bool)> = vec![];
+        let mut start = 0;
+        for &rows in segments {
+            let dense = dense_path(rows);
+            match runs.last_mut() {
+                Some((_, n, d)) if *d == dense => *n += rows,
+                _ => runs.push((start, rows, dense)),
             }
+            start += rows;
+        }
+        let row_dim = xs.rank() - 2;
+        let mut dequantized = None;
+        let mut parts = Vec::with_capacity(runs.len());
+        for &(start, rows, dense) in &runs {
+            let x = match runs.len() {
+                1 => xs.clone(),
+                _ => xs.narrow(row_dim, start, rows)?,
+            };
+            parts.push(if dense {
+                if dequantized.is_none() {
+                    dequantized = Some(blocks.dequantize(xs.device())?.to_dtype(xs.dtype())?);
+                }
+                let w = dequantized.clone().expect("set above");
+                candle_nn::Linear::new(w, None).forward(&x)?
+            } else {
+                weight.forward(&x)?
+            });
+        }
+        let ys = match parts.len() {
+            1 => parts.pop().expect("one part"),
+            _ => Tensor::cat(&parts, row_dim)?,
+        };
+        Ok(match bias {
+            Some(b) => ys.broadcast_add(b)?,
+            None => ys,
         })
     }
 }
@@ -125,11 +155,11 @@ impl Projections {
     }
 
     /// `xs: (.., in)` to one `(.., out_k)` tensor per projection.
-    fn forward(&self, xs: &Tensor) -> Result<Vec<Tensor>> {
+    fn forward(&self, xs: &Tensor, segments: &[usize]) -> Result<Vec<Tensor>> {
         match self {
-            Self::Separate(parts) => parts.iter().map(|p| p.forward(xs)).collect(),
+            Self::Separate(parts) => parts.iter().map(|p| p.forward(xs, segments)).collect(),
             Self::Fused { linear, sizes } => {
-                let ys = linear.forward(xs)?;
+                let ys = linear.forward(xs, segments)?;
                 let mut start = 0;
                 let mut out = Vec::with_capacity(sizes.len());
                 for &n in sizes {
@@ -206,17 +236,17 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor, segments: &[usize]) -> Result<Tensor> {
         let [gate, up]: [Tensor; 2] = self
             .gate_up
-            .forward(xs)?
+            .forward(xs, segments)?
             .try_into()
             .expect("two projections");
         let gate = match self.activation {
             Activation::Silu => candle_nn::ops::silu(&gate)?,
             Activation::GeluTanh => gate.gelu()?,
         };
-        self.down_proj.forward(&(gate * up)?)
+        self.down_proj.forward(&(gate * up)?, segments)
     }
 }
 
@@ -264,16 +294,17 @@ impl Attention {
         })
     }
 
-    /// `xs: (batch, seq, hidden)` at positions `cache.len() .. cache.len() + seq`.
+    /// `xs: (1, rows, hidden)`: the new rows of each sequence of `seqs`, one after the
+    /// other. Projections run over all rows at once, attention per sequence over its
+    /// own cache.
     fn forward(
         &self,
         xs: &Tensor,
-        cache: &mut LayerCache,
-        positions: &Positions,
-        params: &AttentionParams,
+        seqs: &mut [LayerStep<'_, '_>],
+        segments: &[usize],
     ) -> Result<Tensor> {
-        let (b_sz, seq_len, _) = xs.dims3()?;
         let heads = |ys: &Tensor, n: usize, norm: Option<&RmsNorm>| -> Result<Tensor> {
+            let (b_sz, seq_len, _) = ys.dims3()?;
             let ys = ys.reshape((b_sz, seq_len, n, self.head_dim))?;
             let ys = match norm {
                 Some(norm) => norm.forward(&ys)?,
@@ -281,21 +312,52 @@ impl Attention {
             };
             Ok(ys.transpose(1, 2)?)
         };
-        let [q, k, v]: [Tensor; 3] = self.qkv.forward(xs)?.try_into().expect("three projections");
+        let [q, k, v]: [Tensor; 3] = self
+            .qkv
+            .forward(xs, segments)?
+            .try_into()
+            .expect("three projections");
         let (q_norm, k_norm) = match &self.qk_norm {
             Some((q, k)) => (Some(q), Some(k)),
             None => (None, None),
         };
-        let q = heads(&q, self.num_heads, q_norm)?;
-        let k = heads(&k, self.num_kv_heads, k_norm)?;
-        let v = heads(&v, self.num_kv_heads, None)?;
-        let (k, v) = cache.append(&k, &v)?;
-        let ys = run_attention(&q, &k, &v, positions, params)?;
-        let ys = ys
-            .transpose(1, 2)?
-            .reshape((b_sz, seq_len, self.num_heads * self.head_dim))?;
-        self.o_proj.forward(&ys)
+        let mut outputs = Vec::with_capacity(seqs.len());
+        let mut start = 0;
+        for seq in seqs.iter_mut() {
+            let rows = seq.rows;
+            let part = |t: &Tensor| -> Result<Tensor> {
+                Ok(match segments.len() {
+                    1 => t.clone(),
+                    _ => t.narrow(1, start, rows)?,
+                })
+            };
+            let q = heads(&part(&q)?, self.num_heads, q_norm)?;
+            let k = heads(&part(&k)?, self.num_kv_heads, k_norm)?;
+            let v = heads(&part(&v)?, self.num_kv_heads, None)?;
+            let (k, v) = seq.cache.append(&k, &v)?;
+            let ys = run_attention(&q, &k, &v, seq.positions, seq.params)?;
+            let (b_sz, _, seq_len, _) = ys.dims4()?;
+            outputs.push(ys.transpose(1, 2)?.reshape((
+                b_sz,
+                seq_len,
+                self.num_heads * self.head_dim,
+            ))?);
+            start += rows;
+        }
+        let ys = match outputs.len() {
+            1 => outputs.pop().expect("one sequence"),
+            _ => Tensor::cat(&outputs, 1)?,
+        };
+        self.o_proj.forward(&ys, segments)
     }
+}
+
+/// One sequence's share of a layer in a batched call.
+struct LayerStep<'c, 'p> {
+    rows: usize,
+    cache: &'c mut LayerCache,
+    positions: &'p Positions<'p>,
+    params: &'p AttentionParams,
 }
 
 /// Pre-norm (`input_layernorm`, then `post_attention_layernorm` before the MLP), or
@@ -335,24 +397,23 @@ impl DecoderLayer {
     fn forward(
         &self,
         xs: &Tensor,
-        cache: &mut LayerCache,
-        positions: &Positions,
-        params: &AttentionParams,
+        seqs: &mut [LayerStep<'_, '_>],
+        segments: &[usize],
     ) -> Result<Tensor> {
         let residual = xs;
         let h = self.input_layernorm.forward(xs)?;
-        let h = self.self_attn.forward(&h, cache, positions, params)?;
+        let h = self.self_attn.forward(&h, seqs, segments)?;
         match &self.feedforward_norms {
             None => {
                 let xs = (h + residual)?;
                 let ys = self
                     .mlp
-                    .forward(&self.post_attention_layernorm.forward(&xs)?)?;
+                    .forward(&self.post_attention_layernorm.forward(&xs)?, segments)?;
                 Ok((ys + xs)?)
             }
             Some((pre, post)) => {
                 let xs = (self.post_attention_layernorm.forward(&h)? + residual)?;
-                let ys = self.mlp.forward(&pre.forward(&xs)?)?;
+                let ys = self.mlp.forward(&pre.forward(&xs)?, segments)?;
                 Ok((post.forward(&ys)? + xs)?)
             }
         }
@@ -474,16 +535,16 @@ impl Decoder {
         KvCache::new(self.cfg.num_hidden_layers, reserve)
     }
 
-    /// Runs `input_ids: (batch, seq)` (u32) at positions `cache.len() ..`, appends
-    /// them to `cache`, and returns f32 logits, `(batch, seq | 1, vocab)`.
+    /// Runs `ids` at positions `cache.len() ..`, appends them to `cache`, and returns
+    /// f32 logits of the rows `logits_for` selects, `(1, rows, vocab)`.
     pub fn forward(
         &self,
-        input_ids: &Tensor,
+        ids: &[u32],
         cache: &mut KvCache,
         params: &AttentionParams,
         logits_for: LogitsFor,
     ) -> Result<Tensor> {
-        self.forward_checked(input_ids, cache, params, logits_for, &mut || Ok(()))
+        self.forward_checked(ids, cache, params, logits_for, &mut || Ok(()))
     }
 
     /// [`Decoder::forward`], calling `between_layers` after each layer; an error from it
@@ -491,55 +552,160 @@ impl Decoder {
     /// for some layers only, so it must be discarded.
     pub fn forward_checked(
         &self,
-        input_ids: &Tensor,
+        ids: &[u32],
         cache: &mut KvCache,
         params: &AttentionParams,
         logits_for: LogitsFor,
         between_layers: &mut dyn FnMut() -> Result<()>,
     ) -> Result<Tensor> {
-        let seq_len = input_ids.dim(1)?;
-        let kv_len = cache.len() + seq_len;
-        let rope_length = params.rope_length.unwrap_or(kv_len).max(kv_len);
-        // Each kind of layer has its own settings, rotary embedding and position tables.
-        let kinds: Vec<AttentionParams> = (0..self.cfg.attention_kinds.len())
-            .map(|kind| self.layer_params(kind, params))
-            .collect();
-        let ropes: Vec<_> = kinds
+        let mut step = [SequenceStep {
+            ids,
+            cache,
+            params,
+            logits_for,
+        }];
+        let logits = self.forward_batch(&mut step, between_layers)?;
+        Ok(logits
+            .into_iter()
+            .next()
+            .expect("one sequence")
+            .unsqueeze(0)?)
+    }
+
+    /// Runs several sequences in one pass: embeddings, norms and every linear layer
+    /// over all their new rows at once (one matmul for the batch), attention per
+    /// sequence over its own cache, with its own positions and settings (sequences with
+    /// different SelfExtend or RoPE settings share a call). Returns, per sequence, the
+    /// f32 logits of the rows its `logits_for` selects, `(rows, vocab)`.
+    ///
+    /// Each sequence gets the logits it would get alone: attention never mixes
+    /// sequences, and a quantized layer picks its matmul per sequence.
+    pub fn forward_batch(
+        &self,
+        steps: &mut [SequenceStep<'_>],
+        between_layers: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Vec<Tensor>> {
+        if let Some(empty) = steps.iter().position(|s| s.ids.is_empty()) {
+            return Err(crate::Error::invalid(
+                "ids",
+                format!("sequence {empty} of the batch has no tokens"),
+            ));
+        }
+        let segments: Vec<usize> = steps.iter().map(|s| s.ids.len()).collect();
+        let n_kinds = self.cfg.attention_kinds.len();
+        // Per sequence and kind of layer: settings, rotary embedding, position tables.
+        let params: Vec<Vec<AttentionParams>> = steps
             .iter()
-            .enumerate()
-            .map(|(kind, p)| self.rope_for(kind, p.rope_scaling.as_ref()))
+            .map(|s| {
+                (0..n_kinds)
+                    .map(|k| self.layer_params(k, s.params))
+                    .collect()
+            })
             .collect();
-        let ropes: Vec<_> = ropes.iter().map(|r| r.at_length(rope_length)).collect();
-        let positions: Vec<Positions> = ropes
+        let ropes: Vec<Vec<_>> = params
             .iter()
-            .map(|rope| Positions::new(rope, seq_len, kv_len))
+            .map(|kinds| {
+                kinds
+                    .iter()
+                    .enumerate()
+                    .map(|(kind, p)| self.rope_for(kind, p.rope_scaling.as_ref()))
+                    .collect()
+            })
             .collect();
-        let mut xs = self.embed_tokens.forward(input_ids)?;
+        let sized: Vec<Vec<_>> = steps
+            .iter()
+            .zip(&ropes)
+            .map(|(s, ropes)| {
+                let kv_len = s.cache.len() + s.ids.len();
+                let length = s.params.rope_length.unwrap_or(kv_len).max(kv_len);
+                ropes.iter().map(|r| r.at_length(length)).collect()
+            })
+            .collect();
+        let positions: Vec<Vec<Positions>> = steps
+            .iter()
+            .zip(&sized)
+            .map(|(s, ropes)| {
+                let kv_len = s.cache.len() + s.ids.len();
+                ropes
+                    .iter()
+                    .map(|rope| Positions::new(rope, s.ids.len(), kv_len))
+                    .collect()
+            })
+            .collect();
+
+        let ids: Vec<u32> = steps.iter().flat_map(|s| s.ids.iter().copied()).collect();
+        let input = Tensor::new(ids.as_slice(), self.device())?.unsqueeze(0)?;
+        let mut xs = self.embed_tokens.forward(&input)?;
         if let Some(scale) = self.cfg.block.embedding_scale {
             let scale = rounded_to(scale, xs.dtype());
             xs = (xs * scale)?;
         }
         for (idx, layer) in self.layers.iter().enumerate() {
             let kind = layer.kind;
-            xs = layer.forward(&xs, cache.layer_mut(idx), &positions[kind], &kinds[kind])?;
+            let mut seqs: Vec<LayerStep> = steps
+                .iter_mut()
+                .enumerate()
+                .map(|(i, s)| LayerStep {
+                    rows: s.ids.len(),
+                    cache: s.cache.layer_mut(idx),
+                    positions: &positions[i][kind],
+                    params: &params[i][kind],
+                })
+                .collect();
+            xs = layer.forward(&xs, &mut seqs, &segments)?;
             between_layers()?;
         }
-        let first = match logits_for {
-            LogitsFor::All => 0,
-            LogitsFor::Last => seq_len - 1,
-            LogitsFor::From(row) => row.min(seq_len - 1),
-        };
-        if first > 0 {
-            xs = xs.narrow(1, first, seq_len - first)?;
+
+        // The selected rows of every sequence, through the final norm and the LM head.
+        let mut selected = Vec::with_capacity(steps.len());
+        let mut start = 0;
+        for s in steps.iter() {
+            let rows = s.ids.len();
+            let first = match s.logits_for {
+                LogitsFor::All => 0,
+                LogitsFor::Last => rows - 1,
+                LogitsFor::From(row) => row.min(rows - 1),
+            };
+            selected.push((start + first, rows - first));
+            start += rows;
         }
+        let xs = match selected.as_slice() {
+            [(0, n)] if *n == start => xs,
+            _ => {
+                let parts = selected
+                    .iter()
+                    .map(|&(s, n)| xs.narrow(1, s, n))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&parts, 1)?
+            }
+        };
+        let counts: Vec<usize> = selected.iter().map(|&(_, n)| n).collect();
         let xs = self.norm.forward(&xs)?;
-        let logits = self.lm_head.forward(&xs)?.to_dtype(DType::F32)?;
+        let logits = self.lm_head.forward(&xs, &counts)?.to_dtype(DType::F32)?;
         debug_assert_eq!(logits.dim(D::Minus1)?, self.cfg.vocab_size);
-        Ok(match self.cfg.block.final_logit_softcap {
+        let logits = match self.cfg.block.final_logit_softcap {
             Some(cap) => ((logits / cap)?.tanh()? * cap)?,
             None => logits,
-        })
+        }
+        .squeeze(0)?;
+        let mut out = Vec::with_capacity(counts.len());
+        let mut start = 0;
+        for n in counts {
+            out.push(logits.narrow(0, start, n)?);
+            start += n;
+        }
+        Ok(out)
     }
+}
+
+/// One sequence's part of a [`Decoder::forward_batch`] call: its new tokens, which
+/// sit at positions `cache.len() ..` and are appended to `cache`, its attention
+/// settings, and the rows whose logits it wants.
+pub struct SequenceStep<'a> {
+    pub ids: &'a [u32],
+    pub cache: &'a mut KvCache,
+    pub params: &'a AttentionParams,
+    pub logits_for: LogitsFor,
 }
 
 /// `x` as the nearest value of `dtype`: `transformers` casts Gemma's embedding scale

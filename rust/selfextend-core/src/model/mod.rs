@@ -15,7 +15,7 @@ use crate::loader::safetensors::SafetensorsSource;
 use crate::loader::{Renamed, TensorSource, Weights};
 use crate::memory;
 use crate::tokenizer::Tokenizer;
-pub use decoder::{Decoder, LogitsFor};
+pub use decoder::{Decoder, LogitsFor, SequenceStep};
 
 /// Prefill chunk length when the caller does not choose one. Bounds a chunk's
 /// activations (and the naive backend's `chunk * context` scores per head).
@@ -425,7 +425,6 @@ impl Model {
         };
         for (n, chunk) in ids.chunks(chunk_size).enumerate() {
             let done = n * chunk_size;
-            let input = Tensor::new(chunk, self.device())?.unsqueeze(0)?;
             let wanted = done + chunk.len() > first_row;
             // Long chunks also check between layers, so an interrupt lands within a
             // fraction of a chunk; the progress callback sees no new position there.
@@ -441,7 +440,7 @@ impl Model {
             };
             let logits =
                 self.decoder
-                    .forward_checked(&input, cache, &params, rows, &mut between_layers)?;
+                    .forward_checked(chunk, cache, &params, rows, &mut between_layers)?;
             if wanted {
                 sink(logits.squeeze(0)?)?;
             }
