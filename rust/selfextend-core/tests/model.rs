@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{max_rel_diff, tiny_config, tiny_mixed_config, tiny_model, Rng};
+use common::{max_rel_diff, tiny_config, tiny_mixed_config, tiny_model, tiny_quantized_model, Rng};
 use selfextend_core::generate::{generate, FinishReason, GenerateOptions};
 use selfextend_core::model::LogitsFor;
 use selfextend_core::{AttentionBackend, Config, Error, Model, RopeScaling, SelfExtend};
@@ -329,8 +329,21 @@ fn token_logprobs_are_the_log_softmax_of_the_logits() {
 #[test]
 fn a_batch_gives_each_sequence_its_own_logits() {
     use selfextend_core::model::SequenceStep;
-    for cfg in [tiny_config(2, false), tiny_mixed_config()] {
-        let model = tiny_model(&cfg, 13);
+    let models = [
+        tiny_model(&tiny_config(2, false), 13),
+        tiny_model(&tiny_mixed_config(), 13),
+        // A quantized layer runs a 40-row prefill chunk on the dequantized weights and
+        // decode rows on QMatMul, alone or batched together.
+        tiny_quantized_model(
+            &Config {
+                intermediate_size: 64,
+                ..tiny_config(2, false)
+            },
+            13,
+        ),
+    ];
+    for model in &models {
+        let cfg = model.config().clone();
         let decoder = model.decoder();
         let tokens = ids(60, cfg.vocab_size, 14);
         let se = |g, w| Some(SelfExtend::new(g, w).unwrap());

@@ -246,6 +246,57 @@ pub fn tiny_model(cfg: &Config, seed: u64) -> Model {
     )
 }
 
+/// `weights` with every matrix served as Q8_0 blocks, as a quantized GGUF serves them.
+pub struct Quantized(pub HashMap<String, Tensor>);
+
+impl selfextend_core::loader::TensorSource for Quantized {
+    fn load(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: candle_core::DType,
+        device: &Device,
+    ) -> selfextend_core::Result<Tensor> {
+        self.0.load(name, shape, dtype, device)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.0.contains_key(name)
+    }
+
+    fn load_quantized(
+        &self,
+        name: &str,
+        shape: &[usize],
+        device: &Device,
+    ) -> selfextend_core::Result<Option<candle_core::quantized::QTensor>> {
+        if shape.len() != 2 || name.contains("embed_tokens") {
+            return Ok(None);
+        }
+        let dense = self.0.load(name, shape, candle_core::DType::F32, device)?;
+        let q = candle_core::quantized::QTensor::quantize(
+            &dense,
+            candle_core::quantized::GgmlDType::Q8_0,
+        )?;
+        Ok(Some(q))
+    }
+}
+
+/// [`tiny_model`] with its linear layers quantized to Q8_0.
+pub fn tiny_quantized_model(cfg: &Config, seed: u64) -> Model {
+    let weights = Quantized(tiny_weights(cfg, seed));
+    let decoder = Decoder::load(
+        &Weights::new(&weights, candle_core::DType::F32, &Device::Cpu),
+        cfg,
+    )
+    .unwrap();
+    Model::from_parts(
+        decoder,
+        word_tokenizer(cfg.vocab_size),
+        PathBuf::from("<memory>"),
+    )
+}
+
 pub fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
