@@ -42,6 +42,10 @@ pub enum Error {
     #[error("out of memory: {msg}")]
     OutOfMemory { msg: String },
 
+    /// The engine's queue is full; the request was not taken.
+    #[error("overloaded: {msg}")]
+    Overloaded { msg: String },
+
     /// The caller asked to stop (Ctrl-C, a closed stream).
     #[error("interrupted")]
     Interrupted,

@@ -67,7 +67,9 @@ impl Completion {
 }
 
 /// One generation in progress. Drive it with [`Generation::prefill`] (optional: the
-/// first step prefills) and [`Generation::step`] until it returns `None`.
+/// first step prefills) and [`Generation::step`] until it returns `None`; or, in a
+/// batch with others, with [`Generation::next_input`], a batched forward call on its
+/// [`Generation::cache_mut`], and [`Generation::accept`] (see [`crate::engine`]).
 pub struct Generation {
     model: Arc<Model>,
     params: AttentionParams,
@@ -76,12 +78,14 @@ pub struct Generation {
     stop: Vec<String>,
     sampler: Sampler,
     cache: KvCache,
+    /// The prompt, then the generated ids.
     tokens: Vec<u32>,
     prompt_len: usize,
+    /// How many of `tokens` the cache holds; the rest (part of the prompt, or the last
+    /// sampled id) has yet to run through the model.
+    fed: usize,
     /// Logits of the last position, waiting to be sampled.
     next_logits: Option<Vec<f32>>,
-    /// The last sampled id, not yet run through the model.
-    pending: Option<u32>,
     decoder: StreamDecoder,
     text: String,
     emitted: usize,
@@ -115,12 +119,12 @@ impl Generation {
             cache,
             tokens: prompt_ids,
             prompt_len,
+            fed: 0,
             next_logits: None,
-            pending: None,
             decoder,
             text: String::new(),
             emitted: 0,
-            finish: None,
+            finish: (opts.max_new_tokens == 0).then_some(FinishReason::Length),
             prefill_seconds: 0.0,
             decode_seconds: 0.0,
         })
@@ -136,11 +140,7 @@ impl Generation {
 
     /// Runs the prompt through the model (once); `on_chunk` sees progress and may stop it.
     pub fn prefill(&mut self, on_chunk: &mut ChunkCallback<'_>) -> Result<()> {
-        if self.next_logits.is_some() || self.pending.is_some() || self.finish.is_some() {
-            return Ok(());
-        }
-        if self.max_new_tokens == 0 {
-            self.finish = Some(FinishReason::Length);
+        if self.fed > 0 || self.finish.is_some() {
             return Ok(());
         }
         let start = Instant::now();
@@ -152,6 +152,7 @@ impl Generation {
             LogitsFor::Last,
             on_chunk,
         )?;
+        self.fed = self.tokens.len();
         self.next_logits = Some(logits);
         self.prefill_seconds = start.elapsed().as_secs_f64();
         Ok(())
@@ -166,15 +167,86 @@ impl Generation {
             return Ok(self.flush());
         }
         let start = Instant::now();
-        if let Some(id) = self.pending.take() {
+        if self.fed < self.tokens.len() {
             let logits = self.model.decoder().forward(
-                &[id],
+                &self.tokens[self.fed..],
                 &mut self.cache,
                 &self.params,
                 LogitsFor::Last,
             )?;
+            self.fed = self.tokens.len();
             self.next_logits = Some(logits.flatten_all()?.to_vec1::<f32>()?);
         }
+        let out = self.sample();
+        self.decode_seconds += start.elapsed().as_secs_f64();
+        out
+    }
+
+    /// The tokens the model has yet to see, at most `budget` of them (the prompt in
+    /// chunks, then each sampled id), with the settings to run them; `None` once the
+    /// generation has finished. Run them on [`Generation::cache_mut`], asking for the
+    /// logits of the last row, and hand those to [`Generation::accept`].
+    pub fn next_input(&self, budget: usize) -> Option<(&[u32], AttentionParams)> {
+        if self.finish.is_some() || self.next_logits.is_some() {
+            return None;
+        }
+        let end = (self.fed + budget.max(1)).min(self.tokens.len());
+        let params = match self.fed < self.prompt_len {
+            // Length-dependent RoPE scaling sees the whole prompt in every chunk, as in
+            // `Model::forward_chunked`.
+            true => AttentionParams {
+                rope_length: self.params.rope_length.or(Some(self.prompt_len)),
+                ..self.params.clone()
+            },
+            false => self.params.clone(),
+        };
+        Some((&self.tokens[self.fed..end], params))
+    }
+
+    /// The prefill chunk length this generation was asked for.
+    pub fn chunk_size(&self) -> usize {
+        self.chunk_size
+    }
+
+    /// Whether the prompt has not all been through the model yet.
+    pub fn is_prefilling(&self) -> bool {
+        self.fed < self.prompt_len
+    }
+
+    /// The KV cache [`Generation::next_input`]'s tokens run on.
+    pub fn cache_mut(&mut self) -> &mut KvCache {
+        &mut self.cache
+    }
+
+    /// Takes the result of running the `n` tokens [`Generation::next_input`] gave, with
+    /// `last_logits` the logits of the last of them, and `seconds` the time it took.
+    /// Returns what [`Generation::step`] returns: text that became final (empty while
+    /// a prompt is still being prefilled), or `None` once generation has ended.
+    pub fn accept(
+        &mut self,
+        n: usize,
+        last_logits: Vec<f32>,
+        seconds: f64,
+    ) -> Result<Option<String>> {
+        let prefilling = self.is_prefilling();
+        self.fed = (self.fed + n).min(self.tokens.len());
+        if prefilling {
+            self.prefill_seconds += seconds;
+        } else {
+            self.decode_seconds += seconds;
+        }
+        if self.finish.is_some() {
+            return Ok(self.flush());
+        }
+        if self.fed < self.tokens.len() {
+            return Ok(Some(String::new()));
+        }
+        self.next_logits = Some(last_logits);
+        self.sample()
+    }
+
+    /// Samples the next id from the waiting logits and returns the text it settles.
+    fn sample(&mut self) -> Result<Option<String>> {
         let mut logits = self
             .next_logits
             .take()
@@ -194,11 +266,8 @@ impl Generation {
                 self.finish = Some(FinishReason::Stop);
             } else if self.tokens.len() - self.prompt_len >= self.max_new_tokens {
                 self.finish = Some(FinishReason::Length);
-            } else {
-                self.pending = Some(id);
             }
         }
-        self.decode_seconds += start.elapsed().as_secs_f64();
         if self.finish.is_some() {
             return Ok(self.flush());
         }

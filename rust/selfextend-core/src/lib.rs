@@ -22,6 +22,7 @@
 pub mod attention;
 pub mod chat;
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod family;
 pub mod generate;

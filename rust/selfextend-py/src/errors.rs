@@ -39,6 +39,12 @@ pyo3::create_exception!(
 );
 pyo3::create_exception!(
     selfextend_rs,
+    OverloadedError,
+    SelfExtendError,
+    "The serving engine's queue is full and the request was not taken; try again later."
+);
+pyo3::create_exception!(
+    selfextend_rs,
     InferenceError,
     SelfExtendError,
     "A tensor operation failed while running the model."
@@ -99,6 +105,7 @@ pub fn to_py(err: Error, during_load: bool) -> PyErr {
         Error::Tokenizer { .. } => TokenizerError::new_err(msg),
         Error::InvalidArgument { .. } => invalid_argument(msg),
         Error::OutOfMemory { .. } => OutOfMemoryError::new_err(msg),
+        Error::Overloaded { .. } => OverloadedError::new_err(msg),
         Error::Interrupted => PyKeyboardInterrupt::new_err("interrupted"),
         Error::Candle(_) if during_load => ModelLoadError::new_err(msg),
         Error::Candle(_) => InferenceError::new_err(msg),
@@ -116,6 +123,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("TokenizerError", py.get_type::<TokenizerError>())?;
     m.add("OutOfMemoryError", py.get_type::<OutOfMemoryError>())?;
     m.add("InferenceError", py.get_type::<InferenceError>())?;
+    m.add("OverloadedError", py.get_type::<OverloadedError>())?;
     m.add("InvalidArgumentError", invalid_argument_type(py)?)?;
     m.add(
         "ContextLengthWarning",
