@@ -89,8 +89,60 @@ struct Request {
     generation: Generation,
     /// KV-cache bytes the request reserves while it runs.
     kv_bytes: usize,
-    events: SyncSender<Event>,
+    events: Sink,
     cancelled: Arc<AtomicBool>,
+}
+
+/// Where a request's events go: its own bounded channel, or a channel shared by many
+/// requests (an asyncio event pump), tagged with the request's id.
+enum Sink {
+    Own(SyncSender<Event>),
+    Shared(u64, Sender<(u64, Event)>),
+}
+
+impl Sink {
+    /// Sends `event`, waiting while an own channel's buffer is full; false when the
+    /// reader is gone (the request was cancelled).
+    fn send(&self, event: Event) -> bool {
+        match self {
+            Self::Own(tx) => match tx.try_send(event) {
+                Ok(()) => true,
+                Err(TrySendError::Disconnected(_)) => false,
+                Err(TrySendError::Full(event)) => tx.send(event).is_ok(),
+            },
+            Self::Shared(id, tx) => tx.send((*id, event)).is_ok(),
+        }
+    }
+
+    /// Sends a final event without waiting on a full buffer.
+    fn send_last(&self, event: Event) {
+        match self {
+            Self::Own(tx) => {
+                let _ = tx.try_send(event);
+            }
+            Self::Shared(id, tx) => {
+                let _ = tx.send((*id, event));
+            }
+        }
+    }
+}
+
+/// Cancels a request submitted with [`Engine::submit_shared`] when dropped or told to.
+#[derive(Debug)]
+pub struct CancelHandle {
+    cancelled: Arc<AtomicBool>,
+}
+
+impl CancelHandle {
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for CancelHandle {
+    fn drop(&mut self) {
+        self.cancel();
+    }
 }
 
 /// A submitted request: its events, in order, and cancellation. Dropping the handle
@@ -213,10 +265,38 @@ impl Engine {
         self.options
     }
 
-    /// Validates a request and queues it. Fails at once, before any work, on bad
-    /// arguments, on a request whose KV cache alone exceeds the budget (saying how many
-    /// tokens would fit), and when the queue is full.
+    /// Validates a request and queues it; its events arrive on the returned handle.
+    /// Fails at once, before any work, on bad arguments, on a request whose KV cache
+    /// alone exceeds the budget (saying how many tokens would fit), and when the queue
+    /// is full.
     pub fn submit(&self, prompt_ids: Vec<u32>, opts: GenerateOptions) -> Result<RequestHandle> {
+        let (events, receiver) = mpsc::sync_channel(EVENT_BUFFER);
+        let cancelled = self.enqueue(prompt_ids, opts, Sink::Own(events))?;
+        Ok(RequestHandle {
+            events: receiver,
+            cancelled,
+        })
+    }
+
+    /// [`Engine::submit`], with the events sent to `events` as `(id, event)`: one
+    /// channel serves many requests.
+    pub fn submit_shared(
+        &self,
+        prompt_ids: Vec<u32>,
+        opts: GenerateOptions,
+        id: u64,
+        events: Sender<(u64, Event)>,
+    ) -> Result<CancelHandle> {
+        let cancelled = self.enqueue(prompt_ids, opts, Sink::Shared(id, events))?;
+        Ok(CancelHandle { cancelled })
+    }
+
+    fn enqueue(
+        &self,
+        prompt_ids: Vec<u32>,
+        opts: GenerateOptions,
+        events: Sink,
+    ) -> Result<Arc<AtomicBool>> {
         let total = prompt_ids.len().saturating_add(opts.max_new_tokens);
         let kv_bytes = self.kv_bytes_for(total);
         if kv_bytes > self.budget {
@@ -241,7 +321,6 @@ impl Engine {
             });
         }
         let generation = Generation::new(Arc::clone(&self.model), prompt_ids, opts)?;
-        let (events, receiver) = mpsc::sync_channel(EVENT_BUFFER);
         let cancelled = Arc::new(AtomicBool::new(false));
         self.counters.queued.fetch_add(1, Ordering::Relaxed);
         let request = Request {
@@ -258,10 +337,7 @@ impl Engine {
             self.counters.queued.fetch_sub(1, Ordering::Relaxed);
             return Err(Error::invalid("engine", "the engine has stopped"));
         }
-        Ok(RequestHandle {
-            events: receiver,
-            cancelled,
-        })
+        Ok(cancelled)
     }
 
     pub fn stats(&self) -> EngineStats {
@@ -328,7 +404,7 @@ impl Scheduler {
             self.step();
         }
         for request in self.waiting.drain(..).chain(self.running.drain(..)) {
-            let _ = request.events.try_send(Event::Failed(Error::Interrupted));
+            request.events.send_last(Event::Failed(Error::Interrupted));
         }
     }
 
@@ -460,12 +536,12 @@ impl Scheduler {
                         self.counters.generated.fetch_add(1, Ordering::Relaxed);
                     }
                     let text = text.unwrap_or_default();
-                    if !text.is_empty() && !send(&request.events, Event::Text(text)) {
+                    if !text.is_empty() && !request.events.send(Event::Text(text)) {
                         request.cancelled.store(true, Ordering::Relaxed);
                     }
                 }
                 Err(e) => {
-                    let _ = request.events.try_send(Event::Failed(e));
+                    request.events.send_last(Event::Failed(e));
                     failed[i] = true;
                 }
             }
@@ -485,7 +561,7 @@ impl Scheduler {
                 let Request {
                     generation, events, ..
                 } = request;
-                send(&events, Event::Done(generation.into_completion()));
+                events.send(Event::Done(generation.into_completion()));
             }
         }
         self.running = kept;
@@ -527,14 +603,4 @@ fn caches_of<'a>(running: &'a mut [Request], indices: &[usize]) -> Vec<&'a mut K
         offset = i + 1;
     }
     out
-}
-
-/// Sends `event`, waiting while the reader's buffer is full; false when the reader is
-/// gone (the request was cancelled).
-fn send(events: &SyncSender<Event>, event: Event) -> bool {
-    match events.try_send(event) {
-        Ok(()) => true,
-        Err(TrySendError::Disconnected(_)) => false,
-        Err(TrySendError::Full(event)) => events.send(event).is_ok(),
-    }
 }

@@ -243,3 +243,39 @@ fn admission_refuses_what_cannot_fit_and_queues_the_rest() {
     first.wait().unwrap();
     second.wait().unwrap();
 }
+
+#[test]
+fn requests_can_share_one_event_channel() {
+    let model = Arc::new(tiny_model(&tiny_config(2, false), 14));
+    let vocab = model.config().vocab_size;
+    let engine = Engine::start(Arc::clone(&model), EngineOptions::default()).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reqs = requests(vocab);
+    let handles: Vec<_> = reqs
+        .iter()
+        .enumerate()
+        .map(|(i, (p, o))| {
+            engine
+                .submit_shared(p.clone(), o.clone(), 100 + i as u64, tx.clone())
+                .unwrap()
+        })
+        .collect();
+    let mut text = vec![String::new(); reqs.len()];
+    let mut done = 0;
+    while done < reqs.len() {
+        let (id, event) = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        let i = (id - 100) as usize;
+        match event {
+            Event::Text(t) => text[i].push_str(&t),
+            Event::Done(c) => {
+                assert_eq!(c.text, text[i], "request {i}");
+                let (prompt, opts) = reqs[i].clone();
+                let alone = generate(&model, prompt, opts, &mut |_, _| Ok(())).unwrap();
+                assert_eq!(c.token_ids, alone.token_ids, "request {i}");
+                done += 1;
+            }
+            Event::Failed(e) => panic!("request {i}: {e}"),
+        }
+    }
+    drop(handles);
+}
