@@ -13,6 +13,8 @@ _cpu.check()
 from selfextend_rs._native import (  # noqa: E402
     Completion,
     ContextLengthWarning,
+    Engine,
+    EngineRequest,
     InferenceError,
     InvalidArgumentError,
     Model,
@@ -30,11 +32,16 @@ from selfextend_rs._native import (  # noqa: E402
     __version__,
     cuda_available,
 )
+from selfextend_rs._aio import AsyncEngine, AsyncTextStream  # noqa: E402
 from selfextend_rs._models import default_model  # noqa: E402
 
 __all__ = [
+    "AsyncEngine",
+    "AsyncTextStream",
     "Completion",
     "ContextLengthWarning",
+    "Engine",
+    "EngineRequest",
     "InferenceError",
     "InvalidArgumentError",
     "Model",

@@ -1,15 +1,19 @@
 import os
 import pathlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Literal, Optional, Union, final
+from typing import Any, Literal, Optional, Union, final
 
 import numpy as np
 import numpy.typing as npt
+
+from selfextend_rs._aio import AsyncTextStream
 
 __version__: str
 __all__ = [
     "Completion",
     "ContextLengthWarning",
+    "Engine",
+    "EngineRequest",
     "InferenceError",
     "InvalidArgumentError",
     "Model",
@@ -258,3 +262,101 @@ class Model:
         chunk_size: Optional[int] = None,
         progress: _Progress = None,
     ) -> TextStream: ...
+    async def agenerate(
+        self,
+        prompt: _Prompt,
+        max_new_tokens: int = 128,
+        *,
+        temperature: float = 0.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        repetition_penalty: float = 1.0,
+        seed: Optional[int] = None,
+        stop: Union[str, Sequence[str], None] = None,
+        self_extend: _SelfExtendArg = None,
+        rope_scaling: Optional[RopeScaling] = None,
+        chunk_size: Optional[int] = None,
+    ) -> Completion: ...
+    def astream(
+        self,
+        prompt: _Prompt,
+        max_new_tokens: int = 128,
+        *,
+        temperature: float = 0.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        repetition_penalty: float = 1.0,
+        seed: Optional[int] = None,
+        stop: Union[str, Sequence[str], None] = None,
+        self_extend: _SelfExtendArg = None,
+        rope_scaling: Optional[RopeScaling] = None,
+        chunk_size: Optional[int] = None,
+    ) -> AsyncTextStream: ...
+    async def achat(
+        self,
+        messages: _Messages,
+        max_new_tokens: int = 128,
+        *,
+        temperature: float = 0.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        repetition_penalty: float = 1.0,
+        seed: Optional[int] = None,
+        stop: Union[str, Sequence[str], None] = None,
+        self_extend: _SelfExtendArg = None,
+        rope_scaling: Optional[RopeScaling] = None,
+        chunk_size: Optional[int] = None,
+    ) -> Completion: ...
+    def achat_stream(
+        self,
+        messages: _Messages,
+        max_new_tokens: int = 128,
+        *,
+        temperature: float = 0.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        repetition_penalty: float = 1.0,
+        seed: Optional[int] = None,
+        stop: Union[str, Sequence[str], None] = None,
+        self_extend: _SelfExtendArg = None,
+        rope_scaling: Optional[RopeScaling] = None,
+        chunk_size: Optional[int] = None,
+    ) -> AsyncTextStream: ...
+
+@final
+class EngineRequest:
+    def cancel(self) -> None: ...
+
+@final
+class Engine:
+    def __new__(
+        cls,
+        model: Model,
+        *,
+        max_batch: int = 8,
+        prefill_tokens_per_step: int = 256,
+        kv_budget: Optional[int] = None,
+        max_queue: int = 64,
+    ) -> Engine: ...
+    def submit(
+        self,
+        request_id: int,
+        prompt: _Prompt,
+        max_new_tokens: int = 128,
+        *,
+        temperature: float = 0.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        repetition_penalty: float = 1.0,
+        seed: Optional[int] = None,
+        stop: Union[str, Sequence[str], None] = None,
+        self_extend: _SelfExtendArg = None,
+        rope_scaling: Optional[RopeScaling] = None,
+        chunk_size: Optional[int] = None,
+    ) -> EngineRequest: ...
+    def chat_prompt(self, messages: _Messages) -> list[int]: ...
+    def next_events(self, timeout: float) -> list[tuple[int, Literal["text", "done", "error"], Any]]: ...
+    @property
+    def stats(self) -> dict[str, int]: ...
+    @property
+    def options(self) -> dict[str, int]: ...

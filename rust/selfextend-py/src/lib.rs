@@ -4,6 +4,7 @@
 //! all tensor work, re-taking it only between prefill chunks and decode steps to
 //! check for Ctrl-C.
 
+mod engine;
 mod errors;
 mod model;
 mod types;
@@ -33,5 +34,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<model::PyModel>()?;
     m.add_class::<model::PyTokenizer>()?;
     m.add_class::<model::PyTextStream>()?;
+    m.add_class::<engine::PyEngine>()?;
+    m.add_class::<engine::PyEngineRequest>()?;
     Ok(())
 }

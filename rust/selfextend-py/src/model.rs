@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use numpy::ndarray::Array2;
 use numpy::{IntoPyArray, PyArray1, PyArray2};
@@ -98,7 +98,7 @@ fn progress_callback(
 
 /// `self_extend=`: a `SelfExtend`, `"auto"`, or `None`.
 #[derive(FromPyObject)]
-enum SelfExtendArg {
+pub(crate) enum SelfExtendArg {
     Setting(PySelfExtend),
     Named(String),
 }
@@ -120,13 +120,13 @@ impl SelfExtendArg {
 
 /// A prompt: text, or token ids.
 #[derive(FromPyObject)]
-enum Prompt {
+pub(crate) enum Prompt {
     Text(String),
     Ids(Vec<i64>),
 }
 
 #[derive(FromPyObject)]
-enum Stop {
+pub(crate) enum Stop {
     One(String),
     Many(Vec<String>),
 }
@@ -165,11 +165,14 @@ fn optional_positive(value: Option<i64>, name: &str) -> PyResult<Option<usize>> 
 #[pyclass(name = "Model", module = "selfextend_rs", frozen)]
 pub struct PyModel {
     inner: Arc<Model>,
+    /// The `selfextend_rs._aio.AsyncEngine` behind `agenerate` and `astream`, started
+    /// on first use.
+    engine: OnceLock<Py<PyAny>>,
 }
 
-struct Request {
-    prompt: Vec<u32>,
-    opts: GenerateOptions,
+pub(crate) struct Request {
+    pub(crate) prompt: Vec<u32>,
+    pub(crate) opts: GenerateOptions,
 }
 
 struct Scoring {
@@ -179,6 +182,36 @@ struct Scoring {
 }
 
 impl PyModel {
+    /// Another handle on the same model (without its engine), for the bindings that
+    /// convert arguments as the model's methods do.
+    pub(crate) fn handle(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+            engine: OnceLock::new(),
+        }
+    }
+
+    pub(crate) fn model(&self) -> &Arc<Model> {
+        &self.inner
+    }
+
+    /// The model's `AsyncEngine` (default options), started on first use.
+    fn async_engine(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
+        let this = slf.get();
+        if let Some(engine) = this.engine.get() {
+            return Ok(engine.clone_ref(slf.py()));
+        }
+        let engine = slf
+            .py()
+            .import("selfextend_rs._aio")?
+            .getattr("AsyncEngine")?
+            .call1((slf,))?
+            .unbind();
+        // Another thread may have won the race; either engine works, keep the first.
+        let _ = this.engine.set(engine);
+        Ok(this.engine.get().expect("set above").clone_ref(slf.py()))
+    }
+
     fn encode_prompt(&self, py: Python<'_>, prompt: Prompt) -> PyResult<Vec<u32>> {
         match prompt {
             Prompt::Text(text) if text.is_empty() => Err(invalid_argument(
@@ -252,7 +285,7 @@ impl PyModel {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn request(
+    pub(crate) fn request(
         &self,
         py: Python<'_>,
         prompt: Prompt,
@@ -362,7 +395,7 @@ impl PyModel {
     }
 
     /// Renders a conversation with the model's chat template into prompt ids.
-    fn chat_prompt(
+    pub(crate) fn chat_prompt(
         &self,
         py: Python<'_>,
         messages: Vec<HashMap<String, String>>,
@@ -393,6 +426,7 @@ impl PyModel {
     }
 }
 
+#[macro_export]
 macro_rules! generation_doc {
     () => {
         r#"    prompt: Text (encoded with the tokenizer's special tokens) or token ids.
@@ -471,6 +505,7 @@ impl PyModel {
         model.set_max_memory(max_memory);
         model.set_attention_backend(backend);
         Ok(Self {
+            engine: OnceLock::new(),
             inner: Arc::new(model),
         })
     }
@@ -777,6 +812,61 @@ impl PyModel {
             chunk_size,
             progress,
         )
+    }
+
+    /// Like generate(), as a coroutine served by the model's continuous-batching
+    /// engine: concurrent calls share each decoding step. Takes generate()'s
+    /// arguments (without progress).
+    ///
+    /// Returns:
+    ///     A coroutine whose result is the Completion.
+    #[pyo3(signature = (*args, **kwargs))]
+    fn agenerate(
+        slf: &Bound<'_, Self>,
+        args: &Bound<'_, pyo3::types::PyTuple>,
+        kwargs: Option<&Bound<'_, pyo3::types::PyDict>>,
+    ) -> PyResult<Py<PyAny>> {
+        Self::async_engine(slf)?.call_method(slf.py(), "agenerate", args, kwargs)
+    }
+
+    /// Like stream(), served by the model's engine: `async for piece in
+    /// model.astream(...)`. Takes generate()'s arguments (without progress).
+    ///
+    /// Returns:
+    ///     An AsyncTextStream; its `completion` is set once exhausted.
+    #[pyo3(signature = (*args, **kwargs))]
+    fn astream(
+        slf: &Bound<'_, Self>,
+        args: &Bound<'_, pyo3::types::PyTuple>,
+        kwargs: Option<&Bound<'_, pyo3::types::PyDict>>,
+    ) -> PyResult<Py<PyAny>> {
+        Self::async_engine(slf)?.call_method(slf.py(), "astream", args, kwargs)
+    }
+
+    /// Like chat(), as a coroutine served by the model's engine.
+    ///
+    /// Returns:
+    ///     A coroutine whose result is the Completion.
+    #[pyo3(signature = (*args, **kwargs))]
+    fn achat(
+        slf: &Bound<'_, Self>,
+        args: &Bound<'_, pyo3::types::PyTuple>,
+        kwargs: Option<&Bound<'_, pyo3::types::PyDict>>,
+    ) -> PyResult<Py<PyAny>> {
+        Self::async_engine(slf)?.call_method(slf.py(), "achat", args, kwargs)
+    }
+
+    /// Like chat_stream(), served by the model's engine.
+    ///
+    /// Returns:
+    ///     An AsyncTextStream.
+    #[pyo3(signature = (*args, **kwargs))]
+    fn achat_stream(
+        slf: &Bound<'_, Self>,
+        args: &Bound<'_, pyo3::types::PyTuple>,
+        kwargs: Option<&Bound<'_, pyo3::types::PyDict>>,
+    ) -> PyResult<Py<PyAny>> {
+        Self::async_engine(slf)?.call_method(slf.py(), "achat_stream", args, kwargs)
     }
 
     fn __repr__(&self) -> String {
