@@ -195,6 +195,24 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from selfextend_rs.server import create_app
+    except ImportError:
+        print('error: the server needs the "server" extra: pip install "selfextend-rs[server]"',
+              file=sys.stderr)
+        return 2
+    setting = _self_extend(args) if (args.group_size or args.window or args.self_extend) else "auto"
+    model = _load(args)
+    app = create_app(model, model_name=args.model_name, default_self_extend=setting,
+                     max_batch=args.max_batch, prefill_tokens_per_step=args.prefill_tokens_per_step,
+                     kv_budget=args.kv_budget, max_queue=args.max_queue)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. "
           "Here we go. There and back again. ")
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. "
@@ -396,6 +414,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_self_extend(p)
     p.add_argument("--target", type=int, help="also show SelfExtend.auto for this many tokens")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server with continuous batching",
+        description="Serve the model over HTTP with OpenAI's API (/v1/completions, "
+                    "/v1/chat/completions, /v1/models; streaming with \"stream\": true), plus "
+                    "/health and /metrics. Concurrent requests share each decoding step. A request "
+                    "may pass \"self_extend\": \"auto\", {\"group_size\": G, \"window\": W} or null; "
+                    "without it the server's setting applies (default: auto).\n\n"
+                    "example:\n  selfextend-rs serve --port 8000 &\n"
+                    "  curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\\n"
+                    "    -d '{\"prompt\": \"Once upon a time\", \"max_tokens\": 16}'",
+        formatter_class=fmt)
+    _add_model(p)
+    _add_self_extend(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--model-name", default=None,
+                   help="the id clients pass as `model` (default: the model file's name)")
+    g.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
+    g.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting at most; more get HTTP 429 (default 64)")
+    g.add_argument("--kv-budget", type=int, default=None,
+                   help="bytes the running requests' KV caches may reserve (default: 90%% of free memory)")
+    g.add_argument("--prefill-tokens-per-step", type=int, default=256,
+                   help="prompt tokens read per step between decode rows (default 256)")
+    g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="passkey retrieval far past the trained context",
                        description="Hide a passkey in long filler text at 2x and 4x the model's "
