@@ -401,7 +401,19 @@ impl Scheduler {
             if self.running.is_empty() {
                 continue;
             }
-            self.step();
+            // A bug must not leave every stream waiting forever: fail the batch and go on.
+            let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()));
+            if let Err(panic) = stepped {
+                let what = crate::error::panic_message(panic.as_ref()).to_string();
+                for request in self.running.drain(..) {
+                    let msg = format!("internal error in the engine (please report it): {what}");
+                    request
+                        .events
+                        .send_last(Event::Failed(Error::Candle(candle_core::Error::Msg(msg))));
+                }
+                self.reserved = 0;
+                self.publish();
+            }
         }
         for request in self.waiting.drain(..).chain(self.running.drain(..)) {
             request.events.send_last(Event::Failed(Error::Interrupted));
