@@ -233,12 +233,12 @@ pub fn word_tokenizer(vocab_size: usize) -> Tokenizer {
 }
 
 pub fn tiny_model(cfg: &Config, seed: u64) -> Model {
-    let weights = tiny_weights(cfg, seed);
-    let decoder = Decoder::load(
-        &Weights::new(&weights, candle_core::DType::F32, &Device::Cpu),
-        cfg,
-    )
-    .unwrap();
+    model_from(&tiny_weights(cfg, seed), cfg)
+}
+
+fn model_from(source: &dyn selfextend_core::loader::TensorSource, cfg: &Config) -> Model {
+    let weights = Weights::new(source, candle_core::DType::F32, &Device::Cpu);
+    let decoder = Decoder::load(&weights, cfg).unwrap();
     Model::from_parts(
         decoder,
         word_tokenizer(cfg.vocab_size),
@@ -284,17 +284,7 @@ impl selfextend_core::loader::TensorSource for Quantized {
 
 /// [`tiny_model`] with its linear layers quantized to Q8_0.
 pub fn tiny_quantized_model(cfg: &Config, seed: u64) -> Model {
-    let weights = Quantized(tiny_weights(cfg, seed));
-    let decoder = Decoder::load(
-        &Weights::new(&weights, candle_core::DType::F32, &Device::Cpu),
-        cfg,
-    )
-    .unwrap();
-    Model::from_parts(
-        decoder,
-        word_tokenizer(cfg.vocab_size),
-        PathBuf::from("<memory>"),
-    )
+    model_from(&Quantized(tiny_weights(cfg, seed)), cfg)
 }
 
 pub fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
