@@ -30,6 +30,8 @@ const Q_TILE: usize = 32;
 const K_TILE: usize = 64;
 /// Rows (query heads × positions) per item from which keys are transposed.
 const TRANSPOSE_FROM_ROWS: usize = 16;
+/// Calls with fewer (query rows × keys × heads) than this run on the calling thread.
+const SEQUENTIAL_BELOW: usize = 1 << 15;
 /// The shortest key range a split-key item gets.
 const MIN_SPLIT: usize = 4 * K_TILE;
 
@@ -523,15 +525,24 @@ pub(super) fn attention(
         sliding_window: params.sliding_window.unwrap_or(usize::MAX),
         softcap: params.softcap.map(|c| c as f32),
     };
+    // Small calls (decode at short context) run on this thread: waking the pool costs
+    // more than the work, and a batched step makes one such call per sequence.
+    let sequential = q_len * kv_len * n_heads < SEQUENTIAL_BELOW;
     let computed = with_view(&q, |qv| {
         with_view(&k, |kv| {
             with_view(&v, |vv| {
-                items
-                    .par_iter()
-                    .map_init(Scratch::default, |scratch, &item| {
-                        run_item(item, &shape, (qv, kv, vv), table, se, layer, scale, scratch)
-                    })
-                    .collect::<Vec<Partial>>()
+                let run = |scratch: &mut Scratch, &item: &Item| {
+                    run_item(item, &shape, (qv, kv, vv), table, se, layer, scale, scratch)
+                };
+                if sequential {
+                    let mut scratch = Scratch::default();
+                    items.iter().map(|item| run(&mut scratch, item)).collect()
+                } else {
+                    items
+                        .par_iter()
+                        .map_init(Scratch::default, run)
+                        .collect::<Vec<Partial>>()
+                }
             })
         })
     });
