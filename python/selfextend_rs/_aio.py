@@ -69,6 +69,7 @@ class AsyncTextStream:
     def __del__(self) -> None:
         if not self._finished:
             self._request.cancel()
+            self._engine._forget(self._id)
 
 
 class AsyncEngine:
