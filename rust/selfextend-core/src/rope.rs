@@ -217,13 +217,7 @@ impl RotaryEmbedding {
                 attention_factor: af,
             }) => {
                 attention_factor = *af;
-                let long = Self {
-                    inv_freq: divided(long_factor),
-                    attention_factor,
-                    table: Arc::new(RwLock::new(Arc::new(CosSinTable::new(&[], 1.0, 0)))),
-                    device_tables: Arc::default(),
-                    by_length: None,
-                };
+                let long = Self::from_frequencies(divided(long_factor), attention_factor, None);
                 by_length = Some(ByLength::LongRope {
                     original: *original_max_position_embeddings,
                     long: Arc::new(long),
@@ -231,6 +225,15 @@ impl RotaryEmbedding {
                 divided(short_factor)
             }
         };
+        Self::from_frequencies(inv_freq, attention_factor, by_length)
+    }
+
+    /// An embedding over `inv_freq`, its tables built on first use.
+    fn from_frequencies(
+        inv_freq: Vec<f64>,
+        attention_factor: f64,
+        by_length: Option<ByLength>,
+    ) -> Self {
         Self {
             inv_freq,
             attention_factor,

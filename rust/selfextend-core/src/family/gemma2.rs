@@ -5,9 +5,10 @@
 //! global ones, the first local.
 
 use super::{
-    gemma_block, gguf_base, hf_base, hf_layer_types, usize_or, Family, GgufLayout, HfDefaults,
+    gguf_base, hf_attention_bias, hf_base, hf_layer_types, make_gemma, usize_or, Family,
+    GgufLayout, HfDefaults,
 };
-use crate::config::{Block, Config, HfConfig, LayerAttention};
+use crate::config::{Config, HfConfig, LayerAttention};
 use crate::error::Result;
 use crate::loader::gguf::ArchMetadata;
 
@@ -28,19 +29,15 @@ fn from_hf(c: &HfConfig) -> Result<Config> {
     };
     let mut cfg = hf_base(c, "gemma2", &defaults)?;
     super::check_activation(c, "hidden_activation", "gelu_pytorch_tanh")?;
-    cfg.block = super::gemma_block(
-        cfg.hidden_size,
-        c.f64("query_pre_attn_scalar")?.unwrap_or(256.0),
-    );
+    let scalar = c.f64("query_pre_attn_scalar")?.unwrap_or(256.0);
+    make_gemma(&mut cfg.block, cfg.hidden_size, scalar);
+    hf_attention_bias(c, &mut cfg.block)?;
     cfg.block.attn_logit_softcap =
         c.f64("attn_logit_softcapping")?
             .or(default_cap(c, "attn_logit_softcapping", 50.0));
     cfg.block.final_logit_softcap =
         c.f64("final_logit_softcapping")?
             .or(default_cap(c, "final_logit_softcapping", 30.0));
-    let attention_bias = c.bool("attention_bias")?.unwrap_or(false);
-    cfg.block.qkv_bias = attention_bias;
-    cfg.block.o_bias = attention_bias;
     let n = cfg.num_hidden_layers;
     let sliding = hf_layer_types(c, n)?.unwrap_or_else(|| (0..n).map(|i| i % 2 == 0).collect());
     let window = usize_or(c, "sliding_window", Some(4096))?;
@@ -70,10 +67,8 @@ pub(super) fn set_sliding(cfg: &mut Config, sliding: &[bool], window: Option<usi
 /// even layers local).
 fn from_gguf(m: &ArchMetadata) -> Result<Config> {
     let mut cfg = gguf_base(m, "gemma2")?;
-    cfg.block = Block {
-        fused_qkv: cfg.block.fused_qkv,
-        ..gemma_block(cfg.hidden_size, query_pre_attn_scalar(m, &cfg, 46)?)
-    };
+    let scalar = query_pre_attn_scalar(m, &cfg, 46)?;
+    make_gemma(&mut cfg.block, cfg.hidden_size, scalar);
     cfg.block.attn_logit_softcap = Some(m.f64("attn_logit_softcapping")?.unwrap_or(50.0));
     cfg.block.final_logit_softcap = Some(m.f64("final_logit_softcapping")?.unwrap_or(30.0));
     let sliding = m.sliding_pattern(cfg.num_hidden_layers, 2)?;

@@ -5,10 +5,10 @@
 
 use super::gemma2::{query_pre_attn_scalar, set_sliding};
 use super::{
-    gemma_block, gguf_base, hf_base, hf_layer_types, hf_rope, usize_or, Family, GgufLayout,
-    HfDefaults,
+    gguf_base, hf_attention_bias, hf_base, hf_layer_types, hf_rope, make_gemma, usize_or, Family,
+    GgufLayout, HfDefaults,
 };
-use crate::config::{Block, Config, HfConfig, RopeConfig, RopeScaling};
+use crate::config::{Config, HfConfig, RopeConfig, RopeScaling};
 use crate::error::Result;
 use crate::loader::gguf::ArchMetadata;
 
@@ -39,17 +39,13 @@ fn from_hf(c: &HfConfig) -> Result<Config> {
             "`use_bidirectional_attention` (an embedding model) is not supported: this library runs causal language models",
         ));
     }
-    cfg.block = gemma_block(
-        cfg.hidden_size,
-        c.f64("query_pre_attn_scalar")?.unwrap_or(256.0),
-    );
+    let scalar = c.f64("query_pre_attn_scalar")?.unwrap_or(256.0);
+    make_gemma(&mut cfg.block, cfg.hidden_size, scalar);
+    hf_attention_bias(c, &mut cfg.block)?;
     cfg.block.qk_norm = true;
     // `transformers` keeps Gemma 3's `attn_logit_softcapping` but never applies it (and
     // llama.cpp's converter requires it to be null): no cap on scores.
     cfg.block.final_logit_softcap = c.f64("final_logit_softcapping")?;
-    let attention_bias = c.bool("attention_bias")?.unwrap_or(false);
-    cfg.block.qkv_bias = attention_bias;
-    cfg.block.o_bias = attention_bias;
     let n = cfg.num_hidden_layers;
     let sliding = match hf_layer_types(c, n)? {
         Some(types) => types,
@@ -92,10 +88,8 @@ fn set_local_rope(cfg: &mut Config, rope: RopeConfig) {
 /// unscaled; the global layers' linear scaling in `gemma3.rope.scaling.*`.
 fn from_gguf(m: &ArchMetadata) -> Result<Config> {
     let mut cfg = gguf_base(m, "gemma3_text")?;
-    cfg.block = Block {
-        fused_qkv: cfg.block.fused_qkv,
-        ..gemma_block(cfg.hidden_size, query_pre_attn_scalar(m, &cfg, 62)?)
-    };
+    let scalar = query_pre_attn_scalar(m, &cfg, 62)?;
+    make_gemma(&mut cfg.block, cfg.hidden_size, scalar);
     cfg.block.qk_norm = true;
     cfg.block.final_logit_softcap = m.f64("final_logit_softcapping")?.filter(|&c| c != 0.0);
     if cfg.attention_kinds[0].rope.scaling.is_none() {

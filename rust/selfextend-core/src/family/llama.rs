@@ -17,9 +17,7 @@ pub(super) static FAMILY: Family = Family {
 fn from_hf(c: &HfConfig) -> Result<Config> {
     let defaults = HfDefaults::LLAMA;
     let mut cfg = hf_base(c, "llama", &defaults)?;
-    let attention_bias = c.bool("attention_bias")?.unwrap_or(false);
-    cfg.block.qkv_bias = attention_bias;
-    cfg.block.o_bias = attention_bias;
+    super::hf_attention_bias(c, &mut cfg.block)?;
     cfg.block.mlp_bias = c.bool("mlp_bias")?.unwrap_or(false);
     Ok(cfg)
 }
@@ -28,9 +26,6 @@ fn from_hf(c: &HfConfig) -> Result<Config> {
 /// files carry their RoPE scaling as one divisor per frequency (`rope_freqs.weight`).
 fn from_gguf(m: &ArchMetadata) -> Result<Config> {
     let mut cfg = gguf_base(m, "llama")?;
-    cfg.block.qkv_bias = m.has_tensor("blk.0.attn_q.bias");
-    cfg.block.o_bias = m.has_tensor("blk.0.attn_output.bias");
-    cfg.block.mlp_bias = m.has_tensor("blk.0.ffn_up.bias");
     if let Some(factors) = m.tensor_values("rope_freqs.weight")? {
         cfg.attention_kinds[0].rope.scaling = Some(RopeScaling::Frequencies {
             factors: factors.into(),

@@ -471,17 +471,23 @@ fn parse_scaling(
     })
 }
 
-/// The Gemma block: `1 + w` norms, sandwich norms, GELU-tanh, embeddings scaled by
-/// `sqrt(hidden_size)`, and `query_pre_attn_scalar^-0.5` as the attention scale.
-pub(crate) fn gemma_block(hidden_size: usize, query_pre_attn_scalar: f64) -> Block {
-    Block {
-        norm: crate::config::Norm::RmsPlusOne,
-        sandwich_norms: true,
-        embedding_scale: Some((hidden_size as f64).sqrt()),
-        activation: Activation::GeluTanh,
-        attention_scale: query_pre_attn_scalar.powf(-0.5),
-        ..Block::llama(1)
-    }
+/// Makes `block` Gemma's: `1 + w` norms, sandwich norms, GELU-tanh, embeddings scaled
+/// by `sqrt(hidden_size)`, and `query_pre_attn_scalar^-0.5` as the attention scale.
+/// Projections and biases stay as the files describe them.
+pub(crate) fn make_gemma(block: &mut Block, hidden_size: usize, query_pre_attn_scalar: f64) {
+    block.norm = crate::config::Norm::RmsPlusOne;
+    block.sandwich_norms = true;
+    block.embedding_scale = Some((hidden_size as f64).sqrt());
+    block.activation = Activation::GeluTanh;
+    block.attention_scale = query_pre_attn_scalar.powf(-0.5);
+}
+
+/// `attention_bias`: biases on q, k, v and o (Llama, Qwen3, Gemma).
+pub(crate) fn hf_attention_bias(c: &HfConfig, block: &mut Block) -> Result<()> {
+    let bias = c.bool("attention_bias")?.unwrap_or(false);
+    block.qkv_bias = bias;
+    block.o_bias = bias;
+    Ok(())
 }
 
 /// The [`Config`] every family starts from in GGUF: the `{arch}.*` dimensions, the
@@ -526,8 +532,12 @@ pub(crate) fn gguf_base(m: &ArchMetadata, model_type: &'static str) -> Result<Co
         },
     );
     let mut block = Block::llama(head_dim);
-    // llama.cpp's converter fuses q, k and v into `attn_qkv` with `--fuse-qkv`.
+    // llama.cpp's converter fuses q, k and v into `attn_qkv` with `--fuse-qkv`; biases
+    // are whatever tensors the file has.
     block.fused_qkv = m.has_tensor("blk.0.attn_qkv.weight");
+    block.qkv_bias = m.has_tensor("blk.0.attn_q.bias") || m.has_tensor("blk.0.attn_qkv.bias");
+    block.o_bias = m.has_tensor("blk.0.attn_output.bias");
+    block.mlp_bias = m.has_tensor("blk.0.ffn_up.bias");
     Ok(Config {
         model_type,
         vocab_size: m.vocab_size()?,

@@ -21,9 +21,7 @@ fn from_hf(c: &HfConfig) -> Result<Config> {
         ..HfDefaults::LLAMA
     };
     let mut cfg = hf_base(c, "qwen3", &defaults)?;
-    let attention_bias = c.bool("attention_bias")?.unwrap_or(false);
-    cfg.block.qkv_bias = attention_bias;
-    cfg.block.o_bias = attention_bias;
+    super::hf_attention_bias(c, &mut cfg.block)?;
     cfg.block.qk_norm = true;
     sliding_layers(c, &mut cfg, 28)?;
     Ok(cfg)
@@ -60,7 +58,5 @@ pub(super) fn sliding_layers(
 fn from_gguf(m: &ArchMetadata) -> Result<Config> {
     let mut cfg = gguf_base(m, "qwen3")?;
     cfg.block.qk_norm = true;
-    cfg.block.qkv_bias = m.has_tensor("blk.0.attn_q.bias");
-    cfg.block.o_bias = m.has_tensor("blk.0.attn_output.bias");
     Ok(cfg)
 }

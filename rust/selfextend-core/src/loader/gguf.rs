@@ -627,10 +627,7 @@ pub struct GgufSource {
 
 impl GgufSource {
     pub fn new(file: GgufFile, cfg: &Config, keep_quantized: bool) -> Self {
-        let layout = file.layout().unwrap_or(GgufLayout {
-            permute_qk: true,
-            norm_offset: 0.0,
-        });
+        let layout = file.layout().unwrap_or(GgufLayout::PERMUTED);
         Self {
             file,
             num_heads: cfg.num_attention_heads,

@@ -53,14 +53,13 @@ impl Linear {
     /// `segments` (one per sequence of a batched call). A quantized layer picks its path
     /// per segment, so a sequence's result does not depend on what else is in the batch.
     fn forward(&self, xs: &Tensor, segments: &[usize]) -> Result<Tensor> {
-        let Self::Quantized {
-            weight,
-            blocks,
-            bias,
-        } = self
-        else {
-            let Self::Dense(l) = self else { unreachable!() };
-            return Ok(l.forward(xs)?);
+        let (weight, blocks, bias) = match self {
+            Self::Dense(l) => return Ok(l.forward(xs)?),
+            Self::Quantized {
+                weight,
+                blocks,
+                bias,
+            } => (weight, blocks, bias),
         };
         let dense_path = |rows: usize| rows >= DENSE_FROM_ROWS && xs.device().is_cpu();
         // Runs of consecutive segments that take the same path: (start, rows, dense).
