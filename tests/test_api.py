@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import warnings
 from pathlib import Path
 
@@ -34,6 +35,7 @@ def test_self_extend_value_type() -> None:
     assert s == se.SelfExtend(4, 1024) and s != se.SelfExtend(4, 512)
     assert len({s, se.SelfExtend(4, 1024)}) == 1
     assert repr(s) == "SelfExtend(group_size=4, window=1024)"
+    assert pickle.loads(pickle.dumps(s)) == s  # multiprocessing, Ray
 
 
 def test_config(model: se.Model) -> None:

@@ -101,6 +101,11 @@ impl PySelfExtend {
         self.0.max_context(trained_context)
     }
 
+    /// Pickling (multiprocessing, Ray) rebuilds the setting through `SelfExtend(G, W)`.
+    fn __getnewargs__(&self) -> (usize, usize) {
+        (self.0.group_size(), self.0.window())
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "SelfExtend(group_size={}, window={})",
