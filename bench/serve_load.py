@@ -61,6 +61,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _cpu_name() -> str:
+    try:
+        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+    except OSError:
+        match = None
+    return match.group(1) if match else platform.machine()
+
+
 def _rss_bytes(pid: int) -> int:
     text = Path(f"/proc/{pid}/status").read_text()
     match = re.search(r"VmRSS:\s+(\d+) kB", text)
@@ -201,6 +209,10 @@ async def load(base: str, requests: int, clients: int, disconnect_every: int, pi
     for name in ("selfextend_running_sequences", "selfextend_queue_length", "selfextend_kv_cache_bytes"):
         if after[name] != 0:
             problems.append(f"after the run {name} = {after[name]:.0f}")
+    # The engine hands freed memory back to the OS when it goes idle.
+    if after_rss > idle_rss + max(idle_rss // 10, 32 * 2**20):
+        problems.append(f"resident memory {after_rss / 2**20:.0f} MB after the run, "
+                        f"{idle_rss / 2**20:.0f} MB idle before it")
     latencies = sorted(o.seconds for o in completed)
     generated = after["selfextend_generated_tokens_total"] - before["selfextend_generated_tokens_total"]
     return {
@@ -253,7 +265,7 @@ def main() -> int:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
-    result.update(cpu=platform.processor() or platform.machine(), cores=os.cpu_count(), max_batch=args.max_batch)
+    result.update(cpu=_cpu_name(), cores=os.cpu_count(), max_batch=args.max_batch)
     for key, value in result.items():
         if key != "problems":
             print(f"{key:28s} {value}")

@@ -7,7 +7,9 @@ use std::time::Instant;
 use candle_core::Device;
 use clap::Parser;
 use rand::{Rng, SeedableRng};
-use selfextend_core::model::{parse_attention, parse_device, parse_dtype, LogitsFor};
+use selfextend_core::model::{
+    parse_attention, parse_device, parse_dtype, LogitsFor, SequenceStep,
+};
 use selfextend_core::{Model, SelfExtend};
 use serde::Serialize;
 
@@ -44,6 +46,11 @@ struct Args {
     /// Tokens to decode per decode measurement.
     #[arg(long, default_value_t = 16)]
     decode_tokens: usize,
+    /// Sequences decoded together (one batched forward pass per step, as the serving
+    /// engine runs them), each after its own prefill of `--decode-context` tokens.
+    /// Decode tokens/s then counts the tokens of all of them.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
     /// SelfExtend group size G.
     #[arg(long, default_value_t = 4)]
     group_size: usize,
@@ -106,6 +113,7 @@ struct Report {
     window: usize,
     chunk_size: usize,
     repeats: usize,
+    batch: usize,
     measurements: Vec<Measurement>,
     /// KV-cache bytes allocated for the longest sequence run.
     kv_cache_bytes: usize,
@@ -182,10 +190,12 @@ impl Bench {
         let params = self.model.attention_params(se);
         let steps = self.args.decode_tokens;
         let decode = n == self.args.decode_context && steps > 0;
-        let mut cache = self
-            .model
-            .decoder()
-            .new_cache(n + if decode { steps } else { 0 });
+        let new_cache = || {
+            self.model
+                .decoder()
+                .new_cache(n + if decode { steps } else { 0 })
+        };
+        let mut cache = new_cache();
         let device = self.model.device().clone();
         let mut peak_gpu = self.peak_gpu_bytes;
         let sample = &mut |_, _| {
@@ -203,7 +213,35 @@ impl Bench {
             sample,
         )?;
         let prefill = start.elapsed().as_secs_f64();
-        let decode = if decode {
+        let decode = if decode && self.args.batch > 1 {
+            // The other sequences' prefills are not timed.
+            let mut caches = vec![cache];
+            for _ in 1..self.args.batch {
+                let mut c = new_cache();
+                let ids = &self.ids[..n];
+                self.model
+                    .forward_chunked(ids, &mut c, &params, chunk, LogitsFor::Last, sample)?;
+                caches.push(c);
+            }
+            let start = Instant::now();
+            for &id in &self.ids[n..n + steps] {
+                let ids = [id];
+                let mut batch: Vec<SequenceStep<'_>> = caches
+                    .iter_mut()
+                    .map(|cache| SequenceStep {
+                        ids: &ids,
+                        cache,
+                        params: &params,
+                        logits_for: LogitsFor::Last,
+                    })
+                    .collect();
+                self.model
+                    .decoder()
+                    .forward_batch(&mut batch, &mut || Ok(()))?;
+            }
+            cache = caches.swap_remove(0);
+            Some(start.elapsed().as_secs_f64())
+        } else if decode {
             let start = Instant::now();
             for &id in &self.ids[n..n + steps] {
                 self.model.forward_chunked(
@@ -241,7 +279,7 @@ impl Bench {
         let mut out = vec![];
         for (phase, seconds, tokens) in [
             ("prefill", prefill, context),
-            ("decode", decode, self.args.decode_tokens),
+            ("decode", decode, self.args.decode_tokens * self.args.batch),
         ] {
             if seconds.is_empty() {
                 continue;
@@ -263,8 +301,8 @@ impl Bench {
 }
 
 fn run(args: Args) -> BenchResult<Report> {
-    if args.repeats == 0 || args.chunk_size == 0 {
-        return Err("--repeats and --chunk-size must be >= 1".into());
+    if args.repeats == 0 || args.chunk_size == 0 || args.batch == 0 {
+        return Err("--repeats, --chunk-size and --batch must be >= 1".into());
     }
     let se = SelfExtend::new(args.group_size, args.window)?;
     let device: Device = parse_device(&args.device)?;
@@ -336,6 +374,7 @@ fn run(args: Args) -> BenchResult<Report> {
         window: args.window,
         chunk_size: args.chunk_size,
         repeats: args.repeats,
+        batch: args.batch,
         measurements,
         kv_cache_bytes: bench.kv_cache_bytes,
         rss_after_load_bytes,
@@ -350,6 +389,12 @@ fn print_table(r: &Report) {
         "SelfExtend G={} W={}, {} on {} ({} threads), {} attention, chunk {}, median of {}",
         r.group_size, r.window, r.dtype, r.device, r.threads, r.backend, r.chunk_size, r.repeats
     );
+    if r.batch > 1 {
+        println!(
+            "decode: {} sequences per step; tok/s counts all of them",
+            r.batch
+        );
+    }
     if r.measurements
         .iter()
         .any(|m| m.attention != r.measurements[0].attention)

@@ -242,6 +242,7 @@ impl Engine {
             running: Vec::new(),
             reserved: 0,
             counters: Arc::clone(&counters),
+            worked_since_idle: false,
         };
         let worker = std::thread::Builder::new()
             .name("selfextend-engine".into())
@@ -386,6 +387,8 @@ struct Scheduler {
     /// KV bytes reserved by the running requests.
     reserved: usize,
     counters: Arc<Counters>,
+    /// Whether a step ran since the batch was last empty (memory is released then).
+    worked_since_idle: bool,
 }
 
 /// How long an idle scheduler waits for a command before checking again.
@@ -399,8 +402,12 @@ impl Scheduler {
             }
             self.admit();
             if self.running.is_empty() {
+                if std::mem::take(&mut self.worked_since_idle) {
+                    crate::memory::release_free_memory();
+                }
                 continue;
             }
+            self.worked_since_idle = true;
             // A bug must not leave every stream waiting forever: fail the batch and go on.
             let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()));
             if let Err(panic) = stepped {
