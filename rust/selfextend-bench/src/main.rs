@@ -7,9 +7,7 @@ use std::time::Instant;
 use candle_core::Device;
 use clap::Parser;
 use rand::{Rng, SeedableRng};
-use selfextend_core::model::{
-    parse_attention, parse_device, parse_dtype, LogitsFor, SequenceStep,
-};
+use selfextend_core::model::{parse_attention, parse_device, parse_dtype, LogitsFor, SequenceStep};
 use selfextend_core::{Model, SelfExtend};
 use serde::Serialize;
 

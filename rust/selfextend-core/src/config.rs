@@ -261,13 +261,13 @@ impl Config {
             }
         }
         let kv = self.num_key_value_heads;
-        if kv == 0 || self.num_attention_heads % kv != 0 {
+        if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
             return Err(format!(
                 "`num_attention_heads` ({}) must be a positive multiple of `num_key_value_heads` ({kv})",
                 self.num_attention_heads
             ));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return Err(format!(
                 "`head_dim` must be a positive even number for RoPE, got {}",
                 self.head_dim

@@ -19,6 +19,7 @@ use crate::config::{Activation, Config, Norm, RopeScaling};
 use crate::error::Result;
 use crate::kv_cache::{KvCache, LayerCache};
 use crate::loader::Weights;
+use crate::model::q4::Q4Matrix;
 use crate::rope::RotaryEmbedding;
 
 /// From this many input rows on, a quantized layer on the CPU dequantizes its weight
@@ -28,7 +29,8 @@ use crate::rope::RotaryEmbedding;
 /// over the rows, and logits are those of the exact dequantized weights.
 const DENSE_FROM_ROWS: usize = 32;
 
-/// A linear layer over dense weights (gemm) or quantized GGUF blocks (`QMatMul`).
+/// A linear layer over dense weights (gemm), 4-bit GGUF blocks on the CPU (our
+/// kernel, [`Q4Matrix`]), or other quantized GGUF blocks (candle's `QMatMul`).
 #[derive(Debug, Clone)]
 enum Linear {
     Dense(candle_nn::Linear),
@@ -37,10 +39,22 @@ enum Linear {
         blocks: Arc<QTensor>,
         bias: Option<Tensor>,
     },
+    Q4 {
+        weight: Arc<Q4Matrix>,
+        bias: Option<Tensor>,
+    },
 }
 
 impl Linear {
     fn quantized(blocks: QTensor, bias: Option<Tensor>) -> Result<Self> {
+        if blocks.device().is_cpu() {
+            if let Some(weight) = Q4Matrix::from_qtensor(&blocks)? {
+                return Ok(Self::Q4 {
+                    weight: Arc::new(weight),
+                    bias,
+                });
+            }
+        }
         let blocks = Arc::new(blocks);
         Ok(Self::Quantized {
             weight: QMatMul::from_arc(Arc::clone(&blocks))?,
@@ -49,51 +63,42 @@ impl Linear {
         })
     }
 
+    fn out_features(&self) -> usize {
+        match self {
+            Self::Dense(l) => l.weight().dims()[0],
+            Self::Quantized { blocks, .. } => blocks.shape().dims()[0],
+            Self::Q4 { weight, .. } => weight.out_features(),
+        }
+    }
+
     /// `xs: (batch, rows, in)` where the rows are the consecutive segments of
     /// `segments` (one per sequence of a batched call). A quantized layer picks its path
     /// per segment, so a sequence's result does not depend on what else is in the batch.
     fn forward(&self, xs: &Tensor, segments: &[usize]) -> Result<Tensor> {
-        let (weight, blocks, bias) = match self {
+        let (ys, bias) = match self {
             Self::Dense(l) => return Ok(l.forward(xs)?),
             Self::Quantized {
                 weight,
                 blocks,
                 bias,
-            } => (weight, blocks, bias),
-        };
-        let dense_path = |rows: usize| rows >= DENSE_FROM_ROWS && xs.device().is_cpu();
-        // Runs of consecutive segments that take the same path: (start, rows, dense).
-        let mut runs: Vec<(usize, usize, bool)> = vec![];
-        let mut start = 0;
-        for &rows in segments {
-            let dense = dense_path(rows);
-            match runs.last_mut() {
-                Some((_, n, d)) if *d == dense => *n += rows,
-                _ => runs.push((start, rows, dense)),
-            }
-            start += rows;
-        }
-        let row_dim = xs.rank() - 2;
-        let mut dequantized = None;
-        let mut parts = Vec::with_capacity(runs.len());
-        for &(start, rows, dense) in &runs {
-            let x = match runs.len() {
-                1 => xs.clone(),
-                _ => xs.narrow(row_dim, start, rows)?,
-            };
-            parts.push(if dense {
-                if dequantized.is_none() {
-                    dequantized = Some(blocks.dequantize(xs.device())?.to_dtype(xs.dtype())?);
-                }
-                let w = dequantized.clone().expect("set above");
-                candle_nn::Linear::new(w, None).forward(&x)?
-            } else {
-                weight.forward(&x)?
-            });
-        }
-        let ys = match parts.len() {
-            1 => parts.pop().expect("one part"),
-            _ => Tensor::cat(&parts, row_dim)?,
+            } => (
+                by_segment(
+                    xs,
+                    segments,
+                    |x| Ok(weight.forward(x)?),
+                    || Ok(blocks.dequantize(xs.device())?),
+                )?,
+                bias,
+            ),
+            Self::Q4 { weight, bias } => (
+                by_segment(
+                    xs,
+                    segments,
+                    |x| q4_forward(weight, x),
+                    || weight.dequantize(xs.device()),
+                )?,
+                bias,
+            ),
         };
         Ok(match bias {
             Some(b) => ys.broadcast_add(b)?,
@@ -102,12 +107,74 @@ impl Linear {
     }
 }
 
-/// Projections of one input (q/k/v; gate/up). When their weights are quantized alike
-/// they run as one stacked matmul: candle then quantizes the activations once and
-/// wakes its worker pool once, which is most of a decode step's overhead.
+/// Runs each run of consecutive segments that takes the same path through `quantized`
+/// (few rows) or through a dense gemm over `dequantize()`d weights (from
+/// [`DENSE_FROM_ROWS`] rows on, on the CPU), and joins the results.
+fn by_segment(
+    xs: &Tensor,
+    segments: &[usize],
+    quantized: impl Fn(&Tensor) -> Result<Tensor>,
+    dequantize: impl Fn() -> Result<Tensor>,
+) -> Result<Tensor> {
+    let dense_path = |rows: usize| rows >= DENSE_FROM_ROWS && xs.device().is_cpu();
+    // Runs of consecutive segments that take the same path: (start, rows, dense).
+    let mut runs: Vec<(usize, usize, bool)> = vec![];
+    let mut start = 0;
+    for &rows in segments {
+        let dense = dense_path(rows);
+        match runs.last_mut() {
+            Some((_, n, d)) if *d == dense => *n += rows,
+            _ => runs.push((start, rows, dense)),
+        }
+        start += rows;
+    }
+    let row_dim = xs.rank() - 2;
+    let mut dequantized = None;
+    let mut parts = Vec::with_capacity(runs.len());
+    for &(start, rows, dense) in &runs {
+        let x = match runs.len() {
+            1 => xs.clone(),
+            _ => xs.narrow(row_dim, start, rows)?,
+        };
+        parts.push(if dense {
+            if dequantized.is_none() {
+                dequantized = Some(dequantize()?.to_dtype(xs.dtype())?);
+            }
+            let w = dequantized.clone().expect("set above");
+            candle_nn::Linear::new(w, None).forward(&x)?
+        } else {
+            quantized(&x)?
+        });
+    }
+    Ok(match parts.len() {
+        1 => parts.pop().expect("one part"),
+        _ => Tensor::cat(&parts, row_dim)?,
+    })
+}
+
+/// `x: (.., in)` through the 4-bit kernel, in f32.
+fn q4_forward(weight: &Q4Matrix, x: &Tensor) -> Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    let in_features = dims.pop().unwrap_or(0);
+    let rows = dims.iter().product();
+    if in_features != weight.in_features() {
+        return Err(crate::Error::invalid(
+            "input",
+            format!(
+                "a linear layer over {} features got {in_features}",
+                weight.in_features()
+            ),
+        ));
+    }
+    let values = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let y = weight.matmul(&values, rows);
+    dims.push(y.len() / rows.max(1));
+    Ok(Tensor::from_vec(y, dims, x.device())?.to_dtype(x.dtype())?)
+}
+
 /// Projections of one input (q/k/v; gate/up): separate, or one matmul whose output is
 /// split. Quantized weights alike are stacked into one matrix (biases concatenated):
-/// candle then quantizes the activations once and wakes its worker pool once, which is
+/// the activations are then quantized once and the worker pool woken once, which is
 /// most of a decode step's overhead.
 #[derive(Debug, Clone)]
 enum Projections {
@@ -117,8 +184,9 @@ enum Projections {
 
 impl Projections {
     fn new(parts: Vec<Linear>) -> Result<Self> {
-        let mut blocks = vec![];
         let mut biases = vec![];
+        let mut blocks = vec![];
+        let mut q4 = vec![];
         for part in &parts {
             match part {
                 Linear::Quantized {
@@ -127,7 +195,11 @@ impl Projections {
                     blocks.push(b.as_ref());
                     biases.push(bias.clone());
                 }
-                _ => return Ok(Self::Separate(parts)),
+                Linear::Q4 { weight, bias } => {
+                    q4.push(weight.as_ref());
+                    biases.push(bias.clone());
+                }
+                Linear::Dense(_) => return Ok(Self::Separate(parts)),
             }
         }
         let bias = match biases.iter().all(Option::is_some) {
@@ -138,16 +210,27 @@ impl Projections {
             false if biases.iter().all(Option::is_none) => None,
             false => return Ok(Self::Separate(parts)),
         };
-        let sizes = blocks.iter().map(|b| b.shape().dims()[0]).collect();
-        Ok(match crate::loader::gguf::concat_rows(&blocks)? {
-            Some(stacked) => Self::Fused {
-                linear: Linear::quantized(stacked, bias)?,
-                sizes,
+        let stacked = if q4.len() == parts.len() {
+            Q4Matrix::stack(&q4).map(|weight| Linear::Q4 {
+                weight: Arc::new(weight),
+                bias,
+            })
+        } else if blocks.len() == parts.len() {
+            match crate::loader::gguf::concat_rows(&blocks)? {
+                Some(stacked) => Some(Linear::quantized(stacked, bias)?),
+                None => None,
+            }
+        } else {
+            None
+        };
+        Ok(match stacked {
+            Some(linear) => Self::Fused {
+                sizes: parts.iter().map(Linear::out_features).collect(),
+                linear,
             },
             None => Self::Separate(parts),
         })
     }
-
     /// One matrix that a checkpoint already stores fused (Phi-3's `qkv_proj`).
     fn split(linear: Linear, sizes: Vec<usize>) -> Self {
         Self::Fused { linear, sizes }
