@@ -3,7 +3,7 @@ tokens/s with 8 concurrent streams against one stream; running streams' inter-to
 latency while a long prompt is prefilled).
 
     .venv/bin/python bench/serve_bench.py [--model PATH] [--streams 1 8] [--tokens 64]
-        [--long 16384] [--json OUT]
+        [--long 16384] [--prefill-tokens-per-step 256 64] [--json OUT]
 
 Build the optimised extension first (`maturin develop --profile opt`). Decode
 throughput is measured while all N streams are decoding: from the moment every stream
@@ -102,22 +102,26 @@ async def main() -> None:
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--long", type=int, default=16384, help="0 skips the prefill test")
+    parser.add_argument("--prefill-tokens-per-step", type=int, nargs="+", default=[256],
+                        help="engine settings to run the prefill test with (default 256)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     warnings.simplefilter("ignore", se.ContextLengthWarning)
     model = se.Model.load(args.model)
-    engine = se.AsyncEngine(model, max_batch=max(max(args.streams), 5), prefill_tokens_per_step=256)
+    max_batch = max(max(args.streams), 5)
+    engine = se.AsyncEngine(model, max_batch=max_batch, prefill_tokens_per_step=256)
     report: dict[str, Any] = {"model": str(model.path), "cpu": cpu_name(), "threads": os.cpu_count(),
-                              "decode": []}
+                              "decode": [], "prefill": []}
     await decode_throughput(engine, 1, 8)  # warm up
     for n in args.streams:
         row = await decode_throughput(engine, n, args.tokens)
         print(f"{n} streams: {row['aggregate_tokens_per_second']:.1f} tokens/s aggregate", flush=True)
         report["decode"].append(row)
-    if args.long:
-        row = await itl_during_prefill(engine, model, args.long)
+    for per_step in args.prefill_tokens_per_step if args.long else []:
+        engine = se.AsyncEngine(model, max_batch=max_batch, prefill_tokens_per_step=per_step)
+        row = {"prefill_tokens_per_step": per_step, **await itl_during_prefill(engine, model, args.long)}
         print(json.dumps(row, indent=2), flush=True)
-        report["prefill"] = row
+        report["prefill"].append(row)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

@@ -175,7 +175,7 @@ impl Q4Matrix {
                 let (ct, rt) = (item / row_tiles, item % row_tiles);
                 let (c0, r0) = (ct * COLS, rt * ROWS);
                 let rows = ROWS.min(n_rows - r0);
-                kernel.tile(self, &acts, c0, r0, rows, &mut tile);
+                kernel.tile(self, &acts, TileAt { c0, r0, rows }, &mut tile);
                 for (r, values) in tile.iter().enumerate().take(rows) {
                     for (c, &v) in values.iter().enumerate() {
                         if c0 + c < self.out_features {
@@ -266,6 +266,14 @@ impl Activations {
     }
 }
 
+/// Where a tile sits: output columns `c0..c0 + COLS`, input rows `r0..r0 + rows`.
+#[derive(Clone, Copy, Debug)]
+struct TileAt {
+    c0: usize,
+    r0: usize,
+    rows: usize,
+}
+
 /// The dot-product code this CPU runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Kernel {
@@ -278,77 +286,60 @@ pub(crate) enum Kernel {
 
 impl Kernel {
     pub(crate) fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::sync::OnceLock;
-            static DETECTED: OnceLock<Kernel> = OnceLock::new();
-            *DETECTED.get_or_init(|| {
-                if std::env::var_os("SELFEXTEND_NO_AVX512").is_none()
-                    && is_x86_feature_detected!("avx512f")
-                    && is_x86_feature_detected!("avx512bw")
-                    && is_x86_feature_detected!("avx512vnni")
-                {
-                    Kernel::Avx512Vnni
-                } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                    Kernel::Avx2
-                } else {
-                    Kernel::Scalar
+        use std::sync::OnceLock;
+        static DETECTED: OnceLock<Kernel> = OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            let all = Self::available();
+            let best = *all.last().expect("the scalar kernel is always there");
+            match best {
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx512Vnni if std::env::var_os("SELFEXTEND_NO_AVX512").is_some() => {
+                    all[all.len() - 2]
                 }
-            })
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        Kernel::Scalar
+                _ => best,
+            }
+        })
     }
 
-    /// The kernels this CPU can run, best last (for tests).
-    #[cfg(test)]
+    /// The kernels this CPU can run, best last. `SELFEXTEND_NO_AVX512=1` makes
+    /// [`Kernel::detect`] skip AVX-512, to measure the AVX2 path on an AVX-512 machine.
     fn available() -> Vec<Self> {
+        #[allow(unused_mut)]
         let mut all = vec![Kernel::Scalar];
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                all.push(Kernel::Avx2);
-            }
-            if is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512vnni")
+            if is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
             {
-                all.push(Kernel::Avx512Vnni);
+                all.push(Kernel::Avx2);
+                if is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vnni")
+                {
+                    all.push(Kernel::Avx512Vnni);
+                }
             }
         }
         all
     }
 
-    /// `out[r][c] = y[r0 + r, c0 + c]` for `r < rows`.
-    fn tile(
-        self,
-        w: &Q4Matrix,
-        a: &Activations,
-        c0: usize,
-        r0: usize,
-        rows: usize,
-        out: &mut [[f32; COLS]; ROWS],
-    ) {
+    /// `out[r][c] = y[at.r0 + r, at.c0 + c]` for `r < at.rows`.
+    fn tile(self, w: &Q4Matrix, a: &Activations, at: TileAt, out: &mut [[f32; COLS]; ROWS]) {
         match self {
-            Kernel::Scalar => scalar_tile(w, a, c0, r0, rows, out),
+            Kernel::Scalar => scalar_tile(w, a, at, out),
             // SAFETY: `detect`/`available` chose these only where the CPU has the features.
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe { x86::avx2_tile(w, a, c0, r0, rows, out) },
+            Kernel::Avx2 => unsafe { x86::avx2_tile(w, a, at, out) },
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512Vnni => unsafe { x86::avx512_tile(w, a, c0, r0, rows, out) },
+            Kernel::Avx512Vnni => unsafe { x86::avx512_tile(w, a, at, out) },
         }
     }
 }
 
-/// The offset term `Σ_b m[c,b] sa[r,b]` and the scalar reference for the rest.
-fn scalar_tile(
-    w: &Q4Matrix,
-    a: &Activations,
-    c0: usize,
-    r0: usize,
-    rows: usize,
-    out: &mut [[f32; COLS]; ROWS],
-) {
+/// The reference kernel: the formula of the module docs, one value at a time.
+fn scalar_tile(w: &Q4Matrix, a: &Activations, at: TileAt, out: &mut [[f32; COLS]; ROWS]) {
+    let TileAt { c0, r0, rows } = at;
     for (r, values) in out.iter_mut().enumerate().take(rows) {
         let (qa, da, sa) = a.row(r0 + r);
         for (c, v) in values.iter_mut().enumerate() {
@@ -373,7 +364,7 @@ fn scalar_tile(
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Activations, Q4Matrix, BLOCK, COLS, ROWS};
+    use super::{Activations, Q4Matrix, TileAt, BLOCK, COLS, ROWS};
 
     /// Sum of the 8 lanes.
     #[target_feature(enable = "avx2")]
@@ -417,11 +408,10 @@ mod x86 {
     pub(super) unsafe fn avx2_tile(
         w: &Q4Matrix,
         a: &Activations,
-        c0: usize,
-        r0: usize,
-        rows: usize,
+        at: TileAt,
         out: &mut [[f32; COLS]; ROWS],
     ) {
+        let TileAt { c0, r0, rows } = at;
         // Two rows at a time keep 8 accumulators and the 4 unpacked blocks in registers.
         let mut r = 0;
         while r < rows {
@@ -461,11 +451,10 @@ mod x86 {
     pub(super) unsafe fn avx512_tile(
         w: &Q4Matrix,
         a: &Activations,
-        c0: usize,
-        r0: usize,
-        rows: usize,
+        at: TileAt,
         out: &mut [[f32; COLS]; ROWS],
     ) {
+        let TileAt { c0, r0, rows } = at;
         let mut acc = [[_mm512_setzero_ps(); COLS]; ROWS];
         let low = _mm256_set1_epi8(0x0f);
         let codes_at: [*const u8; COLS] = std::array::from_fn(|c| w.row_codes(c0 + c).as_ptr());
@@ -572,7 +561,7 @@ mod tests {
                     for c0 in (0..m.rows).step_by(COLS) {
                         for r0 in (0..n_rows).step_by(ROWS) {
                             let rows = ROWS.min(n_rows - r0);
-                            kernel.tile(&m, &acts, c0, r0, rows, &mut tile);
+                            kernel.tile(&m, &acts, TileAt { c0, r0, rows }, &mut tile);
                             for r in 0..rows {
                                 for c in 0..COLS.min(out_f - c0) {
                                     got[(r0 + r) * out_f + c0 + c] = tile[r][c];
