@@ -41,15 +41,18 @@ _DTYPES = ("f32", "bf16", "f16")
 
 def app(model: Union[str, Path, None] = None, *, num_replicas: int = 1, threads: Optional[int] = None,
         model_name: Optional[str] = None, self_extend: _SelfExtend = "auto", device: str = "cpu",
-        dtype: Optional[Literal["f32", "bf16", "f16"]] = None, max_batch: int = 8, max_queue: int = 64, kv_budget: Optional[int] = None,
-        prefill_tokens_per_step: int = 256, name: str = "selfextend") -> Application:
+        dtype: Optional[Literal["f32", "bf16", "f16"]] = None, max_batch: int = 8, max_queue: int = 64,
+        kv_budget: Optional[int] = None, prefill_tokens_per_step: int = 256,
+        name: str = "selfextend") -> Application:
     """A Ray Serve application: `num_replicas` copies of the OpenAI-compatible server.
 
     Args:
         model: A GGUF file or a checkpoint directory, readable at the same path on every
             node (default: the bundled SmolLM2-135M-Instruct).
         num_replicas: Replicas, each with its own copy of the weights and its own engine.
-        threads: CPU threads (and Ray CPUs) per replica (default: Ray's one CPU).
+        threads: CPU threads per replica, also reserved as its Ray CPUs. By default a
+            replica uses every core of its node and Ray reserves its default for it:
+            set `threads` when replicas share a node.
         model_name: The id clients pass as `model` (default: the file or directory name).
         self_extend: The setting for requests without a `self_extend` field: "auto", a
             SelfExtend, or None for plain attention.

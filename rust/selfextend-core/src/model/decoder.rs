@@ -168,7 +168,7 @@ fn q4_forward(weight: &Q4Matrix, x: &Tensor) -> Result<Tensor> {
     }
     let values = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let y = weight.matmul(&values, rows);
-    dims.push(y.len() / rows.max(1));
+    dims.push(weight.out_features());
     Ok(Tensor::from_vec(y, dims, x.device())?.to_dtype(x.dtype())?)
 }
 
