@@ -8,6 +8,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
+/// More layers than any checkpoint has (the largest have a few hundred).
+const MAX_LAYERS: usize = 1 << 16;
+
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
@@ -217,12 +220,20 @@ impl Config {
         &self.attention_kinds[kind].rope
     }
 
-    /// The same attention for every layer.
+    /// The same attention for every layer. Every reader of a layer count builds its
+    /// per-layer tables here first, so a corrupt count (say 2^63) is refused here,
+    /// before anything per layer is allocated.
     pub(crate) fn uniform_layers(
         num_layers: usize,
         attention: LayerAttention,
-    ) -> (Vec<LayerAttention>, Vec<usize>) {
-        (vec![attention], vec![0; num_layers])
+    ) -> std::result::Result<(Vec<LayerAttention>, Vec<usize>), String> {
+        if num_layers > MAX_LAYERS {
+            return Err(format!(
+                "{num_layers} layers is more than any model has (at most {MAX_LAYERS}); \
+                 the file is corrupt"
+            ));
+        }
+        Ok((vec![attention], vec![0; num_layers]))
     }
 
     /// Layers whose `sliding[l]` is set get `local`, the others `global`; kinds no layer
@@ -545,6 +556,14 @@ mod tests {
         );
         let err = Config::from_hf_json_str("{", Path::new("c.json")).unwrap_err();
         assert!(err.to_string().contains("not valid JSON"), "{err}");
+        // Found by the fuzzer: a huge layer count was a capacity-overflow panic.
+        let huge = format!("{BASE}}}").replace(
+            r#""num_hidden_layers": 1"#,
+            r#""num_hidden_layers": 9223372036854775808"#,
+        );
+        assert!(huge.contains("9223372036854775808"));
+        let err = Config::from_hf_json_str(&huge, Path::new("c.json")).unwrap_err();
+        assert!(err.to_string().contains("num_hidden_layers"), "{err}");
     }
 
     #[test]

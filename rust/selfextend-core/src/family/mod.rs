@@ -223,7 +223,8 @@ pub(crate) fn hf_base(c: &HfConfig, model_type: &'static str, d: &HfDefaults) ->
             sliding_window: None,
             rope,
         },
-    );
+    )
+    .map_err(|e| c.err(format!("`num_hidden_layers`: {e}")))?;
     Ok(Config {
         model_type,
         vocab_size: required("vocab_size", d.vocab_size)?,
@@ -530,7 +531,8 @@ pub(crate) fn gguf_base(m: &ArchMetadata, model_type: &'static str) -> Result<Co
             sliding_window: None,
             rope,
         },
-    );
+    )
+    .map_err(|e| m.err(format!("`block_count`: {e}")))?;
     let mut block = Block::llama(head_dim);
     // llama.cpp's converter fuses q, k and v into `attn_qkv` with `--fuse-qkv`; biases
     // are whatever tensors the file has.
