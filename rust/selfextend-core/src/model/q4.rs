@@ -1,7 +1,7 @@
 //! Linear layers over 4-bit GGUF weights (Q4_0, Q4_1) on the CPU, read as 4 bits.
 //!
 //! candle has no SIMD dot product for Q4_1, so such weights used to be re-quantized
-//! to Q8_0, 1.7x the bytes read per decoded token. Here a weight row keeps its 4-bit
+//! to Q8_0, 1.7x the bytes read per decoded token. Here a weight keeps its 4-bit
 //! codes `q` and, per block of 32, a scale `d` and an offset `m` (`w = d q + m`; Q4_0
 //! is `m = -8 d`). Activations are quantized to 8 bits per block of 32 (`x ≈ da qa`,
 //! as llama.cpp's Q8_1), and
@@ -10,10 +10,12 @@
 //! y[r, c] = Σ_b d[c,b] da[r,b] Σ_i q[c,b,i] qa[r,b,i]  +  Σ_b m[c,b] sa[r,b],   sa = da Σ_i qa
 //! ```
 //!
-//! The codes are unsigned, so the integer dot products map straight onto
-//! `vpdpbusd` (AVX-512 VNNI) or `vpmaddubsw` (AVX2), chosen at run time; a tile of 4
-//! output columns × up to 4 input rows shares every load, so a batch of decode rows
-//! reads the weights once.
+//! The weights are stored interleaved by tiles of 16 output columns, so that one SIMD
+//! lane is one output column: a single `vpdpbusd` (AVX-512 VNNI) multiplies four
+//! consecutive codes of 16 columns by the same four activation bytes, broadcast. The
+//! codes are unsigned, so they are its unsigned operand as they are; AVX2 does the same
+//! with `vpmaddubsw` over 8 columns. No horizontal sums, and every weight load serves
+//! all the rows of a tile (up to 8 decode rows of a batch).
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
@@ -22,26 +24,36 @@ use half::f16;
 use crate::error::{Error, Result};
 
 const BLOCK: usize = 32;
-/// Output columns per tile.
-const COLS: usize = 4;
+/// Output columns per tile: one per lane of a 512-bit register of i32.
+const COLS: usize = 16;
 /// Input rows per tile, at most.
-const ROWS: usize = 4;
+const ROWS: usize = 8;
+/// Bytes of one block of one tile: 16 columns × 32 codes × 4 bits.
+const TILE_BLOCK_BYTES: usize = COLS * BLOCK / 2;
 
-/// A `(out_features, in_features)` weight in 4-bit blocks, padded to whole tiles: rows
-/// to a multiple of [`COLS`], blocks per row to an even count (zero codes and scales).
+/// A `(out_features, in_features)` weight in 4-bit blocks, padded to whole tiles of
+/// [`COLS`] rows (zero codes and scales).
+///
+/// Layout, per tile and block: 256 bytes `packed[g][c][t]` (`g < 4`, `c < 16`, `t < 4`)
+/// whose low nibble is code `4 g + t` of column `c` and whose high nibble is code
+/// `4 (g + 4) + t`: one 64-byte row of it, unpacked, is the operand of two `vpdpbusd`.
 #[derive(Debug)]
 pub(crate) struct Q4Matrix {
     out_features: usize,
     in_features: usize,
-    /// Rows after padding.
-    rows: usize,
-    /// Blocks per row after padding.
     blocks: usize,
-    /// Per row, 16 bytes a block: value `i` is the low nibble of byte `i` for `i < 16`,
-    /// the high nibble of byte `i - 16` otherwise (GGUF's order).
+    /// Tile-major, then block: `(tiles * blocks) * TILE_BLOCK_BYTES`.
     codes: Vec<u8>,
+    /// Tile-major, then block, then column: `(tiles * blocks) * COLS`.
     scales: Vec<f16>,
     offsets: Vec<f16>,
+}
+
+/// One block of one row in GGUF's terms: scale, offset, and the 32 codes in order.
+struct RowBlock {
+    d: f16,
+    m: f16,
+    codes: [u8; BLOCK],
 }
 
 impl Q4Matrix {
@@ -60,8 +72,8 @@ impl Q4Matrix {
             return Ok(None);
         }
         let data = q.data()?;
-        let file_blocks = in_features / BLOCK;
-        if data.len() != out_features * file_blocks * block_bytes {
+        let blocks = in_features / BLOCK;
+        if data.len() != out_features * blocks * block_bytes {
             return Err(Error::invalid(
                 "weights",
                 format!(
@@ -71,33 +83,24 @@ impl Q4Matrix {
                 ),
             ));
         }
-        let rows = out_features.next_multiple_of(COLS);
-        let blocks = file_blocks.next_multiple_of(2);
-        let mut codes = vec![0u8; rows * blocks * 16];
-        let mut scales = vec![f16::ZERO; rows * blocks];
-        let mut offsets = vec![f16::ZERO; rows * blocks];
         let half = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]);
-        for (r, row) in data.chunks_exact(file_blocks * block_bytes).enumerate() {
-            for (b, block) in row.chunks_exact(block_bytes).enumerate() {
-                let i = r * blocks + b;
-                let d = half(&block[0..2]);
-                scales[i] = d;
-                offsets[i] = match has_offset {
+        Ok(Some(Self::build(out_features, in_features, |row, b| {
+            let block = &data[(row * blocks + b) * block_bytes..][..block_bytes];
+            let d = half(&block[0..2]);
+            let mut codes = [0u8; BLOCK];
+            for (j, &byte) in block[block_bytes - 16..].iter().enumerate() {
+                codes[j] = byte & 0x0f;
+                codes[j + 16] = byte >> 4;
+            }
+            RowBlock {
+                d,
+                m: match has_offset {
                     true => half(&block[2..4]),
                     false => f16::from_f32(-8.0 * d.to_f32()),
-                };
-                codes[i * 16..(i + 1) * 16].copy_from_slice(&block[block_bytes - 16..]);
+                },
+                codes,
             }
-        }
-        Ok(Some(Self {
-            out_features,
-            in_features,
-            rows,
-            blocks,
-            codes,
-            scales,
-            offsets,
-        }))
+        })))
     }
 
     /// The rows of `parts` one after the other (stacked q/k/v, gate/up), or `None`
@@ -107,30 +110,75 @@ impl Q4Matrix {
         if parts.iter().any(|p| p.in_features != first.in_features) {
             return None;
         }
-        let blocks = first.blocks;
-        let out_features: usize = parts.iter().map(|p| p.out_features).sum();
-        let rows = out_features.next_multiple_of(COLS);
-        let mut codes = Vec::with_capacity(rows * blocks * 16);
-        let mut scales = Vec::with_capacity(rows * blocks);
-        let mut offsets = Vec::with_capacity(rows * blocks);
-        for p in parts {
-            let real = p.out_features * blocks;
-            codes.extend_from_slice(&p.codes[..real * 16]);
-            scales.extend_from_slice(&p.scales[..real]);
-            offsets.extend_from_slice(&p.offsets[..real]);
+        let starts: Vec<usize> = parts
+            .iter()
+            .scan(0, |start, p| {
+                let s = *start;
+                *start += p.out_features;
+                Some(s)
+            })
+            .collect();
+        let out_features = parts.iter().map(|p| p.out_features).sum();
+        Some(Self::build(out_features, first.in_features, |row, b| {
+            let part = starts.partition_point(|&s| s <= row) - 1;
+            parts[part].row_block(row - starts[part], b)
+        }))
+    }
+
+    /// Lays out the blocks `block(row, b)` gives.
+    fn build(
+        out_features: usize,
+        in_features: usize,
+        block: impl Fn(usize, usize) -> RowBlock,
+    ) -> Self {
+        let blocks = in_features / BLOCK;
+        let tiles = out_features.div_ceil(COLS);
+        let mut codes = vec![0u8; tiles * blocks * TILE_BLOCK_BYTES];
+        let mut scales = vec![f16::ZERO; tiles * blocks * COLS];
+        let mut offsets = vec![f16::ZERO; tiles * blocks * COLS];
+        for row in 0..out_features {
+            let (tile, c) = (row / COLS, row % COLS);
+            for b in 0..blocks {
+                let RowBlock { d, m, codes: q } = block(row, b);
+                let at = tile * blocks + b;
+                scales[at * COLS + c] = d;
+                offsets[at * COLS + c] = m;
+                let packed = &mut codes[at * TILE_BLOCK_BYTES..][..TILE_BLOCK_BYTES];
+                for g in 0..4 {
+                    for t in 0..4 {
+                        packed[g * 64 + c * 4 + t] = q[4 * g + t] | q[4 * (g + 4) + t] << 4;
+                    }
+                }
+            }
         }
-        codes.resize(rows * blocks * 16, 0);
-        scales.resize(rows * blocks, f16::ZERO);
-        offsets.resize(rows * blocks, f16::ZERO);
-        Some(Self {
+        Self {
             out_features,
-            in_features: first.in_features,
-            rows,
+            in_features,
             blocks,
             codes,
             scales,
             offsets,
-        })
+        }
+    }
+
+    /// Block `b` of weight row `row`, as GGUF would give it.
+    fn row_block(&self, row: usize, b: usize) -> RowBlock {
+        let (tile, c) = (row / COLS, row % COLS);
+        let at = tile * self.blocks + b;
+        let packed = &self.codes[at * TILE_BLOCK_BYTES..][..TILE_BLOCK_BYTES];
+        let mut codes = [0u8; BLOCK];
+        for g in 0..4 {
+            for t in 0..4 {
+                let byte = packed[g * 64 + c * 4 + t];
+                codes[4 * g + t] = byte & 0x0f;
+                codes[4 * (g + 4) + t] = byte >> 4;
+            }
+        }
+        RowBlock {
+            d: self.scales[at * COLS + c],
+            m: self.offsets[at * COLS + c],
+            codes,
+        }
     }
 
     pub(crate) fn in_features(&self) -> usize {
@@ -145,14 +193,12 @@ impl Q4Matrix {
     pub(crate) fn dequantize(&self, device: &Device) -> Result<Tensor> {
         let n = self.in_features;
         let mut w = vec![0f32; self.out_features * n];
-        for (r, row) in w.chunks_exact_mut(n).enumerate() {
-            for (b, values) in row.chunks_exact_mut(BLOCK).enumerate() {
-                let i = r * self.blocks + b;
-                let (d, m) = (self.scales[i].to_f32(), self.offsets[i].to_f32());
-                let codes = &self.codes[i * 16..(i + 1) * 16];
-                for (j, &byte) in codes.iter().enumerate() {
-                    values[j] = d * (byte & 0x0f) as f32 + m;
-                    values[j + 16] = d * (byte >> 4) as f32 + m;
+        for (row, values) in w.chunks_exact_mut(n).enumerate() {
+            for (b, values) in values.chunks_exact_mut(BLOCK).enumerate() {
+                let RowBlock { d, m, codes } = self.row_block(row, b);
+                let (d, m) = (d.to_f32(), m.to_f32());
+                for (v, &q) in values.iter_mut().zip(&codes) {
+                    *v = d * q as f32 + m;
                 }
             }
         }
@@ -162,10 +208,10 @@ impl Q4Matrix {
     /// `x @ wᵀ` for `x: (rows, in_features)` row-major; returns `(rows, out_features)`.
     pub(crate) fn matmul(&self, x: &[f32], n_rows: usize) -> Vec<f32> {
         debug_assert_eq!(x.len(), n_rows * self.in_features);
-        let acts = Activations::quantize(x, n_rows, self.in_features, self.blocks);
+        let acts = Activations::quantize(x, n_rows, self.in_features);
         let mut y = vec![0f32; n_rows * self.out_features];
         let kernel = Kernel::detect();
-        let col_tiles = self.rows / COLS;
+        let col_tiles = self.out_features.div_ceil(COLS);
         let row_tiles = n_rows.div_ceil(ROWS);
         let out = SharedOut(y.as_mut_ptr());
         let run = |range: std::ops::Range<usize>| {
@@ -175,14 +221,12 @@ impl Q4Matrix {
                 let (ct, rt) = (item / row_tiles, item % row_tiles);
                 let (c0, r0) = (ct * COLS, rt * ROWS);
                 let rows = ROWS.min(n_rows - r0);
-                kernel.tile(self, &acts, TileAt { c0, r0, rows }, &mut tile);
+                kernel.tile(self, &acts, TileAt { tile: ct, r0, rows }, &mut tile);
+                let cols = COLS.min(self.out_features - c0);
                 for (r, values) in tile.iter().enumerate().take(rows) {
-                    for (c, &v) in values.iter().enumerate() {
-                        if c0 + c < self.out_features {
-                            // SAFETY: (r0 + r, c0 + c) is in bounds and written by this item only.
-                            unsafe { out.write((r0 + r) * self.out_features + c0 + c, v) };
-                        }
-                    }
+                    // SAFETY: row r0 + r, columns c0..c0 + cols are in bounds and
+                    // written by this item only.
+                    unsafe { out.write((r0 + r) * self.out_features + c0, &values[..cols]) };
                 }
             }
         };
@@ -196,13 +240,14 @@ impl Q4Matrix {
         y
     }
 
-    fn row_codes(&self, row: usize) -> &[u8] {
-        &self.codes[row * self.blocks * 16..(row + 1) * self.blocks * 16]
-    }
-
-    fn row_scales(&self, row: usize) -> (&[f16], &[f16]) {
-        let range = row * self.blocks..(row + 1) * self.blocks;
-        (&self.scales[range.clone()], &self.offsets[range])
+    /// Codes, scales and offsets of block `b` of tile `tile`.
+    fn tile_block(&self, tile: usize, b: usize) -> (&[u8], &[f16], &[f16]) {
+        let at = tile * self.blocks + b;
+        (
+            &self.codes[at * TILE_BLOCK_BYTES..][..TILE_BLOCK_BYTES],
+            &self.scales[at * COLS..][..COLS],
+            &self.offsets[at * COLS..][..COLS],
+        )
     }
 }
 
@@ -214,9 +259,9 @@ unsafe impl Sync for SharedOut {}
 
 impl SharedOut {
     /// # Safety
-    /// `i` is in bounds, and no other thread reads or writes element `i`.
-    unsafe fn write(self, i: usize, v: f32) {
-        *self.0.add(i) = v;
+    /// `i..i + values.len()` is in bounds, and no other thread touches it.
+    unsafe fn write(self, i: usize, values: &[f32]) {
+        std::ptr::copy_nonoverlapping(values.as_ptr(), self.0.add(i), values.len());
     }
 }
 
@@ -229,24 +274,26 @@ struct Activations {
 }
 
 impl Activations {
-    fn quantize(x: &[f32], rows: usize, in_features: usize, blocks: usize) -> Self {
-        let mut codes = vec![0i8; rows * blocks * BLOCK];
+    fn quantize(x: &[f32], rows: usize, in_features: usize) -> Self {
+        let blocks = in_features / BLOCK;
+        let mut codes = vec![0i8; rows * in_features];
         let mut scales = vec![0f32; rows * blocks];
         let mut sums = vec![0f32; rows * blocks];
-        for (r, row) in x.chunks_exact(in_features).enumerate() {
-            for (b, values) in row.chunks_exact(BLOCK).enumerate() {
-                let amax = values.iter().fold(0f32, |a, v| a.max(v.abs()));
-                let d = amax / 127.0;
-                let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-                let i = r * blocks + b;
-                let mut sum = 0i32;
-                for (q, &v) in codes[i * BLOCK..(i + 1) * BLOCK].iter_mut().zip(values) {
-                    *q = (v * inv).round() as i8;
-                    sum += *q as i32;
-                }
-                scales[i] = d;
-                sums[i] = d * sum as f32;
+        for (i, (values, q)) in x
+            .chunks_exact(BLOCK)
+            .zip(codes.chunks_exact_mut(BLOCK))
+            .enumerate()
+        {
+            let amax = values.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let mut sum = 0i32;
+            for (q, &v) in q.iter_mut().zip(values) {
+                *q = (v * inv).round() as i8;
+                sum += *q as i32;
             }
+            scales[i] = d;
+            sums[i] = d * sum as f32;
         }
         Self {
             blocks,
@@ -266,10 +313,10 @@ impl Activations {
     }
 }
 
-/// Where a tile sits: output columns `c0..c0 + COLS`, input rows `r0..r0 + rows`.
+/// Where a tile sits: output columns `16 tile..16 (tile + 1)`, input rows `r0..r0 + rows`.
 #[derive(Clone, Copy, Debug)]
 struct TileAt {
-    c0: usize,
+    tile: usize,
     r0: usize,
     rows: usize,
 }
@@ -324,7 +371,7 @@ impl Kernel {
         all
     }
 
-    /// `out[r][c] = y[at.r0 + r, at.c0 + c]` for `r < at.rows`.
+    /// `out[r][c] = y[at.r0 + r, 16 at.tile + c]` for `r < at.rows`.
     fn tile(self, w: &Q4Matrix, a: &Activations, at: TileAt, out: &mut [[f32; COLS]; ROWS]) {
         match self {
             Kernel::Scalar => scalar_tile(w, a, at, out),
@@ -339,23 +386,25 @@ impl Kernel {
 
 /// The reference kernel: the formula of the module docs, one value at a time.
 fn scalar_tile(w: &Q4Matrix, a: &Activations, at: TileAt, out: &mut [[f32; COLS]; ROWS]) {
-    let TileAt { c0, r0, rows } = at;
+    let TileAt { tile, r0, rows } = at;
     for (r, values) in out.iter_mut().enumerate().take(rows) {
         let (qa, da, sa) = a.row(r0 + r);
         for (c, v) in values.iter_mut().enumerate() {
-            let codes = w.row_codes(c0 + c);
-            let (d, m) = w.row_scales(c0 + c);
-            let mut acc = 0f32;
-            for b in 0..w.blocks {
-                let mut dot = 0i32;
-                for j in 0..16 {
-                    let byte = codes[b * 16 + j];
-                    dot += (byte & 0x0f) as i32 * qa[b * BLOCK + j] as i32;
-                    dot += (byte >> 4) as i32 * qa[b * BLOCK + j + 16] as i32;
-                }
-                acc += d[b].to_f32() * da[b] * dot as f32 + m[b].to_f32() * sa[b];
+            let row = tile * COLS + c;
+            *v = 0.0;
+            if row >= w.out_features {
+                continue;
             }
-            *v = acc;
+            for b in 0..w.blocks {
+                let RowBlock { d, m, codes } = w.row_block(row, b);
+                let qa = &qa[b * BLOCK..(b + 1) * BLOCK];
+                let dot: i32 = codes
+                    .iter()
+                    .zip(qa)
+                    .map(|(&q, &x)| q as i32 * x as i32)
+                    .sum();
+                *v += d.to_f32() * da[b] * dot as f32 + m.to_f32() * sa[b];
+            }
         }
     }
 }
@@ -366,42 +415,11 @@ mod x86 {
 
     use super::{Activations, Q4Matrix, TileAt, BLOCK, COLS, ROWS};
 
-    /// Sum of the 8 lanes.
+    /// Four activation bytes `4 g..4 g + 4` of a block, in every 32-bit lane.
+    #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn hsum256(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
-
-    /// `Σ_b m[b] sa[b]` over f16 offsets and f32 sums, 8 blocks a step.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn offset_term(m: &[half::f16], sa: &[f32]) -> f32 {
-        let n = m.len();
-        let mut acc = _mm256_setzero_ps();
-        let mut b = 0;
-        while b + 8 <= n {
-            let mv = _mm256_cvtph_ps(_mm_loadu_si128(m.as_ptr().add(b) as *const __m128i));
-            acc = _mm256_fmadd_ps(mv, _mm256_loadu_ps(sa.as_ptr().add(b)), acc);
-            b += 8;
-        }
-        let mut s = hsum256(acc);
-        while b < n {
-            s += m[b].to_f32() * sa[b];
-            b += 1;
-        }
-        s
-    }
-
-    /// One block's 32 codes, as bytes 0..=15 in value order.
-    #[target_feature(enable = "avx2")]
-    unsafe fn unpack_block(codes: *const u8) -> __m256i {
-        let raw = _mm_loadu_si128(codes as *const __m128i);
-        let low = _mm_set1_epi8(0x0f);
-        let lo = _mm_and_si128(raw, low);
-        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
-        _mm256_set_m128i(hi, lo)
+    unsafe fn group(qa: *const i8, g: usize) -> i32 {
+        (qa.add(4 * g) as *const i32).read_unaligned()
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -411,39 +429,49 @@ mod x86 {
         at: TileAt,
         out: &mut [[f32; COLS]; ROWS],
     ) {
-        let TileAt { c0, r0, rows } = at;
-        // Two rows at a time keep 8 accumulators and the 4 unpacked blocks in registers.
-        let mut r = 0;
-        while r < rows {
-            let n = (rows - r).min(2);
-            let mut acc = [[_mm256_setzero_ps(); COLS]; 2];
-            let ones = _mm256_set1_epi16(1);
-            for b in 0..w.blocks {
-                let mut codes = [_mm256_setzero_si256(); COLS];
-                let mut d = [0f32; COLS];
-                for c in 0..COLS {
-                    codes[c] = unpack_block(w.row_codes(c0 + c).as_ptr().add(b * 16));
-                    d[c] = w.row_scales(c0 + c).0[b].to_f32();
-                }
-                for (i, acc) in acc.iter_mut().enumerate().take(n) {
-                    let (qa, da, _) = a.row(r0 + r + i);
-                    let x = _mm256_loadu_si256(qa.as_ptr().add(b * BLOCK) as *const __m256i);
-                    for c in 0..COLS {
-                        // codes ≤ 15 and |qa| ≤ 127: the i16 pair sums cannot saturate.
-                        let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(codes[c], x), ones);
-                        let scale = _mm256_set1_ps(d[c] * da[b]);
-                        acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[c]);
+        let TileAt { tile, r0, rows } = at;
+        let low = _mm256_set1_epi8(0x0f);
+        let ones = _mm256_set1_epi16(1);
+        // Eight columns (one ymm of i32) and four rows at a time fit the 16 registers.
+        for half in 0..2 {
+            for r in (0..rows).step_by(4) {
+                let n = (rows - r).min(4);
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for b in 0..w.blocks {
+                    let (codes, scales, offsets) = w.tile_block(tile, b);
+                    let mut q = [_mm256_setzero_si256(); 8];
+                    for g in 0..4 {
+                        let raw = _mm256_loadu_si256(
+                            codes.as_ptr().add(g * 64 + half * 32) as *const __m256i
+                        );
+                        q[g] = _mm256_and_si256(raw, low);
+                        q[g + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+                    }
+                    let d = _mm256_cvtph_ps(_mm_loadu_si128(
+                        scales.as_ptr().add(half * 8) as *const __m128i
+                    ));
+                    let m = _mm256_cvtph_ps(_mm_loadu_si128(
+                        offsets.as_ptr().add(half * 8) as *const __m128i
+                    ));
+                    for (i, acc) in acc.iter_mut().enumerate().take(n) {
+                        let (qa, da, sa) = a.row(r0 + r + i);
+                        let qa = qa.as_ptr().add(b * BLOCK);
+                        let mut dot = _mm256_setzero_si256();
+                        for (g, &q) in q.iter().enumerate() {
+                            let x = _mm256_set1_epi32(group(qa, g));
+                            // codes ≤ 15 and |qa| ≤ 127: the i16 pair sums cannot saturate.
+                            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones);
+                            dot = _mm256_add_epi32(dot, p);
+                        }
+                        let scale = _mm256_mul_ps(d, _mm256_set1_ps(da[b]));
+                        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, *acc);
+                        *acc = _mm256_fmadd_ps(m, _mm256_set1_ps(sa[b]), *acc);
                     }
                 }
-            }
-            for (i, acc) in acc.iter().enumerate().take(n) {
-                let (_, _, sa) = a.row(r0 + r + i);
-                for c in 0..COLS {
-                    let m = w.row_scales(c0 + c).1;
-                    out[r + i][c] = hsum256(acc[c]) + offset_term(m, sa);
+                for (i, acc) in acc.iter().enumerate().take(n) {
+                    _mm256_storeu_ps(out[r + i].as_mut_ptr().add(half * 8), *acc);
                 }
             }
-            r += n;
         }
     }
 
@@ -454,56 +482,37 @@ mod x86 {
         at: TileAt,
         out: &mut [[f32; COLS]; ROWS],
     ) {
-        let TileAt { c0, r0, rows } = at;
-        let mut acc = [[_mm512_setzero_ps(); COLS]; ROWS];
-        let low = _mm256_set1_epi8(0x0f);
-        let codes_at: [*const u8; COLS] = std::array::from_fn(|c| w.row_codes(c0 + c).as_ptr());
-        let scales_at: [&[half::f16]; COLS] = std::array::from_fn(|c| w.row_scales(c0 + c).0);
-        let rows_at: [(*const i8, &[f32]); ROWS] = std::array::from_fn(|r| {
-            let (qa, da, _) = a.row(r0 + r.min(rows - 1));
-            (qa.as_ptr(), da)
+        let TileAt { tile, r0, rows } = at;
+        let low = _mm512_set1_epi8(0x0f);
+        let mut acc = [_mm512_setzero_ps(); ROWS];
+        let rows_at: [(*const i8, &[f32], &[f32]); ROWS] = std::array::from_fn(|r| {
+            let (qa, da, sa) = a.row(r0 + r.min(rows - 1));
+            (qa.as_ptr(), da, sa)
         });
-        // Two blocks (64 values) a step: lanes 0..8 of a product belong to the first.
-        for p in 0..w.blocks / 2 {
-            let b = 2 * p;
-            let mut codes = [_mm512_setzero_si512(); COLS];
-            let mut d = [_mm512_setzero_ps(); COLS];
-            for c in 0..COLS {
-                let raw = _mm256_loadu_si256(codes_at[c].add(b * 16) as *const __m256i);
-                let lo = _mm256_and_si256(raw, low);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
-                // [lo0 lo1 hi0 hi1] (16 bytes each) to [lo0 hi0 lo1 hi1]: value order.
-                let both = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-                codes[c] = _mm512_shuffle_i64x2(both, both, 0b11_01_10_00);
-                let s = scales_at[c];
-                d[c] = pair(s[b].to_f32(), s[b + 1].to_f32());
+        for b in 0..w.blocks {
+            let (codes, scales, offsets) = w.tile_block(tile, b);
+            let mut q = [_mm512_setzero_si512(); 8];
+            for g in 0..4 {
+                let raw = _mm512_loadu_si512(codes.as_ptr().add(g * 64) as *const __m512i);
+                q[g] = _mm512_and_si512(raw, low);
+                q[g + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
             }
-            for (acc, &(qa, da)) in acc.iter_mut().zip(&rows_at).take(rows) {
-                let x = _mm512_loadu_si512(qa.add(b * BLOCK) as *const __m512i);
-                let da = pair(da[b], da[b + 1]);
-                for c in 0..COLS {
-                    let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[c], x);
-                    let scale = _mm512_mul_ps(d[c], da);
-                    acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[c]);
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(scales.as_ptr() as *const __m256i));
+            let m = _mm512_cvtph_ps(_mm256_loadu_si256(offsets.as_ptr() as *const __m256i));
+            for (acc, &(qa, da, sa)) in acc.iter_mut().zip(&rows_at).take(rows) {
+                let qa = qa.add(b * BLOCK);
+                let mut dot = _mm512_setzero_si512();
+                for (g, &q) in q.iter().enumerate() {
+                    dot = _mm512_dpbusd_epi32(dot, q, _mm512_set1_epi32(group(qa, g)));
                 }
+                let scale = _mm512_mul_ps(d, _mm512_set1_ps(da[b]));
+                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, *acc);
+                *acc = _mm512_fmadd_ps(m, _mm512_set1_ps(sa[b]), *acc);
             }
         }
-        for (r, acc) in acc.iter().enumerate().take(rows) {
-            let (_, _, sa) = a.row(r0 + r);
-            for c in 0..COLS {
-                let m = w.row_scales(c0 + c).1;
-                out[r][c] = _mm512_reduce_add_ps(acc[c]) + offset_term(m, sa);
-            }
+        for (out, acc) in out.iter_mut().zip(&acc).take(rows) {
+            _mm512_storeu_ps(out.as_mut_ptr(), *acc);
         }
-    }
-
-    /// `[x; 8] ++ [y; 8]`.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn pair(x: f32, y: f32) -> __m512 {
-        let low = _mm512_castps_pd(_mm512_set1_ps(x));
-        let high = _mm256_castps_pd(_mm256_set1_ps(y));
-        _mm512_castpd_ps(_mm512_insertf64x4(low, high, 1))
     }
 }
 
@@ -528,11 +537,11 @@ mod tests {
 
     /// Every kernel against the f64 product of the dequantized weights and the
     /// activations as the kernel quantizes them (the only rounding left is f32
-    /// accumulation), over shapes with padded rows, odd block counts and row tails.
+    /// accumulation), over shapes with partial tiles and row tails.
     #[test]
     fn kernels_match_the_dequantized_product() -> Result<()> {
         for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1] {
-            for (out_f, in_f, n_rows) in [(8, 64, 1), (13, 96, 3), (192, 576, 8), (6, 1536, 5)] {
+            for (out_f, in_f, n_rows) in [(8, 64, 1), (13, 96, 3), (192, 576, 8), (37, 1536, 11)] {
                 let w = Tensor::from_vec(random(out_f * in_f, 1), (out_f, in_f), &Device::Cpu)?;
                 let q = QTensor::quantize(&w, dtype)?;
                 let m = Q4Matrix::from_qtensor(&q)?.expect("4-bit blocks");
@@ -545,7 +554,7 @@ mod tests {
                 assert_eq!(diff, 0.0, "{dtype:?}: dequantization differs from candle's");
                 let wd: Vec<f32> = dense.flatten_all()?.to_vec1()?;
                 let x = random(n_rows * in_f, 2);
-                let acts = Activations::quantize(&x, n_rows, in_f, m.blocks);
+                let acts = Activations::quantize(&x, n_rows, in_f);
                 let mut expected = vec![0f64; n_rows * out_f];
                 for r in 0..n_rows {
                     let (qa, da, _) = acts.row(r);
@@ -558,13 +567,13 @@ mod tests {
                 for kernel in Kernel::available() {
                     let mut got = vec![0f32; n_rows * out_f];
                     let mut tile = [[0f32; COLS]; ROWS];
-                    for c0 in (0..m.rows).step_by(COLS) {
+                    for t in 0..out_f.div_ceil(COLS) {
                         for r0 in (0..n_rows).step_by(ROWS) {
                             let rows = ROWS.min(n_rows - r0);
-                            kernel.tile(&m, &acts, TileAt { c0, r0, rows }, &mut tile);
+                            kernel.tile(&m, &acts, TileAt { tile: t, r0, rows }, &mut tile);
                             for r in 0..rows {
-                                for c in 0..COLS.min(out_f - c0) {
-                                    got[(r0 + r) * out_f + c0 + c] = tile[r][c];
+                                for c in 0..COLS.min(out_f - t * COLS) {
+                                    got[(r0 + r) * out_f + t * COLS + c] = tile[r][c];
                                 }
                             }
                         }
@@ -583,13 +592,26 @@ mod tests {
         Ok(())
     }
 
-    /// The threaded product equals the tiles, and approximates the f32 product within
-    /// the 8-bit activation quantization's error.
+    /// The threaded product approximates the f32 product within the 8-bit activation
+    /// quantization's error, and stacking keeps each part's rows.
     #[test]
-    fn matmul_approximates_the_dense_product() -> Result<()> {
-        let (out_f, in_f, n_rows) = (130, 320, 6);
-        let w = Tensor::from_vec(random(out_f * in_f, 3), (out_f, in_f), &Device::Cpu)?;
-        let m = Q4Matrix::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q4_1)?)?.expect("Q4_1");
+    fn stacked_matmul_approximates_the_dense_product() -> Result<()> {
+        let (in_f, n_rows) = (320, 6);
+        let read = |rows: usize, seed: u64| -> Result<Q4Matrix> {
+            let w = Tensor::from_vec(random(rows * in_f, seed), (rows, in_f), &Device::Cpu)?;
+            Ok(Q4Matrix::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q4_1)?)?.expect("Q4_1"))
+        };
+        let (top, bottom) = (read(50, 3)?, read(81, 5)?);
+        let m = Q4Matrix::stack(&[&top, &bottom]).expect("same input width");
+        let parts = Tensor::cat(
+            &[
+                top.dequantize(&Device::Cpu)?,
+                bottom.dequantize(&Device::Cpu)?,
+            ],
+            0,
+        )?;
+        let diff = (m.dequantize(&Device::Cpu)? - parts)?.abs()?.max_all()?;
+        assert_eq!(diff.to_scalar::<f32>()?, 0.0, "stacking moved rows");
         let x = random(n_rows * in_f, 4);
         let got = m.matmul(&x, n_rows);
         let xt = Tensor::from_vec(x, (n_rows, in_f), &Device::Cpu)?;
