@@ -19,7 +19,7 @@ use crate::config::{Activation, Config, Norm, RopeScaling};
 use crate::error::Result;
 use crate::kv_cache::{KvCache, LayerCache};
 use crate::loader::Weights;
-use crate::model::q4::Q4Matrix;
+use crate::model::qmatrix::QMatrix;
 use crate::rope::RotaryEmbedding;
 
 /// From this many input rows on, a quantized layer on the CPU dequantizes its weight
@@ -30,7 +30,7 @@ use crate::rope::RotaryEmbedding;
 const DENSE_FROM_ROWS: usize = 32;
 
 /// A linear layer over dense weights (gemm), 4-bit GGUF blocks on the CPU (our
-/// kernel, [`Q4Matrix`]), or other quantized GGUF blocks (candle's `QMatMul`).
+/// kernel, [`QMatrix`]), or other quantized GGUF blocks (candle's `QMatMul`).
 #[derive(Debug, Clone)]
 enum Linear {
     Dense(candle_nn::Linear),
@@ -40,7 +40,7 @@ enum Linear {
         bias: Option<Tensor>,
     },
     Q4 {
-        weight: Arc<Q4Matrix>,
+        weight: Arc<QMatrix>,
         bias: Option<Tensor>,
     },
 }
@@ -48,7 +48,7 @@ enum Linear {
 impl Linear {
     fn quantized(blocks: QTensor, bias: Option<Tensor>) -> Result<Self> {
         if blocks.device().is_cpu() {
-            if let Some(weight) = Q4Matrix::from_qtensor(&blocks)? {
+            if let Some(weight) = QMatrix::from_qtensor(&blocks)? {
                 return Ok(Self::Q4 {
                     weight: Arc::new(weight),
                     bias,
@@ -153,7 +153,7 @@ fn by_segment(
 }
 
 /// `x: (.., in)` through the 4-bit kernel, in f32.
-fn q4_forward(weight: &Q4Matrix, x: &Tensor) -> Result<Tensor> {
+fn q4_forward(weight: &QMatrix, x: &Tensor) -> Result<Tensor> {
     let mut dims = x.dims().to_vec();
     let in_features = dims.pop().unwrap_or(0);
     let rows = dims.iter().product();
@@ -211,7 +211,7 @@ impl Projections {
             false => return Ok(Self::Separate(parts)),
         };
         let stacked = if q4.len() == parts.len() {
-            Q4Matrix::stack(&q4).map(|weight| Linear::Q4 {
+            QMatrix::stack(&q4).map(|weight| Linear::Q4 {
                 weight: Arc::new(weight),
                 bias,
             })

@@ -1,7 +1,7 @@
 //! A loaded model: weights, tokenizer and the chunked forward passes built on them.
 
 pub mod decoder;
-mod q4;
+mod qmatrix;
 
 use std::path::{Path, PathBuf};
 

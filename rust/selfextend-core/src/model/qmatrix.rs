@@ -1,10 +1,10 @@
-//! Linear layers over 4-bit GGUF weights (Q4_0, Q4_1) on the CPU, read as 4 bits.
+//! Linear layers over Q4_0, Q4_1 and Q8_0 GGUF weights on the CPU, read as stored.
 //!
-//! candle has no SIMD dot product for Q4_1, so such weights used to be re-quantized
-//! to Q8_0, 1.7x the bytes read per decoded token. Here a weight keeps its 4-bit
-//! codes `q` and, per block of 32, a scale `d` and an offset `m` (`w = d q + m`; Q4_0
-//! is `m = -8 d`). Activations are quantized to 8 bits per block of 32 (`x ≈ da qa`,
-//! as llama.cpp's Q8_1), and
+//! candle has no SIMD dot product for Q4_1 (such weights used to be re-quantized to
+//! Q8_0, 1.7x the bytes read per decoded token), and its Q8_0 product reads one weight
+//! row per output. Here a weight keeps its codes `q` and, per block of 32, a scale `d`
+//! and for 4-bit codes an offset `m` (`w = d q + m`; Q4_0 is `m = -8 d`). Activations
+//! are quantized to 8 bits per block of 32 (`x ≈ da qa`, as llama.cpp's Q8_1), and
 //!
 //! ```text
 //! y[r, c] = Σ_b d[c,b] da[r,b] Σ_i q[c,b,i] qa[r,b,i]  +  Σ_b m[c,b] sa[r,b],   sa = da Σ_i qa
@@ -12,10 +12,11 @@
 //!
 //! The weights are stored interleaved by tiles of 16 output columns, so that one SIMD
 //! lane is one output column: a single `vpdpbusd` (AVX-512 VNNI) multiplies four
-//! consecutive codes of 16 columns by the same four activation bytes, broadcast. The
-//! codes are unsigned, so they are its unsigned operand as they are; AVX2 does the same
-//! with `vpmaddubsw` over 8 columns. No horizontal sums, and every weight load serves
-//! all the rows of a tile (up to 8 decode rows of a batch).
+//! consecutive codes of 16 columns by the same four activation bytes, broadcast.
+//! 4-bit codes are unsigned, its unsigned operand as they are; 8-bit codes are read as
+//! `q + 128` and each block's sum corrected by `128 Σ qa`. AVX2 does the same with
+//! `vpmaddubsw` over 8 columns (with the sign trick for 8-bit codes). No horizontal
+//! sums, and every weight load serves all the rows of a tile (up to 8 decode rows).
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
@@ -28,44 +29,64 @@ const BLOCK: usize = 32;
 const COLS: usize = 16;
 /// Input rows per tile, at most.
 const ROWS: usize = 8;
-/// Bytes of one block of one tile: 16 columns × 32 codes × 4 bits.
-const TILE_BLOCK_BYTES: usize = COLS * BLOCK / 2;
 
-/// A `(out_features, in_features)` weight in 4-bit blocks, padded to whole tiles of
+/// How codes are stored, per tile and block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    /// 256 bytes `packed[g][c][t]` (`g < 4`, `c < 16`, `t < 4`) whose low nibble is
+    /// code `4 g + t` of column `c` and whose high nibble is code `4 (g + 4) + t`: one
+    /// 64-byte row of it, unpacked, is the operand of two `vpdpbusd`.
+    U4,
+    /// 512 signed bytes `packed[g][c][t]` (`g < 8`): code `4 g + t` of column `c`.
+    I8,
+}
+
+impl Format {
+    /// Bytes of one block of one tile.
+    fn tile_block_bytes(self) -> usize {
+        match self {
+            Format::U4 => COLS * BLOCK / 2,
+            Format::I8 => COLS * BLOCK,
+        }
+    }
+}
+
+/// A `(out_features, in_features)` quantized weight, padded to whole tiles of
 /// [`COLS`] rows (zero codes and scales).
-///
-/// Layout, per tile and block: 256 bytes `packed[g][c][t]` (`g < 4`, `c < 16`, `t < 4`)
-/// whose low nibble is code `4 g + t` of column `c` and whose high nibble is code
-/// `4 (g + 4) + t`: one 64-byte row of it, unpacked, is the operand of two `vpdpbusd`.
 #[derive(Debug)]
-pub(crate) struct Q4Matrix {
+pub(crate) struct QMatrix {
+    format: Format,
     out_features: usize,
     in_features: usize,
     blocks: usize,
-    /// Tile-major, then block: `(tiles * blocks) * TILE_BLOCK_BYTES`.
+    /// Tile-major, then block: `(tiles * blocks) * format.tile_block_bytes()`.
     codes: Vec<u8>,
     /// Tile-major, then block, then column: `(tiles * blocks) * COLS`.
     scales: Vec<f16>,
+    /// As `scales`; empty for [`Format::I8`].
     offsets: Vec<f16>,
 }
 
-/// One block of one row in GGUF's terms: scale, offset, and the 32 codes in order.
+/// One block of one row in GGUF's terms: scale, offset (0 for 8-bit codes), and the
+/// 32 codes in order.
 struct RowBlock {
     d: f16,
     m: f16,
-    codes: [u8; BLOCK],
+    codes: [i8; BLOCK],
 }
 
-impl Q4Matrix {
-    /// The 4-bit blocks of `q` (Q4_0 or Q4_1), or `None` for other block types.
+impl QMatrix {
+    /// The blocks of `q` (Q4_0, Q4_1 or Q8_0), or `None` for other block types.
     pub(crate) fn from_qtensor(q: &QTensor) -> Result<Option<Self>> {
         let (out_features, in_features) = match q.shape().dims() {
             &[o, i] => (o, i),
             _ => return Ok(None),
         };
-        let (block_bytes, has_offset) = match q.dtype() {
-            GgmlDType::Q4_0 => (18, false),
-            GgmlDType::Q4_1 => (20, true),
+        let dtype = q.dtype();
+        let (format, block_bytes) = match dtype {
+            GgmlDType::Q4_0 => (Format::U4, 18),
+            GgmlDType::Q4_1 => (Format::U4, 20),
+            GgmlDType::Q8_0 => (Format::I8, 34),
             _ => return Ok(None),
         };
         if in_features % BLOCK != 0 {
@@ -84,30 +105,45 @@ impl Q4Matrix {
             ));
         }
         let half = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]);
-        Ok(Some(Self::build(out_features, in_features, |row, b| {
-            let block = &data[(row * blocks + b) * block_bytes..][..block_bytes];
-            let d = half(&block[0..2]);
-            let mut codes = [0u8; BLOCK];
-            for (j, &byte) in block[block_bytes - 16..].iter().enumerate() {
-                codes[j] = byte & 0x0f;
-                codes[j + 16] = byte >> 4;
-            }
-            RowBlock {
-                d,
-                m: match has_offset {
-                    true => half(&block[2..4]),
-                    false => f16::from_f32(-8.0 * d.to_f32()),
-                },
-                codes,
-            }
-        })))
+        Ok(Some(Self::build(
+            format,
+            out_features,
+            in_features,
+            |row, b| {
+                let block = &data[(row * blocks + b) * block_bytes..][..block_bytes];
+                let d = half(&block[0..2]);
+                let mut codes = [0i8; BLOCK];
+                let m = match dtype {
+                    GgmlDType::Q8_0 => {
+                        for (q, &byte) in codes.iter_mut().zip(&block[2..]) {
+                            *q = byte as i8;
+                        }
+                        return RowBlock {
+                            d,
+                            m: f16::ZERO,
+                            codes,
+                        };
+                    }
+                    GgmlDType::Q4_1 => half(&block[2..4]),
+                    _ => f16::from_f32(-8.0 * d.to_f32()),
+                };
+                for (j, &byte) in block[block_bytes - 16..].iter().enumerate() {
+                    codes[j] = (byte & 0x0f) as i8;
+                    codes[j + 16] = (byte >> 4) as i8;
+                }
+                RowBlock { d, m, codes }
+            },
+        )))
     }
 
     /// The rows of `parts` one after the other (stacked q/k/v, gate/up), or `None`
-    /// if their inputs differ.
-    pub(crate) fn stack(parts: &[&Q4Matrix]) -> Option<Self> {
+    /// if their formats or inputs differ.
+    pub(crate) fn stack(parts: &[&QMatrix]) -> Option<Self> {
         let first = parts.first()?;
-        if parts.iter().any(|p| p.in_features != first.in_features) {
+        if parts
+            .iter()
+            .any(|p| p.in_features != first.in_features || p.format != first.format)
+        {
             return None;
         }
         let starts: Vec<usize> = parts
@@ -119,39 +155,59 @@ impl Q4Matrix {
             })
             .collect();
         let out_features = parts.iter().map(|p| p.out_features).sum();
-        Some(Self::build(out_features, first.in_features, |row, b| {
-            let part = starts.partition_point(|&s| s <= row) - 1;
-            parts[part].row_block(row - starts[part], b)
-        }))
+        Some(Self::build(
+            first.format,
+            out_features,
+            first.in_features,
+            |row, b| {
+                let part = starts.partition_point(|&s| s <= row) - 1;
+                parts[part].row_block(row - starts[part], b)
+            },
+        ))
     }
 
     /// Lays out the blocks `block(row, b)` gives.
     fn build(
+        format: Format,
         out_features: usize,
         in_features: usize,
         block: impl Fn(usize, usize) -> RowBlock,
     ) -> Self {
         let blocks = in_features / BLOCK;
         let tiles = out_features.div_ceil(COLS);
-        let mut codes = vec![0u8; tiles * blocks * TILE_BLOCK_BYTES];
+        let bytes = format.tile_block_bytes();
+        let mut codes = vec![0u8; tiles * blocks * bytes];
         let mut scales = vec![f16::ZERO; tiles * blocks * COLS];
-        let mut offsets = vec![f16::ZERO; tiles * blocks * COLS];
+        let mut offsets = match format {
+            Format::U4 => vec![f16::ZERO; tiles * blocks * COLS],
+            Format::I8 => vec![],
+        };
         for row in 0..out_features {
             let (tile, c) = (row / COLS, row % COLS);
             for b in 0..blocks {
                 let RowBlock { d, m, codes: q } = block(row, b);
                 let at = tile * blocks + b;
                 scales[at * COLS + c] = d;
-                offsets[at * COLS + c] = m;
-                let packed = &mut codes[at * TILE_BLOCK_BYTES..][..TILE_BLOCK_BYTES];
+                let packed = &mut codes[at * bytes..][..bytes];
                 for g in 0..4 {
                     for t in 0..4 {
-                        packed[g * 64 + c * 4 + t] = q[4 * g + t] | q[4 * (g + 4) + t] << 4;
+                        let (lo, hi) = (q[4 * g + t] as u8, q[4 * (g + 4) + t] as u8);
+                        match format {
+                            Format::U4 => packed[g * 64 + c * 4 + t] = lo | hi << 4,
+                            Format::I8 => {
+                                packed[g * 64 + c * 4 + t] = lo;
+                                packed[(g + 4) * 64 + c * 4 + t] = hi;
+                            }
+                        }
                     }
+                }
+                if format == Format::U4 {
+                    offsets[at * COLS + c] = m;
                 }
             }
         }
         Self {
+            format,
             out_features,
             in_features,
             blocks,
@@ -164,19 +220,22 @@ impl Q4Matrix {
     /// Block `b` of weight row `row`, as GGUF would give it.
     fn row_block(&self, row: usize, b: usize) -> RowBlock {
         let (tile, c) = (row / COLS, row % COLS);
-        let at = tile * self.blocks + b;
-        let packed = &self.codes[at * TILE_BLOCK_BYTES..][..TILE_BLOCK_BYTES];
-        let mut codes = [0u8; BLOCK];
+        let (packed, scales, offsets) = self.tile_block(tile, b);
+        let mut codes = [0i8; BLOCK];
         for g in 0..4 {
             for t in 0..4 {
                 let byte = packed[g * 64 + c * 4 + t];
-                codes[4 * g + t] = byte & 0x0f;
-                codes[4 * (g + 4) + t] = byte >> 4;
+                let (lo, hi) = match self.format {
+                    Format::U4 => (byte & 0x0f, byte >> 4),
+                    Format::I8 => (byte, packed[(g + 4) * 64 + c * 4 + t]),
+                };
+                codes[4 * g + t] = lo as i8;
+                codes[4 * (g + 4) + t] = hi as i8;
             }
         }
         RowBlock {
-            d: self.scales[at * COLS + c],
-            m: self.offsets[at * COLS + c],
+            d: scales[c],
+            m: offsets.get(c).copied().unwrap_or(f16::ZERO),
             codes,
         }
     }
@@ -240,13 +299,18 @@ impl Q4Matrix {
         y
     }
 
-    /// Codes, scales and offsets of block `b` of tile `tile`.
+    /// Codes, scales and offsets (none for [`Format::I8`]) of block `b` of tile `tile`.
     fn tile_block(&self, tile: usize, b: usize) -> (&[u8], &[f16], &[f16]) {
         let at = tile * self.blocks + b;
+        let bytes = self.format.tile_block_bytes();
+        let offsets = match self.format {
+            Format::U4 => &self.offsets[at * COLS..][..COLS],
+            Format::I8 => &[],
+        };
         (
-            &self.codes[at * TILE_BLOCK_BYTES..][..TILE_BLOCK_BYTES],
+            &self.codes[at * bytes..][..bytes],
             &self.scales[at * COLS..][..COLS],
-            &self.offsets[at * COLS..][..COLS],
+            offsets,
         )
     }
 }
@@ -265,11 +329,12 @@ impl SharedOut {
     }
 }
 
-/// Input rows quantized per block of 32: `x ≈ da * qa`, and `sa = da * Σ qa`.
+/// Input rows quantized per block of 32: `x ≈ da * qa`, `Σ qa`, and `sa = da * Σ qa`.
 struct Activations {
     blocks: usize,
     codes: Vec<i8>,
     scales: Vec<f32>,
+    code_sums: Vec<i32>,
     sums: Vec<f32>,
 }
 
@@ -278,6 +343,7 @@ impl Activations {
         let blocks = in_features / BLOCK;
         let mut codes = vec![0i8; rows * in_features];
         let mut scales = vec![0f32; rows * blocks];
+        let mut code_sums = vec![0i32; rows * blocks];
         let mut sums = vec![0f32; rows * blocks];
         for (i, (values, q)) in x
             .chunks_exact(BLOCK)
@@ -293,24 +359,36 @@ impl Activations {
                 sum += *q as i32;
             }
             scales[i] = d;
+            code_sums[i] = sum;
             sums[i] = d * sum as f32;
         }
         Self {
             blocks,
             codes,
             scales,
+            code_sums,
             sums,
         }
     }
 
-    fn row(&self, r: usize) -> (&[i8], &[f32], &[f32]) {
+    fn row(&self, r: usize) -> Row<'_> {
         let blocks = r * self.blocks..(r + 1) * self.blocks;
-        (
-            &self.codes[r * self.blocks * BLOCK..(r + 1) * self.blocks * BLOCK],
-            &self.scales[blocks.clone()],
-            &self.sums[blocks],
-        )
+        Row {
+            codes: &self.codes[r * self.blocks * BLOCK..(r + 1) * self.blocks * BLOCK],
+            scales: &self.scales[blocks.clone()],
+            code_sums: &self.code_sums[blocks.clone()],
+            sums: &self.sums[blocks],
+        }
     }
+}
+
+/// One quantized input row: `qa`, `da`, `Σ qa` and `sa` per block.
+#[derive(Clone, Copy)]
+struct Row<'a> {
+    codes: &'a [i8],
+    scales: &'a [f32],
+    code_sums: &'a [i32],
+    sums: &'a [f32],
 }
 
 /// Where a tile sits: output columns `16 tile..16 (tile + 1)`, input rows `r0..r0 + rows`.
@@ -372,23 +450,33 @@ impl Kernel {
     }
 
     /// `out[r][c] = y[at.r0 + r, 16 at.tile + c]` for `r < at.rows`.
-    fn tile(self, w: &Q4Matrix, a: &Activations, at: TileAt, out: &mut [[f32; COLS]; ROWS]) {
+    fn tile(self, w: &QMatrix, a: &Activations, at: TileAt, out: &mut [[f32; COLS]; ROWS]) {
+        let i8 = w.format == Format::I8;
         match self {
             Kernel::Scalar => scalar_tile(w, a, at, out),
             // SAFETY: `detect`/`available` chose these only where the CPU has the features.
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe { x86::avx2_tile(w, a, at, out) },
+            Kernel::Avx2 if i8 => unsafe { x86::avx2_tile::<true>(w, a, at, out) },
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512Vnni => unsafe { x86::avx512_tile(w, a, at, out) },
+            Kernel::Avx2 => unsafe { x86::avx2_tile::<false>(w, a, at, out) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni if i8 => unsafe { x86::avx512_tile::<true>(w, a, at, out) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => unsafe { x86::avx512_tile::<false>(w, a, at, out) },
         }
     }
 }
 
 /// The reference kernel: the formula of the module docs, one value at a time.
-fn scalar_tile(w: &Q4Matrix, a: &Activations, at: TileAt, out: &mut [[f32; COLS]; ROWS]) {
+fn scalar_tile(w: &QMatrix, a: &Activations, at: TileAt, out: &mut [[f32; COLS]; ROWS]) {
     let TileAt { tile, r0, rows } = at;
     for (r, values) in out.iter_mut().enumerate().take(rows) {
-        let (qa, da, sa) = a.row(r0 + r);
+        let Row {
+            codes: qa,
+            scales: da,
+            sums: sa,
+            ..
+        } = a.row(r0 + r);
         for (c, v) in values.iter_mut().enumerate() {
             let row = tile * COLS + c;
             *v = 0.0;
@@ -413,7 +501,7 @@ fn scalar_tile(w: &Q4Matrix, a: &Activations, at: TileAt, out: &mut [[f32; COLS]
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Activations, Q4Matrix, TileAt, BLOCK, COLS, ROWS};
+    use super::{Activations, QMatrix, Row, TileAt, BLOCK, COLS, ROWS};
 
     /// Four activation bytes `4 g..4 g + 4` of a block, in every 32-bit lane.
     #[inline]
@@ -422,9 +510,10 @@ mod x86 {
         (qa.add(4 * g) as *const i32).read_unaligned()
     }
 
+    /// `I8`: 8-bit codes (the sign trick: `|q| · (qa · sign q)`), else 4-bit ones.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn avx2_tile(
-        w: &Q4Matrix,
+    pub(super) unsafe fn avx2_tile<const I8: bool>(
+        w: &QMatrix,
         a: &Activations,
         at: TileAt,
         out: &mut [[f32; COLS]; ROWS],
@@ -439,33 +528,48 @@ mod x86 {
                 let mut acc = [_mm256_setzero_ps(); 4];
                 for b in 0..w.blocks {
                     let (codes, scales, offsets) = w.tile_block(tile, b);
+                    // Unsigned multiplicands; for 8-bit codes, the codes themselves
+                    // give the signs to move onto the activations.
                     let mut q = [_mm256_setzero_si256(); 8];
-                    for g in 0..4 {
-                        let raw = _mm256_loadu_si256(
-                            codes.as_ptr().add(g * 64 + half * 32) as *const __m256i
-                        );
-                        q[g] = _mm256_and_si256(raw, low);
-                        q[g + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+                    let mut signed = [_mm256_setzero_si256(); 8];
+                    let at = |g: usize| codes.as_ptr().add(g * 64 + half * 32) as *const __m256i;
+                    if I8 {
+                        for g in 0..8 {
+                            signed[g] = _mm256_loadu_si256(at(g));
+                            q[g] = _mm256_abs_epi8(signed[g]);
+                        }
+                    } else {
+                        for g in 0..4 {
+                            let raw = _mm256_loadu_si256(at(g));
+                            q[g] = _mm256_and_si256(raw, low);
+                            q[g + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+                        }
                     }
                     let d = _mm256_cvtph_ps(_mm_loadu_si128(
                         scales.as_ptr().add(half * 8) as *const __m128i
                     ));
-                    let m = _mm256_cvtph_ps(_mm_loadu_si128(
-                        offsets.as_ptr().add(half * 8) as *const __m128i
-                    ));
                     for (i, acc) in acc.iter_mut().enumerate().take(n) {
-                        let (qa, da, sa) = a.row(r0 + r + i);
-                        let qa = qa.as_ptr().add(b * BLOCK);
+                        let row = a.row(r0 + r + i);
+                        let (da, sa) = (row.scales, row.sums);
+                        let qa = row.codes.as_ptr().add(b * BLOCK);
                         let mut dot = _mm256_setzero_si256();
-                        for (g, &q) in q.iter().enumerate() {
-                            let x = _mm256_set1_epi32(group(qa, g));
-                            // codes ≤ 15 and |qa| ≤ 127: the i16 pair sums cannot saturate.
-                            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones);
+                        for g in 0..8 {
+                            let mut x = _mm256_set1_epi32(group(qa, g));
+                            if I8 {
+                                x = _mm256_sign_epi8(x, signed[g]);
+                            }
+                            // |q| ≤ 127 and |qa| ≤ 127: the i16 pair sums cannot saturate.
+                            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q[g], x), ones);
                             dot = _mm256_add_epi32(dot, p);
                         }
                         let scale = _mm256_mul_ps(d, _mm256_set1_ps(da[b]));
                         *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, *acc);
-                        *acc = _mm256_fmadd_ps(m, _mm256_set1_ps(sa[b]), *acc);
+                        if !I8 {
+                            let m = _mm256_cvtph_ps(_mm_loadu_si128(
+                                offsets.as_ptr().add(half * 8) as *const __m128i,
+                            ));
+                            *acc = _mm256_fmadd_ps(m, _mm256_set1_ps(sa[b]), *acc);
+                        }
                     }
                 }
                 for (i, acc) in acc.iter().enumerate().take(n) {
@@ -475,39 +579,52 @@ mod x86 {
         }
     }
 
+    /// `I8`: 8-bit codes (read as `q + 128`; each block's sum starts from
+    /// `-128 Σ qa`), else 4-bit ones.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-    pub(super) unsafe fn avx512_tile(
-        w: &Q4Matrix,
+    pub(super) unsafe fn avx512_tile<const I8: bool>(
+        w: &QMatrix,
         a: &Activations,
         at: TileAt,
         out: &mut [[f32; COLS]; ROWS],
     ) {
         let TileAt { tile, r0, rows } = at;
         let low = _mm512_set1_epi8(0x0f);
+        let flip = _mm512_set1_epi8(-128);
         let mut acc = [_mm512_setzero_ps(); ROWS];
-        let rows_at: [(*const i8, &[f32], &[f32]); ROWS] = std::array::from_fn(|r| {
-            let (qa, da, sa) = a.row(r0 + r.min(rows - 1));
-            (qa.as_ptr(), da, sa)
-        });
+        let rows_at: [Row<'_>; ROWS] = std::array::from_fn(|r| a.row(r0 + r.min(rows - 1)));
         for b in 0..w.blocks {
             let (codes, scales, offsets) = w.tile_block(tile, b);
+            let at = |g: usize| codes.as_ptr().add(g * 64) as *const __m512i;
             let mut q = [_mm512_setzero_si512(); 8];
-            for g in 0..4 {
-                let raw = _mm512_loadu_si512(codes.as_ptr().add(g * 64) as *const __m512i);
-                q[g] = _mm512_and_si512(raw, low);
-                q[g + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+            if I8 {
+                for (g, q) in q.iter_mut().enumerate() {
+                    *q = _mm512_xor_si512(_mm512_loadu_si512(at(g)), flip);
+                }
+            } else {
+                for g in 0..4 {
+                    let raw = _mm512_loadu_si512(at(g));
+                    q[g] = _mm512_and_si512(raw, low);
+                    q[g + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+                }
             }
             let d = _mm512_cvtph_ps(_mm256_loadu_si256(scales.as_ptr() as *const __m256i));
-            let m = _mm512_cvtph_ps(_mm256_loadu_si256(offsets.as_ptr() as *const __m256i));
-            for (acc, &(qa, da, sa)) in acc.iter_mut().zip(&rows_at).take(rows) {
-                let qa = qa.add(b * BLOCK);
-                let mut dot = _mm512_setzero_si512();
+            for (acc, row) in acc.iter_mut().zip(&rows_at).take(rows) {
+                let (da, sa) = (row.scales, row.sums);
+                let qa = row.codes.as_ptr().add(b * BLOCK);
+                let mut dot = match I8 {
+                    true => _mm512_set1_epi32(-128 * row.code_sums[b]),
+                    false => _mm512_setzero_si512(),
+                };
                 for (g, &q) in q.iter().enumerate() {
                     dot = _mm512_dpbusd_epi32(dot, q, _mm512_set1_epi32(group(qa, g)));
                 }
                 let scale = _mm512_mul_ps(d, _mm512_set1_ps(da[b]));
                 *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, *acc);
-                *acc = _mm512_fmadd_ps(m, _mm512_set1_ps(sa[b]), *acc);
+                if !I8 {
+                    let m = _mm512_cvtph_ps(_mm256_loadu_si256(offsets.as_ptr() as *const __m256i));
+                    *acc = _mm512_fmadd_ps(m, _mm512_set1_ps(sa[b]), *acc);
+                }
             }
         }
         for (out, acc) in out.iter_mut().zip(&acc).take(rows) {
@@ -540,11 +657,11 @@ mod tests {
     /// accumulation), over shapes with partial tiles and row tails.
     #[test]
     fn kernels_match_the_dequantized_product() -> Result<()> {
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1] {
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
             for (out_f, in_f, n_rows) in [(8, 64, 1), (13, 96, 3), (192, 576, 8), (37, 1536, 11)] {
                 let w = Tensor::from_vec(random(out_f * in_f, 1), (out_f, in_f), &Device::Cpu)?;
                 let q = QTensor::quantize(&w, dtype)?;
-                let m = Q4Matrix::from_qtensor(&q)?.expect("4-bit blocks");
+                let m = QMatrix::from_qtensor(&q)?.expect("blocks it reads");
                 let dense = m.dequantize(&Device::Cpu)?;
                 let reference = q.dequantize(&Device::Cpu)?;
                 let diff = (&dense - &reference)?
@@ -557,7 +674,11 @@ mod tests {
                 let acts = Activations::quantize(&x, n_rows, in_f);
                 let mut expected = vec![0f64; n_rows * out_f];
                 for r in 0..n_rows {
-                    let (qa, da, _) = acts.row(r);
+                    let Row {
+                        codes: qa,
+                        scales: da,
+                        ..
+                    } = acts.row(r);
                     for c in 0..out_f {
                         expected[r * out_f + c] = (0..in_f)
                             .map(|i| wd[c * in_f + i] as f64 * qa[i] as f64 * da[i / BLOCK] as f64)
@@ -596,13 +717,20 @@ mod tests {
     /// quantization's error, and stacking keeps each part's rows.
     #[test]
     fn stacked_matmul_approximates_the_dense_product() -> Result<()> {
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            stacked_matmul(dtype)?;
+        }
+        Ok(())
+    }
+
+    fn stacked_matmul(dtype: GgmlDType) -> Result<()> {
         let (in_f, n_rows) = (320, 6);
-        let read = |rows: usize, seed: u64| -> Result<Q4Matrix> {
+        let read = |rows: usize, seed: u64| -> Result<QMatrix> {
             let w = Tensor::from_vec(random(rows * in_f, seed), (rows, in_f), &Device::Cpu)?;
-            Ok(Q4Matrix::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q4_1)?)?.expect("Q4_1"))
+            Ok(QMatrix::from_qtensor(&QTensor::quantize(&w, dtype)?)?.expect("readable"))
         };
         let (top, bottom) = (read(50, 3)?, read(81, 5)?);
-        let m = Q4Matrix::stack(&[&top, &bottom]).expect("same input width");
+        let m = QMatrix::stack(&[&top, &bottom]).expect("same input width");
         let parts = Tensor::cat(
             &[
                 top.dequantize(&Device::Cpu)?,
@@ -611,7 +739,11 @@ mod tests {
             0,
         )?;
         let diff = (m.dequantize(&Device::Cpu)? - parts)?.abs()?.max_all()?;
-        assert_eq!(diff.to_scalar::<f32>()?, 0.0, "stacking moved rows");
+        assert_eq!(
+            diff.to_scalar::<f32>()?,
+            0.0,
+            "{dtype:?}: stacking moved rows"
+        );
         let x = random(n_rows * in_f, 4);
         let got = m.matmul(&x, n_rows);
         let xt = Tensor::from_vec(x, (n_rows, in_f), &Device::Cpu)?;
