@@ -21,7 +21,8 @@ const DEFAULT_ALIGNMENT: u64 = 32;
 const MAX_DIMS: usize = 4;
 
 /// Block types whose candle CPU dot product has no SIMD path (see `load_quantized`).
-/// On the CPU, Q4_1 (like Q4_0) runs on our own 4-bit kernel instead.
+/// On the CPU, Q4_1 (like Q4_0 and Q8_0) runs on our own kernel instead
+/// (`model/qmatrix.rs`).
 const SCALAR_ONLY: [GgmlDType; 4] = [
     GgmlDType::Q4_1,
     GgmlDType::Q5_0,

@@ -23,8 +23,8 @@ use crate::model::qmatrix::QMatrix;
 use crate::rope::RotaryEmbedding;
 
 /// From this many input rows on, a quantized layer on the CPU dequantizes its weight
-/// for the call and runs the dense gemm. `QMatMul` quantizes activations to 8 bits and
-/// wins on the few rows of decode, where reading weights is the cost; on prefill
+/// for the call and runs the dense gemm. The quantized kernels quantize activations to
+/// 8 bits and win on the few rows of decode, where reading weights is the cost; on prefill
 /// chunks the gemm is several times faster, the one-off dequantization is amortised
 /// over the rows, and logits are those of the exact dequantized weights.
 const DENSE_FROM_ROWS: usize = 32;
