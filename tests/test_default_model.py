@@ -80,14 +80,13 @@ def test_quantized_chat_follows_the_dense_answer(default: se.Model) -> None:
     # The dense model answers "The capital of France is Paris."; the 4-bit one puts
     # "The" and "L" within 0.1 logit of each other as its first token, so its greedy
     # answer is a coin toss between builds. What must hold: every token of the dense
-    # answer is among the quantized model's top 3 when it reads that answer in
-    # chunks of 8 (the 4-bit kernel's path; 32 rows and more take the dense gemm).
+    # answer is among the quantized model's top 3 when it reads that answer.
     dense = se.Model.load(dtype="f32")
     answer = dense.chat(FRANCE, 20)
     assert "Paris" in answer.text and answer.finish_reason == "eos", answer.text
     prompt = se.Engine(default).chat_prompt(FRANCE)
     ids = prompt + answer.token_ids
-    logits = default.logits(ids, chunk_size=8)[len(prompt) - 1:-1]
+    logits = default.logits(ids)[len(prompt) - 1:-1]
     for row, token in zip(logits, answer.token_ids):
         assert token in np.argsort(row)[-3:], default.tokenizer.decode(answer.token_ids)
 

@@ -22,14 +22,15 @@ use crate::loader::Weights;
 use crate::model::qmatrix::QMatrix;
 use crate::rope::RotaryEmbedding;
 
-/// From this many input rows on, a quantized layer on the CPU dequantizes its weight
-/// for the call and runs the dense gemm. The quantized kernels quantize activations to
-/// 8 bits and win on the few rows of decode, where reading weights is the cost; on prefill
-/// chunks the gemm is several times faster, the one-off dequantization is amortised
-/// over the rows, and logits are those of the exact dequantized weights.
+/// From this many input rows on, a layer on candle's quantized blocks (the K-quants) on
+/// the CPU dequantizes its weight for the call and runs the dense gemm: `QMatMul` wins
+/// on the few rows of decode, where reading weights is the cost; on prefill chunks the
+/// gemm is several times faster and the one-off dequantization is amortised over the
+/// rows. Our own kernel ([`QMatrix`]) needs no such switch: it beats dequantizing and
+/// the gemm at every chunk length (`BENCHMARKS.md`).
 const DENSE_FROM_ROWS: usize = 32;
 
-/// A linear layer over dense weights (gemm), 4-bit GGUF blocks on the CPU (our
+/// A linear layer over dense weights (gemm), Q4_0/Q4_1/Q8_0 blocks on the CPU (our
 /// kernel, [`QMatrix`]), or other quantized GGUF blocks (candle's `QMatMul`).
 #[derive(Debug, Clone)]
 enum Linear {
@@ -39,7 +40,7 @@ enum Linear {
         blocks: Arc<QTensor>,
         bias: Option<Tensor>,
     },
-    Q4 {
+    Packed {
         weight: Arc<QMatrix>,
         bias: Option<Tensor>,
     },
@@ -49,7 +50,7 @@ impl Linear {
     fn quantized(blocks: QTensor, bias: Option<Tensor>) -> Result<Self> {
         if blocks.device().is_cpu() {
             if let Some(weight) = QMatrix::from_qtensor(&blocks)? {
-                return Ok(Self::Q4 {
+                return Ok(Self::Packed {
                     weight: Arc::new(weight),
                     bias,
                 });
@@ -67,7 +68,7 @@ impl Linear {
         match self {
             Self::Dense(l) => l.weight().dims()[0],
             Self::Quantized { blocks, .. } => blocks.shape().dims()[0],
-            Self::Q4 { weight, .. } => weight.out_features(),
+            Self::Packed { weight, .. } => weight.out_features(),
         }
     }
 
@@ -81,24 +82,10 @@ impl Linear {
                 weight,
                 blocks,
                 bias,
-            } => (
-                by_segment(
-                    xs,
-                    segments,
-                    |x| Ok(weight.forward(x)?),
-                    || Ok(blocks.dequantize(xs.device())?),
-                )?,
-                bias,
-            ),
-            Self::Q4 { weight, bias } => (
-                by_segment(
-                    xs,
-                    segments,
-                    |x| q4_forward(weight, x),
-                    || weight.dequantize(xs.device()),
-                )?,
-                bias,
-            ),
+            } => (by_segment(xs, segments, weight, blocks)?, bias),
+            // Row by row the same arithmetic whatever the batch, and faster than
+            // dequantizing for the gemm even on long prefill chunks.
+            Self::Packed { weight, bias } => (packed_forward(weight, xs)?, bias),
         };
         Ok(match bias {
             Some(b) => ys.broadcast_add(b)?,
@@ -107,14 +94,14 @@ impl Linear {
     }
 }
 
-/// Runs each run of consecutive segments that takes the same path through `quantized`
-/// (few rows) or through a dense gemm over `dequantize()`d weights (from
+/// Runs each run of consecutive segments that takes the same path through `weight`
+/// (few rows) or through a dense gemm over the dequantized `blocks` (from
 /// [`DENSE_FROM_ROWS`] rows on, on the CPU), and joins the results.
 fn by_segment(
     xs: &Tensor,
     segments: &[usize],
-    quantized: impl Fn(&Tensor) -> Result<Tensor>,
-    dequantize: impl Fn() -> Result<Tensor>,
+    weight: &QMatMul,
+    blocks: &QTensor,
 ) -> Result<Tensor> {
     let dense_path = |rows: usize| rows >= DENSE_FROM_ROWS && xs.device().is_cpu();
     // Runs of consecutive segments that take the same path: (start, rows, dense).
@@ -138,12 +125,12 @@ fn by_segment(
         };
         parts.push(if dense {
             if dequantized.is_none() {
-                dequantized = Some(dequantize()?.to_dtype(xs.dtype())?);
+                dequantized = Some(blocks.dequantize(xs.device())?.to_dtype(xs.dtype())?);
             }
             let w = dequantized.clone().expect("set above");
             candle_nn::Linear::new(w, None).forward(&x)?
         } else {
-            quantized(&x)?
+            weight.forward(&x)?
         });
     }
     Ok(match parts.len() {
@@ -153,7 +140,7 @@ fn by_segment(
 }
 
 /// `x: (.., in)` through the 4-bit kernel, in f32.
-fn q4_forward(weight: &QMatrix, x: &Tensor) -> Result<Tensor> {
+fn packed_forward(weight: &QMatrix, x: &Tensor) -> Result<Tensor> {
     let mut dims = x.dims().to_vec();
     let in_features = dims.pop().unwrap_or(0);
     let rows = dims.iter().product();
@@ -195,7 +182,7 @@ impl Projections {
                     blocks.push(b.as_ref());
                     biases.push(bias.clone());
                 }
-                Linear::Q4 { weight, bias } => {
+                Linear::Packed { weight, bias } => {
                     q4.push(weight.as_ref());
                     biases.push(bias.clone());
                 }
@@ -211,7 +198,7 @@ impl Projections {
             false => return Ok(Self::Separate(parts)),
         };
         let stacked = if q4.len() == parts.len() {
-            QMatrix::stack(&q4).map(|weight| Linear::Q4 {
+            QMatrix::stack(&q4).map(|weight| Linear::Packed {
                 weight: Arc::new(weight),
                 bias,
             })

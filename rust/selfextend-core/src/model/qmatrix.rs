@@ -19,6 +19,7 @@
 //! sums, and every weight load serves all the rows of a tile (up to 8 decode rows).
 
 use candle_core::quantized::{GgmlDType, QTensor};
+#[cfg(test)]
 use candle_core::{Device, Tensor};
 use half::f16;
 
@@ -248,8 +249,10 @@ impl QMatrix {
         self.out_features
     }
 
-    /// The weights as f32, `(out_features, in_features)`.
-    pub(crate) fn dequantize(&self, device: &Device) -> Result<Tensor> {
+    /// The weights as f32, `(out_features, in_features)`: what the tests hold the
+    /// kernels to.
+    #[cfg(test)]
+    fn dequantize(&self, device: &Device) -> Result<Tensor> {
         let n = self.in_features;
         let mut w = vec![0f32; self.out_features * n];
         for (row, values) in w.chunks_exact_mut(n).enumerate() {
@@ -637,6 +640,7 @@ mod x86 {
 mod tests {
     use super::*;
     use candle_core::quantized::GgmlDType;
+    use candle_core::{Device, Tensor};
 
     fn random(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed
