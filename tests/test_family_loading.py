@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
-from conftest import random_ids
+from conftest import assert_chunking_barely_matters, random_ids
 from safetensors.numpy import load_file, save_file
 from tiny_models import write_checkpoint
 
@@ -140,8 +140,7 @@ def test_gemma_embedding_models_are_refused(gemma3: Path, tmp_path: Path) -> Non
 @pytest.mark.parametrize("name", ["qwen2", "phi3", "gemma3"])
 def test_quantized_gguf_tracks_its_dense_weights(tmp_path: Path, name: str) -> None:
     # Quantized q/k/v (Qwen2: with biases) are stacked into one matmul, Phi-3's are
-    # fused already; prefill chunks run the dequantized dense weights exactly, decode
-    # steps QMatMul on 8-bit activations.
+    # fused already; every chunk runs the quantized kernel on 8-bit activations.
     from gguf_files import write_gguf
     from tiny_models import GGUF_EXPRESSIBLE
 
@@ -151,11 +150,10 @@ def test_quantized_gguf_tracks_its_dense_weights(tmp_path: Path, name: str) -> N
     assert q.quantized and not dense.quantized
     ext = se.SelfExtend(2, 4)
     ids = random_ids(60, q.config.vocab_size, seed=6)
-    np.testing.assert_allclose(q.logits(ids, self_extend=ext), dense.logits(ids, self_extend=ext),
-                               rtol=1e-4, atol=1e-4)
+    got = q.logits(ids, self_extend=ext)
+    assert_chunking_barely_matters(q.logits(ids, self_extend=ext, chunk_size=7), got)
     # 8-bit activations move these sharp tiny models' logits by about 6%; a dropped
     # or misplaced q/k/v bias moves them by 40-50%.
-    short = ids[:20]
-    got, want = q.logits(short, self_extend=ext), dense.logits(short, self_extend=ext)
+    want = dense.logits(ids, self_extend=ext)
     assert np.abs(got - want).max() / np.abs(want).max() < 0.1
     assert not np.array_equal(got, want)

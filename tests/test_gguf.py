@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import random_ids
+from conftest import assert_chunking_barely_matters, random_ids
 from gguf_files import write_gguf
 
 import selfextend_rs as se
@@ -52,13 +52,11 @@ def test_quantized_matmul_tracks_the_dense_path(model_path: Path, tmp_path: Path
     assert q.quantized and not dense.quantized
     ext = se.SelfExtend(2, 8)
     ids = random_ids(60, q.config.vocab_size, seed=2)
-    # 32 rows or more (prefill) dequantize the blocks for the dense gemm: the dense
-    # model's numbers.
-    np.testing.assert_allclose(q.logits(ids, self_extend=ext), dense.logits(ids, self_extend=ext),
-                               rtol=1e-4, atol=1e-4)
-    # Fewer rows (decode) run QMatMul, which quantizes activations to 8 bits.
-    short = ids[:20]
-    a, b = q.logits(short, self_extend=ext), dense.logits(short, self_extend=ext)
+    # Every chunk, prefill or decode, runs the quantized kernel on 8-bit activations,
+    # row by row: the same logits whatever the chunking, near the dense model's.
+    a = q.logits(ids, self_extend=ext)
+    assert_chunking_barely_matters(q.logits(ids, self_extend=ext, chunk_size=7), a)
+    b = dense.logits(ids, self_extend=ext)
     err = np.abs(a - b).max() / np.abs(b).max()
     assert err < 0.1, err
     assert not np.array_equal(a, b)
