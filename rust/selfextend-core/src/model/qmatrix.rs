@@ -119,19 +119,19 @@ impl QMatrix {
                         for (q, &byte) in codes.iter_mut().zip(&block[2..]) {
                             *q = byte as i8;
                         }
-                        return RowBlock {
-                            d,
-                            m: f16::ZERO,
-                            codes,
-                        };
+                        f16::ZERO
                     }
-                    GgmlDType::Q4_1 => half(&block[2..4]),
-                    _ => f16::from_f32(-8.0 * d.to_f32()),
+                    _ => {
+                        for (j, &byte) in block[block_bytes - 16..].iter().enumerate() {
+                            codes[j] = (byte & 0x0f) as i8;
+                            codes[j + 16] = (byte >> 4) as i8;
+                        }
+                        match dtype {
+                            GgmlDType::Q4_1 => half(&block[2..4]),
+                            _ => f16::from_f32(-8.0 * d.to_f32()),
+                        }
+                    }
                 };
-                for (j, &byte) in block[block_bytes - 16..].iter().enumerate() {
-                    codes[j] = (byte & 0x0f) as i8;
-                    codes[j + 16] = (byte >> 4) as i8;
-                }
                 RowBlock { d, m, codes }
             },
         )))
