@@ -38,10 +38,12 @@ pub mod tokenizer;
 pub const CANDLE_SPIN_LIMIT: u32 = 2000;
 
 /// candle runs quantized matmuls on its own worker pool, whose idle workers spin for
-/// 25 000 `pause`s (about a millisecond) before parking. Between two matmuls the
-/// attention kernel runs on rayon, and on a machine with few cores a spinning worker
-/// takes a core from it. On the 2-core CI machine, decoding at 2k context went from
-/// 24 to 35 tokens/s with a limit of [`CANDLE_SPIN_LIMIT`] (see `BENCHMARKS.md`).
+/// 25 000 `pause`s (about a millisecond) before parking. Between two matmuls candle's
+/// element-wise ops run on rayon, and on a machine with few cores a spinning worker
+/// takes a core from them. On the 2-core CI machine, decoding at 2k context went from
+/// 24 to 35 tokens/s with a limit of [`CANDLE_SPIN_LIMIT`] (see `BENCHMARKS.md`), when
+/// attention also ran on rayon; it now runs on candle's pool, and the two limits
+/// measure alike.
 ///
 /// Sets `CANDLE_BARRIER_POOL_SPIN_LIMIT` unless it is already set. candle reads it
 /// once, when its pool starts, so call this before the first quantized matmul, at a

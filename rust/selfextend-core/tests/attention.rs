@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::{max_rel_diff, Rng};
-use selfextend_core::attention::{run_attention, Positions};
+use selfextend_core::attention::{run_attention, run_attention_ragged, Positions, Ragged};
 use selfextend_core::rope::RotaryEmbedding;
 use selfextend_core::{AttentionBackend, AttentionParams, SelfExtend};
 
@@ -279,6 +279,101 @@ fn sliding_windows_soft_caps_and_partial_rotary() {
             );
         }
     }
+}
+
+#[test]
+fn ragged_batches_match_each_sequence_alone() {
+    // A decode step's mix (single rows over short and long caches, the long ones split
+    // across items) with prefill chunks, each sequence with its own SelfExtend setting
+    // and sliding window; a batch of small calls that runs on one thread; one prefill
+    // chunk; one decode row whose keys are split.
+    let mut rng = Rng::new(8);
+    let (h, kvh, d) = (6, 2, 32);
+    type Case = (usize, usize, Option<(usize, usize)>, Option<usize>);
+    let batches: [&[Case]; 4] = [
+        &[
+            (1, 900, Some((4, 100)), None),
+            (1, 7, None, None),
+            (37, 120, Some((3, 16)), None),
+            (1, 300, None, Some(50)),
+            (5, 5, Some((2, 2)), Some(3)),
+            (1, 1200, None, None),
+        ],
+        &[(1, 3, None, None), (1, 9, Some((2, 4)), None), (2, 2, None, None)],
+        &[(64, 70, Some((4, 8)), None)],
+        &[(1, 1100, Some((4, 300)), None)],
+    ];
+    for (i, batch) in batches.iter().enumerate() {
+        let rope = RotaryEmbedding::with_params(d, THETA, None);
+        let mut expected = Vec::new();
+        let mut operands = Vec::new();
+        for &(s, n, se, window) in batch.iter() {
+            let q = rng.vec(h * s * d, 2.0);
+            let k = rng.vec(kvh * n * d, 2.0);
+            let v = rng.vec(kvh * n * d, 1.0);
+            let layer = Layer { window, ..PLAIN };
+            let alone = brute_force(&q, &k, &v, (1, h, s, d), (kvh, n), se, layer);
+            // The ragged output is (rows, heads * d): row t holds every head's values.
+            for t in 0..s {
+                for hi in 0..h {
+                    expected.extend_from_slice(&alone[(hi * s + t) * d..][..d]);
+                }
+            }
+            let dev = Device::Cpu;
+            // Queries as the decoder passes them: a transposed, strided view.
+            let q = Tensor::from_vec(q, (1, h, s, d), &dev).unwrap();
+            let q = q.transpose(1, 2).unwrap().contiguous().unwrap().transpose(1, 2).unwrap();
+            let k = Tensor::from_vec(k, (1, kvh, n, d), &dev).unwrap();
+            let v = Tensor::from_vec(v, (1, kvh, n, d), &dev).unwrap();
+            operands.push((q, k, v, se, window, Positions::new(&rope, s, n)));
+        }
+        for backend in [AttentionBackend::Fused, AttentionBackend::Naive, AttentionBackend::TILED] {
+            let params: Vec<AttentionParams> = operands
+                .iter()
+                .map(|(_, _, _, se, window, _)| AttentionParams {
+                    backend,
+                    sliding_window: *window,
+                    ..AttentionParams::new(d, se.map(|(g, w)| SelfExtend::new(g, w).unwrap()))
+                })
+                .collect();
+            let calls: Vec<Ragged> = operands
+                .iter()
+                .zip(&params)
+                .map(|((q, k, v, _, _, positions), params)| Ragged {
+                    q: q.clone(),
+                    k: k.clone(),
+                    v: v.clone(),
+                    positions,
+                    params,
+                })
+                .collect();
+            let got = run_attention_ragged(&calls).unwrap();
+            let rows: usize = batch.iter().map(|c| c.0).sum();
+            assert_eq!(got.dims(), &[1, rows, h * d]);
+            let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let err = max_rel_diff(&got, &expected);
+            assert!(err < 1e-5, "batch {i}, {backend:?}: max relative error {err}");
+        }
+    }
+}
+
+#[test]
+fn ragged_batches_refuse_mismatched_sequences() {
+    let dev = Device::Cpu;
+    let rope = RotaryEmbedding::with_params(8, THETA, None);
+    let params = AttentionParams::new(8, None);
+    let positions = Positions::new(&rope, 1, 4);
+    let call = |heads: usize| Ragged {
+        q: Tensor::zeros((1, heads, 1, 8), candle_core::DType::F32, &dev).unwrap(),
+        k: Tensor::zeros((1, 2, 4, 8), candle_core::DType::F32, &dev).unwrap(),
+        v: Tensor::zeros((1, 2, 4, 8), candle_core::DType::F32, &dev).unwrap(),
+        positions: &positions,
+        params: &params,
+    };
+    assert!(run_attention_ragged(&[]).is_err());
+    let err = run_attention_ragged(&[call(4), call(2)]).unwrap_err().to_string();
+    assert!(err.contains("shared head count"), "{err}");
+    assert!(run_attention_ragged(&[call(4), call(4)]).is_ok());
 }
 
 #[test]

@@ -18,11 +18,18 @@
 //! scores vectorise across keys; with few (decode) they stay row-major and each score
 //! is a dot product. When there are fewer (batch, kv head, query tile) items than
 //! threads can use, the key range is split and the partial softmaxes are merged.
+//!
+//! A ragged batch (the sequences of one decode step, each with its own cache, positions
+//! and settings) runs as one set of items, on candle's worker pool, the one the
+//! matmuls around attention use: one small call per sequence would leave the other
+//! cores idle.
 
-use candle_core::{CpuStorage, DType, Storage, Tensor};
-use rayon::prelude::*;
+use std::cell::RefCell;
+use std::sync::OnceLock;
 
-use super::{AttentionParams, Positions, SelfExtend};
+use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};
+
+use super::{AttentionParams, Positions, Ragged, SelfExtend};
 use crate::error::Result;
 use crate::rope::CosSinTable;
 
@@ -31,7 +38,7 @@ const K_TILE: usize = 64;
 /// Rows (query heads × positions) per item from which keys are transposed.
 const TRANSPOSE_FROM_ROWS: usize = 16;
 /// Calls with fewer (query rows × keys × heads) than this run on the calling thread.
-const SEQUENTIAL_BELOW: usize = 1 << 15;
+const SEQUENTIAL_BELOW: usize = 1 << 11;
 /// The shortest key range a split-key item gets.
 const MIN_SPLIT: usize = 4 * K_TILE;
 
@@ -200,28 +207,32 @@ impl<'a> View<'a> {
     }
 }
 
-fn with_view<T>(t: &Tensor, f: impl FnOnce(&View) -> T) -> Option<T> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
-        return None;
-    };
-    let s = layout.stride();
-    if s.len() != 4 || s[3] != 1 {
-        return None;
+impl<'a> View<'a> {
+    /// `t`'s data if it is f32 on the CPU with unit inner stride; `storage` is `t`'s,
+    /// held for reading while the view lives.
+    fn of(storage: &'a Storage, layout: &Layout) -> Option<Self> {
+        let Storage::Cpu(CpuStorage::F32(data)) = storage else {
+            return None;
+        };
+        let s = layout.stride();
+        if s.len() != 4 || s[3] != 1 {
+            return None;
+        }
+        Some(Self {
+            data,
+            offset: layout.start_offset(),
+            strides: [s[0], s[1], s[2]],
+            head_dim: layout.dims()[3],
+        })
     }
-    let view = View {
-        data,
-        offset: layout.start_offset(),
-        strides: [s[0], s[1], s[2]],
-        head_dim: layout.dims()[3],
-    };
-    Some(f(&view))
 }
 
 /// One unit of parallel work: the rows of query tile `tile` of the query heads that
 /// share kv head `g`, against keys `keys.0 .. keys.1`.
 #[derive(Debug, Clone, Copy)]
 struct Item {
+    /// Which sequence of the call.
+    seq: usize,
     b: usize,
     g: usize,
     tile: usize,
@@ -245,6 +256,7 @@ struct Scratch {
     rotated: Vec<f32>,
 }
 
+#[derive(Clone, Copy)]
 struct Shape {
     rep: usize,
     q_len: usize,
@@ -288,18 +300,19 @@ fn rotate_keys(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_item(
-    item: Item,
-    shape: &Shape,
-    (qv, kv, vv): (&View, &View, &View),
-    table: &CosSinTable,
-    se: Option<SelfExtend>,
-    layer: Layer,
-    scale: f32,
-    s: &mut Scratch,
-) -> Partial {
-    let Item { b, g, tile, keys } = item;
+fn run_item(item: Item, seq: &Sequence, s: &mut Scratch) -> Partial {
+    let Item { b, g, tile, keys, .. } = item;
+    let Sequence {
+        q: qv,
+        k: kv,
+        v: vv,
+        shape,
+        table,
+        se,
+        layer,
+        scale,
+    } = seq;
+    let (se, layer, scale) = (*se, *layer, *scale);
     let d = shape.d;
     let index_pos = shape.kv_len - shape.q_len;
     let t0 = tile * Q_TILE;
@@ -466,98 +479,163 @@ fn run_item(
     part
 }
 
-/// The fused kernel; `None` off the CPU, where the caller runs another backend.
-pub(super) fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    positions: &Positions,
-    params: &AttentionParams,
-) -> Result<Option<Tensor>> {
-    if !q.device().is_cpu() {
-        return Ok(None);
-    }
-    let (b_sz, n_heads, q_len, d) = q.dims4()?;
-    let (_, n_kv_heads, kv_len, _) = k.dims4()?;
-    let shape = Shape {
-        rep: n_heads / n_kv_heads,
-        q_len,
-        kv_len,
-        d,
-    };
-    let out_dtype = q.dtype();
-    let (q, k, v) = (
-        q.to_dtype(DType::F32)?,
-        k.to_dtype(DType::F32)?,
-        v.to_dtype(DType::F32)?,
-    );
-    let se = params.self_extend;
-    let table = positions.fused.get_or_init(|| {
-        let grouped = se.map_or(0, |se| {
-            se.grouped_query_position(kv_len.saturating_sub(1)) + 1
-        });
-        positions.rope.table(kv_len.max(grouped))
-    });
+/// One sequence of a call, viewed: its operands and settings.
+struct Sequence<'a> {
+    q: View<'a>,
+    k: View<'a>,
+    v: View<'a>,
+    shape: Shape,
+    table: &'a CosSinTable,
+    se: Option<SelfExtend>,
+    layer: Layer,
+    scale: f32,
+}
 
-    let n_tiles = q_len.div_ceil(Q_TILE);
-    let base = b_sz * n_kv_heads * n_tiles;
-    let threads = rayon::current_num_threads();
-    let splits = if base >= 2 * threads {
+/// Where output row `(b, h, t)` of a sequence starts in the call's buffer:
+/// `offset + b * batch + h * head + t * pos` (the row's `head_dim` values are contiguous).
+#[derive(Clone, Copy)]
+struct Dest {
+    offset: usize,
+    batch: usize,
+    head: usize,
+    pos: usize,
+}
+
+/// One sequence's operands in f32 and its settings, before they are viewed.
+struct Prepared<'p> {
+    qkv: [Tensor; 3],
+    batch: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    shape: Shape,
+    table: &'p CosSinTable,
+    params: &'p AttentionParams,
+    dest: Dest,
+}
+
+impl<'p> Prepared<'p> {
+    fn new(
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        positions: &'p Positions,
+        params: &'p AttentionParams,
+        dest: Dest,
+    ) -> Result<Self> {
+        let (batch, n_heads, q_len, d) = q.dims4()?;
+        let (_, n_kv_heads, kv_len, _) = k.dims4()?;
+        let table = positions.fused.get_or_init(|| {
+            let grouped = params.self_extend.map_or(0, |se| {
+                se.grouped_query_position(kv_len.saturating_sub(1)) + 1
+            });
+            positions.rope.table(kv_len.max(grouped))
+        });
+        Ok(Self {
+            qkv: [
+                q.to_dtype(DType::F32)?,
+                k.to_dtype(DType::F32)?,
+                v.to_dtype(DType::F32)?,
+            ],
+            batch,
+            n_heads,
+            n_kv_heads,
+            shape: Shape {
+                rep: n_heads / n_kv_heads,
+                q_len,
+                kv_len,
+                d,
+            },
+            table,
+            params,
+            dest,
+        })
+    }
+
+    fn work(&self) -> usize {
+        self.batch * self.n_heads * self.shape.q_len * self.shape.kv_len
+    }
+}
+
+/// Runs every sequence of `seqs` as one set of parallel items and writes their outputs
+/// into a buffer of `len` values at their [`Dest`]s; `None` if some operand is not f32
+/// CPU data with unit inner stride.
+fn compute(seqs: &[Prepared], len: usize) -> Option<Vec<f32>> {
+    let held: Vec<[_; 3]> = seqs
+        .iter()
+        .map(|p| p.qkv.each_ref().map(|t| t.storage_and_layout()))
+        .collect();
+    let viewed = seqs
+        .iter()
+        .zip(&held)
+        .map(|(p, [q, k, v])| {
+            Some(Sequence {
+                q: View::of(&q.0, q.1)?,
+                k: View::of(&k.0, k.1)?,
+                v: View::of(&v.0, v.1)?,
+                shape: p.shape,
+                table: p.table,
+                se: p.params.self_extend,
+                layer: Layer {
+                    sliding_window: p.params.sliding_window.unwrap_or(usize::MAX),
+                    softcap: p.params.softcap.map(|c| c as f32),
+                },
+                scale: p.params.scale as f32,
+            })
+        })
+        .collect::<Option<Vec<Sequence>>>()?;
+
+    // Items of one (sequence, batch, kv head, query tile) are consecutive: the key
+    // range split in `splits[seq]` parts.
+    let tiles = |p: &Prepared| p.shape.q_len.div_ceil(Q_TILE);
+    let base: usize = seqs.iter().map(|p| p.batch * p.n_kv_heads * tiles(p)).sum();
+    let threads = candle_core::utils::barrier_pool().n_workers() + 1;
+    let wanted = if base >= 2 * threads {
         1
     } else {
-        (4 * threads).div_ceil(base).min(kv_len / MIN_SPLIT).max(1)
+        (4 * threads).div_ceil(base.max(1))
     };
-    let split_len = kv_len.div_ceil(splits).div_ceil(K_TILE) * K_TILE;
-    let items: Vec<Item> = (0..b_sz)
-        .flat_map(|b| (0..n_kv_heads).flat_map(move |g| (0..n_tiles).map(move |t| (b, g, t))))
-        .flat_map(|(b, g, tile)| {
-            (0..splits).map(move |s| Item {
-                b,
-                g,
-                tile,
-                keys: (s * split_len, ((s + 1) * split_len).min(kv_len)),
-            })
-        })
-        .collect();
-
-    let scale = params.scale as f32;
-    let layer = Layer {
-        sliding_window: params.sliding_window.unwrap_or(usize::MAX),
-        softcap: params.softcap.map(|c| c as f32),
-    };
-    // Small calls (decode at short context) run on this thread: waking the pool costs
-    // more than the work, and a batched step makes one such call per sequence.
-    let sequential = q_len * kv_len * n_heads < SEQUENTIAL_BELOW;
-    let computed = with_view(&q, |qv| {
-        with_view(&k, |kv| {
-            with_view(&v, |vv| {
-                let run = |scratch: &mut Scratch, &item: &Item| {
-                    run_item(item, &shape, (qv, kv, vv), table, se, layer, scale, scratch)
-                };
-                if sequential {
-                    let mut scratch = Scratch::default();
-                    items.iter().map(|item| run(&mut scratch, item)).collect()
-                } else {
-                    items
-                        .par_iter()
-                        .map_init(Scratch::default, run)
-                        .collect::<Vec<Partial>>()
+    let mut items = Vec::new();
+    let mut splits = Vec::with_capacity(seqs.len());
+    for (seq, p) in seqs.iter().enumerate() {
+        let kv_len = p.shape.kv_len;
+        let n = wanted.min(kv_len / MIN_SPLIT).max(1);
+        let split_len = kv_len.div_ceil(n).div_ceil(K_TILE) * K_TILE;
+        for b in 0..p.batch {
+            for g in 0..p.n_kv_heads {
+                for tile in 0..tiles(p) {
+                    items.extend((0..n).map(|s| Item {
+                        seq,
+                        b,
+                        g,
+                        tile,
+                        keys: (s * split_len, ((s + 1) * split_len).min(kv_len)),
+                    }));
                 }
-            })
-        })
-    });
-    let Some(Some(Some(partials))) = computed else {
-        return Ok(None);
-    };
+            }
+        }
+        splits.push(n);
+    }
 
-    let mut out = vec![0f32; b_sz * n_heads * q_len * d];
-    for (group, parts) in items.chunks(splits).zip(partials.chunks(splits)) {
-        let Item { b, g, tile, .. } = group[0];
+    // Small calls (decode at short context) run on this thread: waking the workers
+    // costs more than the work.
+    let sequential = seqs.iter().map(Prepared::work).sum::<usize>() < SEQUENTIAL_BELOW;
+    let partials = run_items(&items, sequential, |item, scratch| {
+        run_item(item, &viewed[item.seq], scratch)
+    });
+
+    let mut out = vec![0f32; len];
+    let mut at = 0;
+    while at < items.len() {
+        let Item { seq, b, g, tile, .. } = items[at];
+        let n = splits[seq];
+        let parts = &partials[at..at + n];
+        at += n;
+        let (shape, dest) = (&seqs[seq].shape, seqs[seq].dest);
+        let d = shape.d;
         let t0 = tile * Q_TILE;
-        let tile_len = (t0 + Q_TILE).min(q_len) - t0;
+        let tile_len = (t0 + Q_TILE).min(shape.q_len) - t0;
         for r in 0..shape.rep * tile_len {
             let h = g * shape.rep + r / tile_len;
-            let dst = ((b * n_heads + h) * q_len + t0 + r % tile_len) * d;
+            let t = t0 + r % tile_len;
+            let dst = dest.offset + b * dest.batch + h * dest.head + t * dest.pos;
             let dst = &mut out[dst..dst + d];
             let m = parts
                 .iter()
@@ -575,8 +653,91 @@ pub(super) fn attention(
             dst.iter_mut().for_each(|o| *o *= inv);
         }
     }
+    Some(out)
+}
+
+/// `run` over every item, on candle's worker pool (the one the matmuls around
+/// attention use, so no second pool competes for the cores) unless `sequential`.
+fn run_items(
+    items: &[Item],
+    sequential: bool,
+    run: impl Fn(Item, &mut Scratch) -> Partial + Sync,
+) -> Vec<Partial> {
+    thread_local! {
+        static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+    }
+    let with_scratch = |item: Item| SCRATCH.with_borrow_mut(|scratch| run(item, scratch));
+    if sequential {
+        return items.iter().map(|&item| with_scratch(item)).collect();
+    }
+    let slots: Vec<OnceLock<Partial>> = items.iter().map(|_| OnceLock::new()).collect();
+    candle_core::utils::barrier_pool().execute_chunked(items.len(), |range| {
+        for i in range {
+            // Each index is handed out once, so the slot is empty.
+            let _ = slots[i].set(with_scratch(items[i]));
+        }
+    });
+    slots
+        .into_iter()
+        .map(|slot| slot.into_inner().expect("the pool runs every item"))
+        .collect()
+}
+
+/// The fused kernel for one call, `(batch, n_heads, q_len, head_dim)`; `None` off the
+/// CPU, where the caller runs another backend.
+pub(super) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    positions: &Positions,
+    params: &AttentionParams,
+) -> Result<Option<Tensor>> {
+    if !q.device().is_cpu() {
+        return Ok(None);
+    }
+    let (b_sz, n_heads, q_len, d) = q.dims4()?;
+    let dest = Dest {
+        offset: 0,
+        batch: n_heads * q_len * d,
+        head: q_len * d,
+        pos: d,
+    };
+    let seq = Prepared::new((q, k, v), positions, params, dest)?;
+    let Some(out) = compute(&[seq], b_sz * n_heads * q_len * d) else {
+        return Ok(None);
+    };
     let out = Tensor::from_vec(out, (b_sz, n_heads, q_len, d), q.device())?;
-    Ok(Some(out.to_dtype(out_dtype)?))
+    Ok(Some(out.to_dtype(q.dtype())?))
+}
+
+/// The fused kernel over the sequences of a ragged batch in one pass, `(1, Σ q_len,
+/// n_heads * head_dim)`; `None` off the CPU. The caller has checked that the sequences
+/// share one batch row, `n_heads`, `head_dim` and dtype.
+pub(super) fn ragged(seqs: &[Ragged]) -> Result<Option<Tensor>> {
+    let Some(first) = seqs.first() else {
+        return Ok(None);
+    };
+    if seqs.iter().any(|s| !s.q.device().is_cpu()) {
+        return Ok(None);
+    }
+    let (_, n_heads, _, d) = first.q.dims4()?;
+    let mut rows = 0;
+    let mut prepared = Vec::with_capacity(seqs.len());
+    for s in seqs {
+        let dest = Dest {
+            offset: rows * n_heads * d,
+            batch: 0,
+            head: d,
+            pos: n_heads * d,
+        };
+        prepared.push(Prepared::new((&s.q, &s.k, &s.v), s.positions, s.params, dest)?);
+        rows += s.q.dim(2)?;
+    }
+    let Some(out) = compute(&prepared, rows * n_heads * d) else {
+        return Ok(None);
+    };
+    let out = Tensor::from_vec(out, (1, rows, n_heads * d), first.q.device())?;
+    Ok(Some(out.to_dtype(first.q.dtype())?))
 }
 
 #[cfg(test)]

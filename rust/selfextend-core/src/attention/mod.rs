@@ -258,6 +258,40 @@ impl<'a> Positions<'a> {
     }
 }
 
+/// The shape rules of [`run_attention`]'s operands.
+fn check_shapes(q: &Tensor, k: &Tensor, v: &Tensor, positions: &Positions) -> Result<()> {
+    let (b, n_heads, q_len, head_dim) = q.dims4()?;
+    let (kb, n_kv_heads, kv_len, kd) = k.dims4()?;
+    if kb != b || kd != head_dim || v.dims4()? != (b, n_kv_heads, kv_len, head_dim) {
+        return Err(candle_core::Error::Msg(format!(
+            "attention shape mismatch: q {:?}, k {:?}, v {:?}",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        ))
+        .into());
+    }
+    if (q_len, kv_len) != (positions.q_len, positions.kv_len) {
+        return Err(candle_core::Error::Msg(format!(
+            "attention positions are for q_len {} and kv_len {}, got q {:?}, k {:?}",
+            positions.q_len,
+            positions.kv_len,
+            q.dims(),
+            k.dims()
+        ))
+        .into());
+    }
+    if n_kv_heads == 0 || n_heads % n_kv_heads != 0 || q_len > kv_len {
+        return Err(candle_core::Error::Msg(format!(
+            "attention needs n_heads % n_kv_heads == 0 and q_len <= kv_len, got q {:?}, k {:?}",
+            q.dims(),
+            k.dims()
+        ))
+        .into());
+    }
+    Ok(())
+}
+
 /// `cap * tanh(scores / cap)`, or `scores` without a cap.
 fn softcap(scores: Tensor, cap: Option<f64>) -> Result<Tensor> {
     Ok(match cap {
@@ -298,35 +332,7 @@ pub fn run_attention(
     positions: &Positions,
     params: &AttentionParams,
 ) -> Result<Tensor> {
-    let (b, n_heads, q_len, head_dim) = q.dims4()?;
-    let (kb, n_kv_heads, kv_len, kd) = k.dims4()?;
-    if kb != b || kd != head_dim || v.dims4()? != (b, n_kv_heads, kv_len, head_dim) {
-        return Err(candle_core::Error::Msg(format!(
-            "attention shape mismatch: q {:?}, k {:?}, v {:?}",
-            q.dims(),
-            k.dims(),
-            v.dims()
-        ))
-        .into());
-    }
-    if (q_len, kv_len) != (positions.q_len, positions.kv_len) {
-        return Err(candle_core::Error::Msg(format!(
-            "attention positions are for q_len {} and kv_len {}, got q {:?}, k {:?}",
-            positions.q_len,
-            positions.kv_len,
-            q.dims(),
-            k.dims()
-        ))
-        .into());
-    }
-    if n_kv_heads == 0 || n_heads % n_kv_heads != 0 || q_len > kv_len {
-        return Err(candle_core::Error::Msg(format!(
-            "attention needs n_heads % n_kv_heads == 0 and q_len <= kv_len, got q {:?}, k {:?}",
-            q.dims(),
-            k.dims()
-        ))
-        .into());
-    }
+    check_shapes(q, k, v, positions)?;
     match params.backend {
         AttentionBackend::Naive => naive::attention(q, k, v, positions, params),
         AttentionBackend::Tiled { query_block } => {
@@ -343,4 +349,59 @@ pub fn run_attention(
             tiled::attention(q, k, v, positions, params, tiled::QUERY_BLOCK)
         }
     }
+}
+
+/// One sequence of a [`run_attention_ragged`] call: the operands and settings
+/// [`run_attention`] takes, with one batch row.
+pub struct Ragged<'c, 'p> {
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    pub positions: &'c Positions<'p>,
+    pub params: &'c AttentionParams,
+}
+
+/// Attention for a ragged batch: sequences of different lengths, each over its own
+/// cache with its own positions and settings, as [`run_attention`] would compute each
+/// alone. `q: (1, n_heads, q_len, head_dim)` may differ in `q_len` and the keys in
+/// `kv_len`; `n_heads`, `head_dim` and the dtype are shared.
+///
+/// Returns `(1, Σ q_len, n_heads * head_dim)`: the sequences' rows in order, each row
+/// its heads side by side, as the output projection reads them. The fused backend runs
+/// every sequence's work as one parallel pass (a decode step of many short sequences is
+/// otherwise too small to spread over the cores); the others run one call each.
+pub fn run_attention_ragged(seqs: &[Ragged]) -> Result<Tensor> {
+    let Some(first) = seqs.first() else {
+        return Err(candle_core::Error::Msg("ragged attention needs a sequence".into()).into());
+    };
+    let (_, n_heads, _, head_dim) = first.q.dims4()?;
+    for s in seqs {
+        check_shapes(&s.q, &s.k, &s.v, s.positions)?;
+        let (b, h, _, d) = s.q.dims4()?;
+        if (b, h, d) != (1, n_heads, head_dim) || s.q.dtype() != first.q.dtype() {
+            return Err(candle_core::Error::Msg(format!(
+                "ragged attention needs one batch row and a shared head count, head \
+                 dimension and dtype, got q {:?} ({:?}) and q {:?} ({:?})",
+                first.q.dims(),
+                first.q.dtype(),
+                s.q.dims(),
+                s.q.dtype()
+            ))
+            .into());
+        }
+    }
+    if seqs.iter().all(|s| s.params.backend == AttentionBackend::Fused) {
+        if let Some(out) = fused::ragged(seqs)? {
+            return Ok(out);
+        }
+    }
+    let outputs = seqs
+        .iter()
+        .map(|s| {
+            let ys = run_attention(&s.q, &s.k, &s.v, s.positions, s.params)?;
+            let q_len = ys.dim(2)?;
+            Ok(ys.transpose(1, 2)?.reshape((1, q_len, n_heads * head_dim))?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&outputs, 1)?)
 }

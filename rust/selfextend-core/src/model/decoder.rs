@@ -14,7 +14,7 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::Embedding;
 
-use crate::attention::{run_attention, AttentionParams, Positions};
+use crate::attention::{run_attention_ragged, AttentionParams, Positions, Ragged};
 use crate::config::{Activation, Config, Norm, RopeScaling};
 use crate::error::Result;
 use crate::kv_cache::{KvCache, LayerCache};
@@ -364,8 +364,8 @@ impl Attention {
     }
 
     /// `xs: (1, rows, hidden)`: the new rows of each sequence of `seqs`, one after the
-    /// other. Projections run over all rows at once, attention per sequence over its
-    /// own cache.
+    /// other. Projections run over all rows at once, attention over each sequence's own
+    /// cache in one ragged call.
     fn forward(
         &self,
         xs: &Tensor,
@@ -390,7 +390,7 @@ impl Attention {
             Some((q, k)) => (Some(q), Some(k)),
             None => (None, None),
         };
-        let mut outputs = Vec::with_capacity(seqs.len());
+        let mut calls = Vec::with_capacity(seqs.len());
         let mut start = 0;
         for seq in seqs.iter_mut() {
             let rows = seq.rows;
@@ -404,19 +404,16 @@ impl Attention {
             let k = heads(&part(&k)?, self.num_kv_heads, k_norm)?;
             let v = heads(&part(&v)?, self.num_kv_heads, None)?;
             let (k, v) = seq.cache.append(&k, &v)?;
-            let ys = run_attention(&q, &k, &v, seq.positions, seq.params)?;
-            let (b_sz, _, seq_len, _) = ys.dims4()?;
-            outputs.push(ys.transpose(1, 2)?.reshape((
-                b_sz,
-                seq_len,
-                self.num_heads * self.head_dim,
-            ))?);
+            calls.push(Ragged {
+                q,
+                k,
+                v,
+                positions: seq.positions,
+                params: seq.params,
+            });
             start += rows;
         }
-        let ys = match outputs.len() {
-            1 => outputs.pop().expect("one sequence"),
-            _ => Tensor::cat(&outputs, 1)?,
-        };
+        let ys = run_attention_ragged(&calls)?;
         self.o_proj.forward(&ys, segments)
     }
 }
