@@ -591,11 +591,32 @@ mod x86 {
         at: TileAt,
         out: &mut [[f32; COLS]; ROWS],
     ) {
-        let TileAt { tile, r0, rows } = at;
+        // A row count known at compile time keeps every row's sums in registers, and
+        // the rows' chains of dot products independent of each other.
+        match at.rows {
+            1 => avx512_rows::<I8, 1>(w, a, at, out),
+            2 => avx512_rows::<I8, 2>(w, a, at, out),
+            3 => avx512_rows::<I8, 3>(w, a, at, out),
+            4 => avx512_rows::<I8, 4>(w, a, at, out),
+            5 => avx512_rows::<I8, 5>(w, a, at, out),
+            6 => avx512_rows::<I8, 6>(w, a, at, out),
+            7 => avx512_rows::<I8, 7>(w, a, at, out),
+            _ => avx512_rows::<I8, ROWS>(w, a, at, out),
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    unsafe fn avx512_rows<const I8: bool, const R: usize>(
+        w: &QMatrix,
+        a: &Activations,
+        at: TileAt,
+        out: &mut [[f32; COLS]; ROWS],
+    ) {
+        let TileAt { tile, r0, .. } = at;
         let low = _mm512_set1_epi8(0x0f);
         let flip = _mm512_set1_epi8(-128);
-        let mut acc = [_mm512_setzero_ps(); ROWS];
-        let rows_at: [Row<'_>; ROWS] = std::array::from_fn(|r| a.row(r0 + r.min(rows - 1)));
+        let mut acc = [_mm512_setzero_ps(); R];
+        let rows: [Row<'_>; R] = std::array::from_fn(|r| a.row(r0 + r));
         for b in 0..w.blocks {
             let (codes, scales, offsets) = w.tile_block(tile, b);
             let at = |g: usize| codes.as_ptr().add(g * 64) as *const __m512i;
@@ -611,26 +632,29 @@ mod x86 {
                     q[g + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
                 }
             }
-            let d = _mm512_cvtph_ps(_mm256_loadu_si256(scales.as_ptr() as *const __m256i));
-            for (acc, row) in acc.iter_mut().zip(&rows_at).take(rows) {
-                let (da, sa) = (row.scales, row.sums);
-                let qa = row.codes.as_ptr().add(b * BLOCK);
-                let mut dot = match I8 {
-                    true => _mm512_set1_epi32(-128 * row.code_sums[b]),
-                    false => _mm512_setzero_si512(),
-                };
-                for (g, &q) in q.iter().enumerate() {
-                    dot = _mm512_dpbusd_epi32(dot, q, _mm512_set1_epi32(group(qa, g)));
+            let qa: [*const i8; R] = std::array::from_fn(|r| rows[r].codes.as_ptr().add(b * BLOCK));
+            let mut dot: [__m512i; R] = std::array::from_fn(|r| match I8 {
+                true => _mm512_set1_epi32(-128 * rows[r].code_sums[b]),
+                false => _mm512_setzero_si512(),
+            });
+            for (g, &q) in q.iter().enumerate() {
+                for r in 0..R {
+                    dot[r] = _mm512_dpbusd_epi32(dot[r], q, _mm512_set1_epi32(group(qa[r], g)));
                 }
-                let scale = _mm512_mul_ps(d, _mm512_set1_ps(da[b]));
-                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, *acc);
-                if !I8 {
-                    let m = _mm512_cvtph_ps(_mm256_loadu_si256(offsets.as_ptr() as *const __m256i));
-                    *acc = _mm512_fmadd_ps(m, _mm512_set1_ps(sa[b]), *acc);
+            }
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(scales.as_ptr() as *const __m256i));
+            for r in 0..R {
+                let scale = _mm512_mul_ps(d, _mm512_set1_ps(rows[r].scales[b]));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), scale, acc[r]);
+            }
+            if !I8 {
+                let m = _mm512_cvtph_ps(_mm256_loadu_si256(offsets.as_ptr() as *const __m256i));
+                for r in 0..R {
+                    acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(rows[r].sums[b]), acc[r]);
                 }
             }
         }
-        for (out, acc) in out.iter_mut().zip(&acc).take(rows) {
+        for (out, acc) in out.iter_mut().zip(&acc) {
             _mm512_storeu_ps(out.as_mut_ptr(), *acc);
         }
     }
@@ -662,7 +686,10 @@ mod tests {
     #[test]
     fn kernels_match_the_dequantized_product() -> Result<()> {
         for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
-            for (out_f, in_f, n_rows) in [(8, 64, 1), (13, 96, 3), (192, 576, 8), (37, 1536, 11)] {
+            let shapes = [(8, 64, 1), (13, 96, 3), (192, 576, 8), (37, 1536, 11)];
+            // Every row count a tile can have.
+            let rows = [2, 4, 5, 6, 7].map(|n| (24, 64, n));
+            for (out_f, in_f, n_rows) in shapes.into_iter().chain(rows) {
                 let w = Tensor::from_vec(random(out_f * in_f, 1), (out_f, in_f), &Device::Cpu)?;
                 let q = QTensor::quantize(&w, dtype)?;
                 let m = QMatrix::from_qtensor(&q)?.expect("blocks it reads");
