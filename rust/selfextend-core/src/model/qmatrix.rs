@@ -353,14 +353,29 @@ impl Activations {
             .zip(codes.chunks_exact_mut(BLOCK))
             .enumerate()
         {
-            let amax = values.iter().fold(0f32, |a, v| a.max(v.abs()));
+            // Written lane by lane, rounding ties to even (as llama.cpp's SIMD paths
+            // do) by adding 1.5 * 2^23, after which the low mantissa bits hold
+            // round(x) + 2^22 for |x| <= 2^22: every loop here vectorises, where a
+            // float-to-int `as` would not.
+            let mut lanes = [0f32; 8];
+            for chunk in values.chunks_exact(8) {
+                for (m, v) in lanes.iter_mut().zip(chunk) {
+                    *m = m.max(v.abs());
+                }
+            }
+            let amax = lanes.iter().fold(0f32, |a, &m| a.max(m));
             let d = amax / 127.0;
             let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let mut sum = 0i32;
-            for (q, &v) in q.iter_mut().zip(values) {
-                *q = (v * inv).round() as i8;
-                sum += *q as i32;
+            let mut wide = [0i32; BLOCK];
+            for (c, &v) in wide.iter_mut().zip(values) {
+                const MAGIC: f32 = 12_582_912.0;
+                let x = (v * inv).max(-127.0).min(127.0);
+                *c = (x + MAGIC).to_bits() as i32 - MAGIC.to_bits() as i32;
             }
+            for (q, &c) in q.iter_mut().zip(&wide) {
+                *q = c as i8;
+            }
+            let sum: i32 = wide.iter().sum();
             scales[i] = d;
             code_sums[i] = sum;
             sums[i] = d * sum as f32;
