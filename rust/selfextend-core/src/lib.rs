@@ -28,6 +28,7 @@ pub mod family;
 pub mod generate;
 pub mod kv_cache;
 pub mod loader;
+mod math;
 pub mod memory;
 pub mod model;
 pub mod rope;

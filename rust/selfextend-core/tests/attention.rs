@@ -299,7 +299,11 @@ fn ragged_batches_match_each_sequence_alone() {
             (5, 5, Some((2, 2)), Some(3)),
             (1, 1200, None, None),
         ],
-        &[(1, 3, None, None), (1, 9, Some((2, 4)), None), (2, 2, None, None)],
+        &[
+            (1, 3, None, None),
+            (1, 9, Some((2, 4)), None),
+            (2, 2, None, None),
+        ],
         &[(64, 70, Some((4, 8)), None)],
         &[(1, 1100, Some((4, 300)), None)],
     ];
@@ -322,12 +326,22 @@ fn ragged_batches_match_each_sequence_alone() {
             let dev = Device::Cpu;
             // Queries as the decoder passes them: a transposed, strided view.
             let q = Tensor::from_vec(q, (1, h, s, d), &dev).unwrap();
-            let q = q.transpose(1, 2).unwrap().contiguous().unwrap().transpose(1, 2).unwrap();
+            let q = q
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap();
             let k = Tensor::from_vec(k, (1, kvh, n, d), &dev).unwrap();
             let v = Tensor::from_vec(v, (1, kvh, n, d), &dev).unwrap();
             operands.push((q, k, v, se, window, Positions::new(&rope, s, n)));
         }
-        for backend in [AttentionBackend::Fused, AttentionBackend::Naive, AttentionBackend::TILED] {
+        for backend in [
+            AttentionBackend::Fused,
+            AttentionBackend::Naive,
+            AttentionBackend::TILED,
+        ] {
             let params: Vec<AttentionParams> = operands
                 .iter()
                 .map(|(_, _, _, se, window, _)| AttentionParams {
@@ -352,7 +366,10 @@ fn ragged_batches_match_each_sequence_alone() {
             assert_eq!(got.dims(), &[1, rows, h * d]);
             let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let err = max_rel_diff(&got, &expected);
-            assert!(err < 1e-5, "batch {i}, {backend:?}: max relative error {err}");
+            assert!(
+                err < 1e-5,
+                "batch {i}, {backend:?}: max relative error {err}"
+            );
         }
     }
 }
@@ -371,7 +388,9 @@ fn ragged_batches_refuse_mismatched_sequences() {
         params: &params,
     };
     assert!(run_attention_ragged(&[]).is_err());
-    let err = run_attention_ragged(&[call(4), call(2)]).unwrap_err().to_string();
+    let err = run_attention_ragged(&[call(4), call(2)])
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("shared head count"), "{err}");
     assert!(run_attention_ragged(&[call(4), call(4)]).is_ok());
 }

@@ -31,6 +31,7 @@ use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};
 
 use super::{AttentionParams, Positions, Ragged, SelfExtend};
 use crate::error::Result;
+use crate::math::{exp_nonpositive, fma};
 use crate::rope::CosSinTable;
 
 const Q_TILE: usize = 32;
@@ -41,44 +42,6 @@ const TRANSPOSE_FROM_ROWS: usize = 16;
 const SEQUENTIAL_BELOW: usize = 1 << 11;
 /// The shortest key range a split-key item gets.
 const MIN_SPLIT: usize = 4 * K_TILE;
-
-#[inline(always)]
-fn fma(a: f32, b: f32, c: f32) -> f32 {
-    // `mul_add` is a libm call without the FMA instruction; plain `a * b + c` then.
-    if cfg!(target_feature = "fma") {
-        a.mul_add(b, c)
-    } else {
-        a * b + c
-    }
-}
-
-/// `exp(x)` for `x <= 0`, branch-free so loops over it vectorise. Relative error
-/// below 2e-7; inputs under -87 give about 1e-38 instead of smaller values or 0.
-#[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    let x = x.max(-87.0);
-    let n = fma(x, LOG2E, 0.5).floor();
-    let r = fma(-n, LN2_LO, fma(-n, LN2_HI, x));
-    let mut p = 1.0 / 5040.0;
-    for c in [
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ] {
-        p = fma(p, r, c);
-    }
-    // 2^n from the bits of n + 127 + 2^23, whose low mantissa bits hold the integer
-    // n + 127 in 0 ..= 127: integer ops only, so the loop stays vectorised.
-    let biased = (n + (127.0 + 8_388_608.0)).to_bits() & 0xff;
-    f32::from_bits(biased << 23) * p
-}
 
 #[inline]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -301,7 +264,9 @@ fn rotate_keys(
 }
 
 fn run_item(item: Item, seq: &Sequence, s: &mut Scratch) -> Partial {
-    let Item { b, g, tile, keys, .. } = item;
+    let Item {
+        b, g, tile, keys, ..
+    } = item;
     let Sequence {
         q: qv,
         k: kv,
@@ -624,7 +589,9 @@ fn compute(seqs: &[Prepared], len: usize) -> Option<Vec<f32>> {
     let mut out = vec![0f32; len];
     let mut at = 0;
     while at < items.len() {
-        let Item { seq, b, g, tile, .. } = items[at];
+        let Item {
+            seq, b, g, tile, ..
+        } = items[at];
         let n = splits[seq];
         let parts = &partials[at..at + n];
         at += n;
@@ -730,7 +697,12 @@ pub(super) fn ragged(seqs: &[Ragged]) -> Result<Option<Tensor>> {
             head: d,
             pos: n_heads * d,
         };
-        prepared.push(Prepared::new((&s.q, &s.k, &s.v), s.positions, s.params, dest)?);
+        prepared.push(Prepared::new(
+            (&s.q, &s.k, &s.v),
+            s.positions,
+            s.params,
+            dest,
+        )?);
         rows += s.q.dim(2)?;
     }
     let Some(out) = compute(&prepared, rows * n_heads * d) else {
@@ -738,22 +710,4 @@ pub(super) fn ragged(seqs: &[Ragged]) -> Result<Option<Tensor>> {
     };
     let out = Tensor::from_vec(out, (1, rows, n_heads * d), first.q.device())?;
     Ok(Some(out.to_dtype(first.q.dtype())?))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn exp_matches_std_over_its_range() {
-        let mut worst = 0f64;
-        for k in 0..=870_000 {
-            let x = -(k as f32) * 1e-4;
-            let (got, want) = (exp_nonpositive(x) as f64, (x as f64).exp());
-            worst = worst.max(((got - want) / want).abs());
-        }
-        assert!(worst < 2e-7, "worst relative error {worst:e}");
-        assert!(exp_nonpositive(f32::NEG_INFINITY) < 1e-37);
-        assert_eq!(exp_nonpositive(0.0), 1.0);
-    }
 }

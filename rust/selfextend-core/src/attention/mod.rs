@@ -390,7 +390,10 @@ pub fn run_attention_ragged(seqs: &[Ragged]) -> Result<Tensor> {
             .into());
         }
     }
-    if seqs.iter().all(|s| s.params.backend == AttentionBackend::Fused) {
+    if seqs
+        .iter()
+        .all(|s| s.params.backend == AttentionBackend::Fused)
+    {
         if let Some(out) = fused::ragged(seqs)? {
             return Ok(out);
         }
@@ -400,7 +403,9 @@ pub fn run_attention_ragged(seqs: &[Ragged]) -> Result<Tensor> {
         .map(|s| {
             let ys = run_attention(&s.q, &s.k, &s.v, s.positions, s.params)?;
             let q_len = ys.dim(2)?;
-            Ok(ys.transpose(1, 2)?.reshape((1, q_len, n_heads * head_dim))?)
+            Ok(ys
+                .transpose(1, 2)?
+                .reshape((1, q_len, n_heads * head_dim))?)
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(Tensor::cat(&outputs, 1)?)
