@@ -565,8 +565,10 @@ impl Scheduler {
                 }
             }
         }
-        // Finished, failed and cancelled requests leave the batch and free their cache.
+        // Finished, failed and cancelled requests leave the batch and free their cache;
+        // the finished hear so once the stats no longer count them.
         let mut kept = Vec::with_capacity(self.running.len());
+        let mut done = Vec::new();
         for (i, request) in std::mem::take(&mut self.running).into_iter().enumerate() {
             let cancelled = request.cancelled.load(Ordering::Relaxed);
             let finished = request.generation.is_finished();
@@ -580,12 +582,15 @@ impl Scheduler {
                 let Request {
                     generation, events, ..
                 } = request;
-                events.send(Event::Done(generation.into_completion()));
+                done.push((events, generation.into_completion()));
             }
         }
         self.running = kept;
         self.drop_cancelled_waiting();
         self.publish();
+        for (events, completion) in done {
+            events.send(Event::Done(completion));
+        }
     }
 
     /// Cancelled requests that never ran leave the queue too.

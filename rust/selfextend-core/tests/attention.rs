@@ -286,11 +286,11 @@ fn ragged_batches_match_each_sequence_alone() {
     // A decode step's mix (single rows over short and long caches, the long ones split
     // across items) with prefill chunks, each sequence with its own SelfExtend setting
     // and sliding window; a batch of small calls that runs on one thread; one prefill
-    // chunk; one decode row whose keys are split.
+    // chunk; one decode row whose keys are split, alone and with others.
     let mut rng = Rng::new(8);
     let (h, kvh, d) = (6, 2, 32);
     type Case = (usize, usize, Option<(usize, usize)>, Option<usize>);
-    let batches: [&[Case]; 4] = [
+    let batches: [&[Case]; 5] = [
         &[
             (1, 900, Some((4, 100)), None),
             (1, 7, None, None),
@@ -306,6 +306,11 @@ fn ragged_batches_match_each_sequence_alone() {
         ],
         &[(64, 70, Some((4, 8)), None)],
         &[(1, 1100, Some((4, 300)), None)],
+        &[
+            (1, 1100, Some((4, 300)), None),
+            (1, 700, None, None),
+            (1, 900, None, Some(500)),
+        ],
     ];
     for (i, batch) in batches.iter().enumerate() {
         let rope = RotaryEmbedding::with_params(d, THETA, None);
@@ -369,6 +374,20 @@ fn ragged_batches_match_each_sequence_alone() {
             assert!(
                 err < 1e-5,
                 "batch {i}, {backend:?}: max relative error {err}"
+            );
+            // Exactly what each sequence gets alone: batching must not change a result.
+            let alone: Vec<f32> = calls
+                .iter()
+                .flat_map(|c| {
+                    let ys = run_attention(&c.q, &c.k, &c.v, c.positions, c.params).unwrap();
+                    let q_len = ys.dim(2).unwrap();
+                    let ys = ys.transpose(1, 2).unwrap().reshape((q_len, h * d)).unwrap();
+                    ys.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                })
+                .collect();
+            assert!(
+                got == alone,
+                "batch {i}, {backend:?}: differs from each sequence alone"
             );
         }
     }

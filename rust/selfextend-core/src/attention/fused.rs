@@ -548,19 +548,19 @@ fn compute(seqs: &[Prepared], len: usize) -> Option<Vec<f32>> {
         .collect::<Option<Vec<Sequence>>>()?;
 
     // Items of one (sequence, batch, kv head, query tile) are consecutive: the key
-    // range split in `splits[seq]` parts.
+    // range split in `splits[seq]` parts. A sequence is split as it would be alone, so
+    // its result does not depend on what else is in the batch.
     let tiles = |p: &Prepared| p.shape.q_len.div_ceil(Q_TILE);
-    let base: usize = seqs.iter().map(|p| p.batch * p.n_kv_heads * tiles(p)).sum();
     let threads = candle_core::utils::barrier_pool().n_workers() + 1;
-    let wanted = if base >= 2 * threads {
-        1
-    } else {
-        (4 * threads).div_ceil(base.max(1))
-    };
     let mut items = Vec::new();
     let mut splits = Vec::with_capacity(seqs.len());
     for (seq, p) in seqs.iter().enumerate() {
-        let kv_len = p.shape.kv_len;
+        let (kv_len, base) = (p.shape.kv_len, p.batch * p.n_kv_heads * tiles(p));
+        let wanted = if base >= 2 * threads {
+            1
+        } else {
+            (4 * threads).div_ceil(base.max(1))
+        };
         let n = wanted.min(kv_len / MIN_SPLIT).max(1);
         let split_len = kv_len.div_ceil(n).div_ceil(K_TILE) * K_TILE;
         for b in 0..p.batch {
