@@ -62,6 +62,30 @@ def test_quantized_matmul_tracks_the_dense_path(model_path: Path, tmp_path: Path
     assert not np.array_equal(a, b)
 
 
+def test_kv_cache_dtype(model_path: Path, tmp_path: Path, model: se.Model) -> None:
+    # f16 by default for quantized weights on the CPU; the compute dtype otherwise.
+    path = write_gguf(model_path, tmp_path / "tiny-Q8_0.gguf", quant="Q8_0")
+    q = se.Model.load(path)
+    exact = se.Model.load(path, kv_cache="f32")
+    assert (q.kv_cache, exact.kv_cache, model.kv_cache) == ("f16", "f32", "f32")
+    dense_half = se.Model.load(model_path, kv_cache="f16")
+    assert dense_half.kv_cache == "f16"
+    ids = random_ids(60, q.config.vocab_size, seed=3)
+    for setting in [None, se.SelfExtend(2, 8)]:
+        # Keys and values rounded to f16: close to the f32 cache, and not equal.
+        half, full = dense_half.logits(ids, self_extend=setting), model.logits(ids, self_extend=setting)
+        err = np.abs(half - full).max() / np.abs(full).max()
+        assert 0 < err < 5e-3, err
+        # With quantized weights a rounded key can also flip an 8-bit activation code
+        # downstream: the bound of quantized against dense weights.
+        half, full = q.logits(ids, self_extend=setting), exact.logits(ids, self_extend=setting)
+        err = np.abs(half - full).max() / np.abs(full).max()
+        assert 0 < err < 0.1, err
+        assert_chunking_barely_matters(q.logits(ids, self_extend=setting, chunk_size=7), half)
+    with pytest.raises(se.InvalidArgumentError, match="kv_cache.*'f8'"):
+        se.Model.load(path, kv_cache="f8")
+
+
 def test_chat_uses_the_gguf_template(dense_gguf: Path) -> None:
     g = se.Model.load(dense_gguf)
     assert g.chat_template == CHATML

@@ -31,6 +31,9 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["f32", "bf16", "f16"], default=None,
                    help="compute dtype; GGUF weights stay quantized unless one is given")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or metal when built in")
+    p.add_argument("--kv-cache", choices=["f32", "f16", "bf16"], default=None,
+                   help="dtype of the KV cache (default: f16 for quantized GGUF weights on "
+                        "the CPU, else the compute dtype; f32 is the exact path)")
 
 
 def _add_self_extend(p: argparse.ArgumentParser) -> None:
@@ -78,7 +81,8 @@ def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _load(args: argparse.Namespace) -> se.Model:
-    return se.Model.load(args.model, device=args.device, dtype=args.dtype)
+    return se.Model.load(args.model, device=args.device, dtype=args.dtype,
+                         kv_cache=args.kv_cache)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -170,6 +174,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("family (model_type)", c.model_type),
         ("quantized", str(model.quantized)),
         ("dtype", model.dtype),
+        ("KV cache dtype", model.kv_cache),
         ("trained context (L)", str(c.trained_context)),
         ("layers", str(c.num_layers)),
         ("heads / kv heads", f"{c.num_heads} / {c.num_kv_heads}"),

@@ -7,7 +7,9 @@ use std::time::Instant;
 use candle_core::Device;
 use clap::Parser;
 use rand::{Rng, SeedableRng};
-use selfextend_core::model::{parse_attention, parse_device, parse_dtype, LogitsFor, SequenceStep};
+use selfextend_core::model::{
+    parse_attention, parse_device, parse_dtype, parse_kv_cache_dtype, LogitsFor, SequenceStep,
+};
 use selfextend_core::{Model, SelfExtend};
 use serde::Serialize;
 
@@ -68,6 +70,10 @@ struct Args {
     /// Device: cpu, cuda, cuda:N or metal (if compiled in).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// KV cache dtype: f32, f16 or bf16. By default f16 for quantized weights on the
+    /// CPU, else the compute dtype.
+    #[arg(long)]
+    kv_cache: Option<String>,
     /// Attention implementation: auto (the fastest for the device: fused on the CPU,
     /// tiled elsewhere), naive (the oracle; n² memory), tiled, or fused (the CUDA
     /// kernel on CUDA builds).
@@ -106,6 +112,7 @@ struct Report {
     device: String,
     backend: String,
     dtype: String,
+    kv_cache: String,
     threads: usize,
     group_size: usize,
     window: usize,
@@ -188,11 +195,7 @@ impl Bench {
         let params = self.model.attention_params(se);
         let steps = self.args.decode_tokens;
         let decode = n == self.args.decode_context && steps > 0;
-        let new_cache = || {
-            self.model
-                .decoder()
-                .new_cache(n + if decode { steps } else { 0 })
-        };
+        let new_cache = || self.model.new_cache(n + if decode { steps } else { 0 });
         let mut cache = new_cache();
         let device = self.model.device().clone();
         let mut peak_gpu = self.peak_gpu_bytes;
@@ -308,6 +311,12 @@ fn run(args: Args) -> BenchResult<Report> {
     let backend = parse_attention(&args.backend)?;
     let mut model = Model::load(&args.model, &device, dtype)?;
     model.set_attention_backend(backend);
+    model.set_kv_cache_dtype(
+        args.kv_cache
+            .as_deref()
+            .map(parse_kv_cache_dtype)
+            .transpose()?,
+    );
     let rss_after_load_bytes = rss_bytes();
     let gpu_memory_after_load_bytes = gpu_used_bytes(&device);
     let longest = args
@@ -367,6 +376,7 @@ fn run(args: Args) -> BenchResult<Report> {
             None if bench.model.is_quantized() => "quantized (f32 compute)".into(),
             None => "f32".into(),
         },
+        kv_cache: bench.model.kv_cache_dtype().as_str().into(),
         threads: rayon::current_num_threads(),
         group_size: args.group_size,
         window: args.window,
@@ -384,8 +394,17 @@ fn run(args: Args) -> BenchResult<Report> {
 
 fn print_table(r: &Report) {
     println!(
-        "SelfExtend G={} W={}, {} on {} ({} threads), {} attention, chunk {}, median of {}",
-        r.group_size, r.window, r.dtype, r.device, r.threads, r.backend, r.chunk_size, r.repeats
+        "SelfExtend G={} W={}, {} on {} ({} threads), {} attention, {} KV cache, chunk {}, \
+         median of {}",
+        r.group_size,
+        r.window,
+        r.dtype,
+        r.device,
+        r.threads,
+        r.backend,
+        r.kv_cache,
+        r.chunk_size,
+        r.repeats
     );
     if r.batch > 1 {
         println!(

@@ -362,7 +362,7 @@ impl Engine {
             cfg.num_hidden_layers,
             cfg.num_key_value_heads,
             cfg.head_dim,
-            self.model.dtype(),
+            self.model.kv_cache_dtype(),
         )
     }
 }

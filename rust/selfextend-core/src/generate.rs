@@ -106,7 +106,7 @@ impl Generation {
         model.check_memory(total, chunk_size, LogitsHeld::LastRow)?;
         let sampler = Sampler::new(opts.sampling)?;
         let params = model.attention_params_with(opts.self_extend, opts.rope_scaling);
-        let cache = model.decoder().new_cache(total);
+        let cache = model.new_cache(total);
         let decoder = model.tokenizer().stream_decoder(true);
         let prompt_len = prompt_ids.len();
         Ok(Self {

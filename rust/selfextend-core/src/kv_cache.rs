@@ -22,21 +22,28 @@ pub struct LayerCache {
     v: Option<Tensor>,
     len: usize,
     reserve: usize,
+    /// The dtype stored; `None` keeps what is appended.
+    dtype: Option<DType>,
 }
 
 impl LayerCache {
-    fn new(reserve: usize) -> Self {
+    fn new(reserve: usize, dtype: Option<DType>) -> Self {
         Self {
             k: None,
             v: None,
             len: 0,
             reserve,
+            dtype,
         }
     }
 
     /// Appends `k`, `v: (batch, n_kv_heads, seq, head_dim)` and returns views of every
     /// cached position, `(batch, n_kv_heads, len, head_dim)`.
     pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (k, v) = match self.dtype {
+            Some(dtype) => (&k.to_dtype(dtype)?, &v.to_dtype(dtype)?),
+            None => (k, v),
+        };
         let seq = k.dim(2)?;
         let needed = self.len + seq;
         let capacity = self.k.as_ref().map_or(0, |t| t.dims()[2]);
@@ -89,10 +96,13 @@ pub struct KvCache {
 
 impl KvCache {
     /// An empty cache; `reserve` positions are allocated at the first append, so a
-    /// generation that knows its final length never grows.
-    pub fn new(num_layers: usize, reserve: usize) -> Self {
+    /// generation that knows its final length never grows. Keys and values are stored
+    /// in `dtype`, or as they come when `None`.
+    pub fn new(num_layers: usize, reserve: usize, dtype: Option<DType>) -> Self {
         Self {
-            layers: (0..num_layers).map(|_| LayerCache::new(reserve)).collect(),
+            layers: (0..num_layers)
+                .map(|_| LayerCache::new(reserve, dtype))
+                .collect(),
         }
     }
 
@@ -133,7 +143,7 @@ mod tests {
     #[test]
     fn append_grows_and_keeps_contents() -> Result<()> {
         let dev = Device::Cpu;
-        let mut cache = LayerCache::new(0);
+        let mut cache = LayerCache::new(0, None);
         let mut all = vec![];
         for step in 0..40 {
             let seq = 1 + step % 7;

@@ -394,6 +394,62 @@ fn ragged_batches_match_each_sequence_alone() {
 }
 
 #[test]
+fn f16_keys_and_values_are_read_as_stored() {
+    // An f16 KV cache: every backend computes the formula on the stored (rounded)
+    // keys and values, as tightly as on f32 ones. Decode with split keys, a prefill
+    // chunk, a sliding window.
+    let mut rng = Rng::new(9);
+    let cases = [
+        ((1, 6, 1, 64), (2, 1100), Some((4, 300)), None),
+        ((1, 4, 37, 40), (2, 120), Some((3, 16)), None),
+        ((1, 4, 5, 8), (2, 60), None, Some(9)),
+    ];
+    for (shape, kv, se, window) in cases {
+        let (b, h, s, d) = shape;
+        let (kvh, n) = kv;
+        let dev = Device::Cpu;
+        let q = rng.vec(b * h * s * d, 2.0);
+        let stored = |x: Vec<f32>| -> Vec<f32> {
+            x.into_iter()
+                .map(|x| half::f16::from_f32(x).to_f32())
+                .collect()
+        };
+        let k = stored(rng.vec(b * kvh * n * d, 2.0));
+        let v = stored(rng.vec(b * kvh * n * d, 1.0));
+        let layer = Layer { window, ..PLAIN };
+        let expected = brute_force(&q, &k, &v, shape, kv, se, layer);
+        let qt = Tensor::from_vec(q, (b, h, s, d), &dev).unwrap();
+        let half = |x: Vec<f32>| {
+            Tensor::from_vec(x, (b, kvh, n, d), &dev)
+                .unwrap()
+                .to_dtype(candle_core::DType::F16)
+                .unwrap()
+        };
+        let (kt, vt) = (half(k), half(v));
+        let rope = RotaryEmbedding::with_params(d, THETA, None);
+        for backend in [
+            AttentionBackend::Fused,
+            AttentionBackend::Naive,
+            AttentionBackend::TILED,
+        ] {
+            let params = AttentionParams {
+                backend,
+                sliding_window: window,
+                ..AttentionParams::new(d, se.map(|(g, w)| SelfExtend::new(g, w).unwrap()))
+            };
+            let got = run_attention(&qt, &kt, &vt, &Positions::new(&rope, s, n), &params).unwrap();
+            assert_eq!(got.dtype(), candle_core::DType::F32);
+            let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let err = max_rel_diff(&got, &expected);
+            assert!(
+                err < 1e-5,
+                "{backend:?} {shape:?} {kv:?} {se:?}: max relative error {err}"
+            );
+        }
+    }
+}
+
+#[test]
 fn ragged_batches_refuse_mismatched_sequences() {
     let dev = Device::Cpu;
     let rope = RotaryEmbedding::with_params(8, THETA, None);

@@ -11,7 +11,7 @@ use pyo3::exceptions::PyKeyboardInterrupt;
 use pyo3::prelude::*;
 use selfextend_core::chat::Message;
 use selfextend_core::generate::{Completion, GenerateOptions, Generation};
-use selfextend_core::model::{parse_attention, parse_device, parse_dtype};
+use selfextend_core::model::{parse_attention, parse_device, parse_dtype, parse_kv_cache_dtype};
 use selfextend_core::sampling::SamplingParams;
 use selfextend_core::{Error, Model, RopeScaling, SelfExtend};
 
@@ -469,16 +469,20 @@ impl PyModel {
     ///         device), "fused" (one kernel: the CPU kernel, or the CUDA kernel of a CUDA
     ///         build), "tiled" (candle ops over blocks of queries, any device) or "naive"
     ///         (full score matrices; the test oracle). All compute the same function.
+    ///     kv_cache: The dtype keys and values are stored in: None (f16 for quantized
+    ///         GGUF weights on the CPU, halving what long-context decode reads, else
+    ///         the compute dtype), "f32" (exact: what the parity tests check), "f16"
+    ///         or "bf16".
     ///
     /// Returns:
     ///     The loaded Model.
     ///
     /// Raises:
     ///     ModelLoadError: the files are missing, corrupt, inconsistent or unsupported.
-    ///     InvalidArgumentError: unknown device, dtype or attention.
+    ///     InvalidArgumentError: unknown device, dtype, attention or kv_cache.
     #[staticmethod]
     #[pyo3(signature = (path = None, *, device = "cpu", dtype = None, max_memory = None,
-        attention = "auto"))]
+        attention = "auto", kv_cache = None))]
     fn load(
         py: Python<'_>,
         path: Option<PathBuf>,
@@ -486,6 +490,7 @@ impl PyModel {
         dtype: Option<&str>,
         max_memory: Option<usize>,
         attention: &str,
+        kv_cache: Option<&str>,
     ) -> PyResult<Self> {
         let path = match path {
             Some(p) => p,
@@ -501,9 +506,14 @@ impl PyModel {
             .map(parse_dtype)
             .transpose()
             .map_err(|e| to_py(e, false))?;
+        let kv_cache = kv_cache
+            .map(parse_kv_cache_dtype)
+            .transpose()
+            .map_err(|e| to_py(e, false))?;
         let mut model = detached(py, true, None, move |_| Model::load(&path, &device, dtype))?;
         model.set_max_memory(max_memory);
         model.set_attention_backend(backend);
+        model.set_kv_cache_dtype(kv_cache);
         Ok(Self {
             engine: OnceLock::new(),
             inner: Arc::new(model),
@@ -540,6 +550,12 @@ impl PyModel {
     #[getter]
     fn path(&self) -> PathBuf {
         self.inner.source().to_path_buf()
+    }
+
+    /// The dtype the KV cache stores keys and values in: "f32", "f16" or "bf16".
+    #[getter]
+    fn kv_cache(&self) -> String {
+        self.inner.kv_cache_dtype().as_str().to_string()
     }
 
     /// The compute dtype: "f32", "bf16" or "f16".

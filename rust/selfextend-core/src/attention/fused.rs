@@ -28,6 +28,7 @@ use std::cell::RefCell;
 use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};
+use half::{f16, slice::HalfFloatSliceExt};
 
 use super::{AttentionParams, Positions, Ragged, SelfExtend};
 use crate::error::Result;
@@ -154,28 +155,28 @@ fn values_block<const R: usize>(p: &[[f32; K_TILE]], v: &[&[f32]], acc: &mut [f3
     }
 }
 
-/// A read-only `(batch, heads, seq, head_dim)` f32 view with unit inner stride.
+/// A read-only `(batch, heads, seq, head_dim)` view with unit inner stride, of f32
+/// data or of an f16 KV cache.
 struct View<'a> {
-    data: &'a [f32],
+    data: Data<'a>,
     offset: usize,
     strides: [usize; 3],
     head_dim: usize,
 }
 
-impl<'a> View<'a> {
-    #[inline]
-    fn row(&self, b: usize, h: usize, t: usize) -> &'a [f32] {
-        let o = self.offset + b * self.strides[0] + h * self.strides[1] + t * self.strides[2];
-        &self.data[o..o + self.head_dim]
-    }
+enum Data<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
 }
 
 impl<'a> View<'a> {
-    /// `t`'s data if it is f32 on the CPU with unit inner stride; `storage` is `t`'s,
-    /// held for reading while the view lives.
+    /// `t`'s data if it is f32 or f16 on the CPU with unit inner stride; `storage` is
+    /// `t`'s, held for reading while the view lives.
     fn of(storage: &'a Storage, layout: &Layout) -> Option<Self> {
-        let Storage::Cpu(CpuStorage::F32(data)) = storage else {
-            return None;
+        let data = match storage {
+            Storage::Cpu(CpuStorage::F32(data)) => Data::F32(data),
+            Storage::Cpu(CpuStorage::F16(data)) => Data::F16(data),
+            _ => return None,
         };
         let s = layout.stride();
         if s.len() != 4 || s[3] != 1 {
@@ -187,6 +188,20 @@ impl<'a> View<'a> {
             strides: [s[0], s[1], s[2]],
             head_dim: layout.dims()[3],
         })
+    }
+
+    /// Row `(b, h, t)` in f32: the data itself, or converted into `buf` (`head_dim`
+    /// long) from f16.
+    #[inline]
+    fn row<'s>(&'s self, b: usize, h: usize, t: usize, buf: &'s mut [f32]) -> &'s [f32] {
+        let o = self.offset + b * self.strides[0] + h * self.strides[1] + t * self.strides[2];
+        match self.data {
+            Data::F32(data) => &data[o..o + self.head_dim],
+            Data::F16(data) => {
+                data[o..o + self.head_dim].convert_to_f32_slice(buf);
+                buf
+            }
+        }
     }
 }
 
@@ -217,6 +232,9 @@ struct Scratch {
     kn: Vec<f32>,
     kg: Vec<f32>,
     rotated: Vec<f32>,
+    /// One f16 key in f32, and a key tile's f16 values in f32.
+    raw: Vec<f32>,
+    values: Vec<f32>,
 }
 
 #[derive(Clone, Copy)]
@@ -246,19 +264,20 @@ fn rotate_keys(
     table: &CosSinTable,
     pos: impl Fn(usize) -> usize,
     transposed: bool,
-    rotated: &mut [f32],
+    (rotated, raw): (&mut [f32], &mut [f32]),
     out: &mut [f32],
 ) {
     let d = rotated.len();
     for j in j0..j1 {
         let jj = j - j0;
+        let key = kv.row(b, g, j, raw);
         if transposed {
-            table.rotate(kv.row(b, g, j), pos(j), rotated);
+            table.rotate(key, pos(j), rotated);
             for (c, &x) in rotated.iter().enumerate() {
                 out[c * K_TILE + jj] = x;
             }
         } else {
-            table.rotate(kv.row(b, g, j), pos(j), &mut out[jj * d..][..d]);
+            table.rotate(key, pos(j), &mut out[jj * d..][..d]);
         }
     }
 }
@@ -289,6 +308,7 @@ fn run_item(item: Item, seq: &Sequence, s: &mut Scratch) -> Partial {
 
     s.qn.resize(rows * d, 0.0);
     s.rotated.resize(d, 0.0);
+    s.raw.resize(d, 0.0);
     s.kn.resize(K_TILE * d, 0.0);
     if se.is_some() {
         s.qg.resize(rows * d, 0.0);
@@ -296,7 +316,12 @@ fn run_item(item: Item, seq: &Sequence, s: &mut Scratch) -> Partial {
     }
     // The softmax scale is folded into the rotated queries.
     for r in 0..rows {
-        let x = qv.row(b, g * shape.rep + r / tile_len, t0 + r % tile_len);
+        let x = qv.row(
+            b,
+            g * shape.rep + r / tile_len,
+            t0 + r % tile_len,
+            &mut s.raw,
+        );
         let qn = &mut s.qn[r * d..][..d];
         table.rotate(x, pos(r), qn);
         qn.iter_mut().for_each(|x| *x *= scale);
@@ -317,7 +342,6 @@ fn run_item(item: Item, seq: &Sequence, s: &mut Scratch) -> Partial {
     const GROUP: usize = 4;
     let mut sn = [[0f32; K_TILE]; GROUP];
     let mut sg = [[0f32; K_TILE]; GROUP];
-    let mut values: Vec<&[f32]> = Vec::with_capacity(K_TILE);
     // Keys before the first row's window are masked for every row of the tile.
     let mut j0 = keys.0.max((i_min + 1).saturating_sub(layer.sliding_window));
     while j0 < keys.1.min(i_max + 1) {
@@ -334,7 +358,7 @@ fn run_item(item: Item, seq: &Sequence, s: &mut Scratch) -> Partial {
                 table,
                 |j| j,
                 transposed,
-                &mut s.rotated,
+                (&mut s.rotated, &mut s.raw),
                 &mut s.kn,
             );
         }
@@ -348,13 +372,21 @@ fn run_item(item: Item, seq: &Sequence, s: &mut Scratch) -> Partial {
                 table,
                 gpos,
                 transposed,
-                &mut s.rotated,
+                (&mut s.rotated, &mut s.raw),
                 &mut s.kg,
             );
         }
-        values.clear();
-        values.extend((j0..j1).map(|j| vv.row(b, g, j)));
         let kt = j1 - j0;
+        let values: Vec<&[f32]> = match vv.data {
+            Data::F32(_) => (j0..j1).map(|j| vv.row(b, g, j, &mut [])).collect(),
+            Data::F16(_) => {
+                s.values.resize(kt * d, 0.0);
+                for (j, buf) in (j0..j1).zip(s.values.chunks_exact_mut(d)) {
+                    vv.row(b, g, j, buf);
+                }
+                s.values.chunks_exact(d).collect()
+            }
+        };
         for r0 in (0..rows).step_by(GROUP) {
             let group = GROUP.min(rows - r0);
             // Row r0 + x sees keys j0 + lo[x] .. j0 + n[x] (the ones before lo[x] are
@@ -494,11 +526,8 @@ impl<'p> Prepared<'p> {
             positions.rope.table(kv_len.max(grouped))
         });
         Ok(Self {
-            qkv: [
-                q.to_dtype(DType::F32)?,
-                k.to_dtype(DType::F32)?,
-                v.to_dtype(DType::F32)?,
-            ],
+            // An f16 cache is read as it is; queries (few) and other dtypes become f32.
+            qkv: [q.to_dtype(DType::F32)?, readable(k)?, readable(v)?],
             batch,
             n_heads,
             n_kv_heads,
@@ -517,6 +546,14 @@ impl<'p> Prepared<'p> {
     fn work(&self) -> usize {
         self.batch * self.n_heads * self.shape.q_len * self.shape.kv_len
     }
+}
+
+/// `t` as the kernel reads it: f32 and f16 as they are, other dtypes in f32.
+fn readable(t: &Tensor) -> Result<Tensor> {
+    Ok(match t.dtype() {
+        DType::F32 | DType::F16 => t.clone(),
+        _ => t.to_dtype(DType::F32)?,
+    })
 }
 
 /// Runs every sequence of `seqs` as one set of parallel items and writes their outputs

@@ -48,6 +48,10 @@ enum Linear {
 }
 
 impl Linear {
+    fn is_quantized(&self) -> bool {
+        !matches!(self, Self::Dense(_))
+    }
+
     fn quantized(blocks: QTensor, bias: Option<Tensor>) -> Result<Self> {
         if blocks.device().is_cpu() {
             if let Some(weight) = QMatrix::from_qtensor(&blocks)? {
@@ -615,6 +619,13 @@ impl Decoder {
         &self.cfg
     }
 
+    /// Whether its linear layers run on quantized blocks.
+    pub fn is_quantized(&self) -> bool {
+        self.layers
+            .iter()
+            .any(|layer| layer.mlp.down_proj.is_quantized())
+    }
+
     /// The rotary embedding of layers of `kind` under `scaling`, or their own for `None`.
     pub fn rope_for(&self, kind: usize, scaling: Option<&RopeScaling>) -> Cow<'_, RotaryEmbedding> {
         let Some(scaling) = scaling else {
@@ -659,9 +670,11 @@ impl Decoder {
         self.embed_tokens.embeddings().device()
     }
 
-    /// A cache for this model with room for `reserve` positions before it grows.
+    /// A cache with room for `reserve` positions before it grows, storing keys and
+    /// values in the compute dtype ([`crate::Model::new_cache`] follows the model's
+    /// choice).
     pub fn new_cache(&self, reserve: usize) -> KvCache {
-        KvCache::new(self.cfg.num_hidden_layers, reserve)
+        KvCache::new(self.cfg.num_hidden_layers, reserve, None)
     }
 
     /// Runs `ids` at positions `cache.len() ..`, appends them to `cache`, and returns

@@ -44,6 +44,8 @@ pub struct Model {
     max_memory: Option<usize>,
     /// The attention backend, when not the fastest one for the device.
     attention: Option<AttentionBackend>,
+    /// The KV cache's dtype, when not [`Model::kv_cache_dtype`]'s default.
+    kv_cache_dtype: Option<DType>,
 }
 
 /// A Jinja chat template with the special tokens it may refer to.
@@ -52,6 +54,17 @@ pub struct ChatTemplate {
     pub source: String,
     pub bos_token: Option<String>,
     pub eos_token: Option<String>,
+}
+
+/// Parses the dtype [`Model::set_kv_cache_dtype`] takes, as [`parse_dtype`] does,
+/// with errors naming `kv_cache`.
+pub fn parse_kv_cache_dtype(name: &str) -> Result<DType> {
+    parse_dtype(name).map_err(|_| {
+        Error::invalid(
+            "kv_cache",
+            format!("unknown KV cache dtype '{name}' (expected 'f32', 'f16' or 'bf16')"),
+        )
+    })
 }
 
 /// Parses `"f32" | "bf16" | "f16"` (and the long `float32`-style names).
@@ -170,6 +183,7 @@ impl Model {
             chat,
             quantized: false,
             max_memory: None,
+            kv_cache_dtype: None,
             attention: None,
         })
     }
@@ -201,18 +215,20 @@ impl Model {
             chat,
             quantized,
             max_memory: None,
+            kv_cache_dtype: None,
             attention: None,
         })
     }
 
     pub fn from_parts(decoder: Decoder, tokenizer: Tokenizer, source: PathBuf) -> Self {
         Self {
+            quantized: decoder.is_quantized(),
             decoder,
             tokenizer,
             source,
             chat: None,
-            quantized: false,
             max_memory: None,
+            kv_cache_dtype: None,
             attention: None,
         }
     }
@@ -271,6 +287,33 @@ impl Model {
             .unwrap_or_else(|| AttentionBackend::for_device(self.device()))
     }
 
+    /// Stores keys and values in `dtype`; `None` is [`Self::kv_cache_dtype`]'s default.
+    pub fn set_kv_cache_dtype(&mut self, dtype: Option<DType>) {
+        self.kv_cache_dtype = dtype;
+    }
+
+    /// The dtype of the KV cache: f16 for quantized weights on the CPU (half the bytes
+    /// decode reads at long context; llama.cpp's default too), else the compute
+    /// dtype, unless [`Self::set_kv_cache_dtype`] chose one. An f32 cache is the exact
+    /// path the parity tests check.
+    pub fn kv_cache_dtype(&self) -> DType {
+        self.kv_cache_dtype
+            .unwrap_or(match self.quantized && self.device().is_cpu() {
+                true => DType::F16,
+                false => self.dtype(),
+            })
+    }
+
+    /// An empty KV cache for this model, in [`Self::kv_cache_dtype`], with room for
+    /// `reserve` positions.
+    pub fn new_cache(&self, reserve: usize) -> KvCache {
+        KvCache::new(
+            self.config().num_hidden_layers,
+            reserve,
+            Some(self.kv_cache_dtype()),
+        )
+    }
+
     /// Attention settings for this model (plain or SelfExtend), on the default backend.
     pub fn attention_params(&self, self_extend: Option<SelfExtend>) -> AttentionParams {
         AttentionParams {
@@ -321,7 +364,8 @@ impl Model {
             cfg.head_dim,
         );
         let chunk = chunk.min(positions).max(1);
-        let kv = KvCache::bytes_for(1, cfg.num_hidden_layers, kv_heads, d, self.dtype());
+        let kv_dtype = self.kv_cache_dtype();
+        let kv = KvCache::bytes_for(1, cfg.num_hidden_layers, kv_heads, d, kv_dtype);
         // Returned logits live twice for a moment: ours, then the caller's copy.
         let logits = match held {
             LogitsHeld::Every => 2 * f32_size * vocab,
@@ -344,8 +388,10 @@ impl Model {
                 4 * f32_size * heads * rows.min(chunk)
             }
             // Tile buffers only, plus f32 copies of one layer's keys and values when
-            // the cache holds another dtype.
-            AttentionBackend::Fused if self.dtype() != DType::F32 => 2 * f32_size * kv_heads * d,
+            // the cache holds neither f32 nor f16.
+            AttentionBackend::Fused if !matches!(kv_dtype, DType::F32 | DType::F16) => {
+                2 * f32_size * kv_heads * d
+            }
             AttentionBackend::Fused => 0,
         };
         let per_position = kv + logits + attention;
@@ -461,7 +507,7 @@ impl Model {
         self.check_ids(ids)?;
         let chunk = resolve_chunk_size(chunk_size)?;
         self.check_memory(ids.len(), chunk, LogitsHeld::Every)?;
-        let mut cache = self.decoder.new_cache(ids.len());
+        let mut cache = self.new_cache(ids.len());
         self.forward_chunked(ids, &mut cache, params, chunk, LogitsFor::All, on_chunk)
     }
 
@@ -489,7 +535,7 @@ impl Model {
         }
         let chunk = resolve_chunk_size(chunk_size)?;
         self.check_memory(ids.len(), chunk, LogitsHeld::PerChunk)?;
-        let mut cache = self.decoder.new_cache(ids.len());
+        let mut cache = self.new_cache(ids.len());
         // Row `t - 1` predicts token `t`; the last row predicts nothing, so it is not
         // run, but length-dependent RoPE scaling still sees the whole sequence, as in
         // `logits`.
