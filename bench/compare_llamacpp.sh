@@ -31,28 +31,35 @@ if [[ ! -x $LLAMA_BENCH ]]; then
         python3 -m venv "$SCRATCH/venv"
         "$SCRATCH/venv/bin/pip" install --quiet "cmake>=3.24,<5"
     }
+    # `pip download` fetches the sdist the way the user's pip is configured (index,
+    # proxy, certificates); the hash pins it.
+    "$SCRATCH/venv/bin/pip" download --quiet --no-deps --no-binary :all: \
+        "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$SCRATCH/sdist"
     "$SCRATCH/venv/bin/python" - "$SCRATCH" "$LLAMA_CPP_PYTHON_VERSION" "$LLAMA_CPP_PYTHON_SHA256" <<'PY'
-import hashlib, re, sys, tarfile, urllib.request
+import hashlib, sys, tarfile
 from pathlib import Path
 
 scratch, version, sha256 = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-name = f"llama_cpp_python-{version}.tar.gz"
-sdist = scratch / name
-if not sdist.exists():
-    index = urllib.request.urlopen("https://pypi.org/simple/llama-cpp-python/").read().decode()
-    url = re.search(r'href="(https://[^"#]*/' + re.escape(name) + ')', index).group(1)
-    sdist.write_bytes(urllib.request.urlopen(url).read())
+sdist = scratch / "sdist" / f"llama_cpp_python-{version}.tar.gz"
 digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
 if digest != sha256:
     sdist.unlink()
-    sys.exit(f"{name}: sha256 {digest}, expected {sha256}")
+    sys.exit(f"{sdist.name}: sha256 {digest}, expected {sha256}")
 with tarfile.open(sdist) as tar:
     tar.extractall(scratch / "src", filter="data")
 PY
-    # A native build would use AMX, which these VMs advertise but kill with SIGILL.
+    # SIMD from what this CPU reports: a native build would use AMX, which these VMs
+    # advertise but kill with SIGILL, and an AVX-512 build dies on AVX2-only machines.
+    flag() { grep -qw "$1" /proc/cpuinfo && echo ON || echo OFF; }
+    AVX512=OFF
+    [[ $(flag avx512f)$(flag avx512bw)$(flag avx512vl) == ONONON ]] && AVX512=ON
+    SIMD=(-DGGML_AVX2="$(flag avx2)" -DGGML_FMA="$(flag fma)" -DGGML_F16C="$(flag f16c)"
+          -DGGML_AVX512="$AVX512" -DGGML_AVX512_VNNI="$(flag avx512_vnni)"
+          -DGGML_AVX512_BF16="$(flag avx512_bf16)")
+    echo "== llama.cpp SIMD: ${SIMD[*]}" >&2
     "$SCRATCH/venv/bin/cmake" -S "$SCRATCH/src/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp" \
         -B "$SCRATCH/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
-        -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+        -DGGML_NATIVE=OFF "${SIMD[@]}" \
         -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
         -DLLAMA_BUILD_TOOLS=ON >/dev/null
     "$SCRATCH/venv/bin/cmake" --build "$SCRATCH/build" --target llama-bench -j "$(nproc)" >/dev/null
