@@ -33,7 +33,7 @@ if [[ ! -x $LLAMA_BENCH ]]; then
     }
     # `pip download` fetches the sdist the way the user's pip is configured (index,
     # proxy, certificates); the hash pins it.
-    "$SCRATCH/venv/bin/pip" download --quiet --no-deps --no-binary :all: \
+    "$SCRATCH/venv/bin/pip" download --quiet --no-deps --no-binary llama-cpp-python \
         "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$SCRATCH/sdist"
     "$SCRATCH/venv/bin/python" - "$SCRATCH" "$LLAMA_CPP_PYTHON_VERSION" "$LLAMA_CPP_PYTHON_SHA256" <<'PY'
 import hashlib, sys, tarfile
