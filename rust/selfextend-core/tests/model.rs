@@ -174,32 +174,24 @@ fn an_f16_cache_is_consistent_and_close_to_the_f32_one() {
         // Keys and values rounded to f16 (relative 2^-11): close, and not the same.
         assert!(err > 0.0 && err < 5e-3, "se {se:?}: {err}");
     }
-    let mut cache = model.new_cache(8);
-    let params = model.attention_params(None);
-    model
-        .forward_chunked(
-            &tokens[..8],
-            &mut cache,
-            &params,
-            8,
-            LogitsFor::Last,
-            &mut no_progress(),
-        )
-        .unwrap();
-    let f16_bytes = cache.allocated_bytes();
+    let cache_bytes = |model: &Model| {
+        let mut cache = model.new_cache(8);
+        let params = model.attention_params(None);
+        model
+            .forward_chunked(
+                &tokens[..8],
+                &mut cache,
+                &params,
+                8,
+                LogitsFor::Last,
+                &mut no_progress(),
+            )
+            .unwrap();
+        cache.allocated_bytes()
+    };
+    let f16_bytes = cache_bytes(&model);
     model.set_kv_cache_dtype(None);
-    let mut cache = model.new_cache(8);
-    model
-        .forward_chunked(
-            &tokens[..8],
-            &mut cache,
-            &params,
-            8,
-            LogitsFor::Last,
-            &mut no_progress(),
-        )
-        .unwrap();
-    assert_eq!(2 * f16_bytes, cache.allocated_bytes());
+    assert_eq!(2 * f16_bytes, cache_bytes(&model));
 }
 
 #[test]
