@@ -14,7 +14,10 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-docs/long-context}
 METHODS=${METHODS:-plain,selfextend:auto,selfextend:8,linear,ntk,dynamic-ntk}
-eval_() { "$PY" -m selfextend_rs.cli eval "$@" --methods "$METHODS" --out "$OUT" --resume; }
+# The exact f32 KV cache: the saved records were made with it, and resuming keeps one.
+eval_() {
+    "$PY" -m selfextend_rs.cli eval "$@" --methods "$METHODS" --out "$OUT" --kv-cache f32 --resume
+}
 
 eval_ passkey --lengths 4k 8k 16k --depths 0.5
 eval_ ppl --lengths 2k 4k 8k 16k --windows 1

@@ -326,6 +326,14 @@ def test_passkey_runner_records_and_resumes(model: se.Model) -> None:
     assert more["records"][:4] == first["records"]
     with pytest.raises(ValueError, match="digits"):
         se_eval.run_passkey(model, lengths=[300], resume=first, **dict(kw, digits=6))
+    # Records made with another KV cache dtype are not mixed in; older runs were f32.
+    assert first["model"]["kv_cache"] == "f32"
+    half = se.Model.load(model.path, kv_cache="f16")
+    with pytest.raises(ValueError, match="KV cache was f32, this one's f16"):
+        se_eval.run_passkey(half, lengths=[300], resume=first, **kw)
+    older = json.loads(json.dumps(first))
+    del older["model"]["kv_cache"]
+    assert se_eval.run_passkey(model, lengths=[300], resume=older, **kw)["records"] == first["records"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:

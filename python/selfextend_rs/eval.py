@@ -484,7 +484,7 @@ _COMPATIBLE = {"passkey": ("digits", "seed"), "ppl": ("last", "seed", "text")}
 def _start(task: str, model: se.Model, config: dict[str, Any], methods: list[Method],
            resume: Optional[Result]) -> Result:
     info = {"path": str(model.path), "trained_context": model.config.trained_context,
-            "dtype": model.dtype, "quantized": model.quantized}
+            "dtype": model.dtype, "quantized": model.quantized, "kv_cache": model.kv_cache}
     result: Result = {
         "task": task, "model": info, "config": config, "methods": [m.spec for m in methods],
         "version": se.__version__, "threads": os.cpu_count(),
@@ -501,6 +501,12 @@ def _start(task: str, model: se.Model, config: dict[str, Any], methods: list[Met
     if resume.get("model", {}).get("path") != info["path"]:
         raise ValueError(f"cannot resume: the saved run used {resume['model'].get('path')}, "
                          f"this one {info['path']}")
+    # Runs saved before the KV cache's dtype was a choice used f32.
+    saved_kv = resume.get("model", {}).get("kv_cache", "f32")
+    if saved_kv != info["kv_cache"]:
+        raise ValueError(f"cannot resume: the saved run's KV cache was {saved_kv}, this one's "
+                         f"{info['kv_cache']} (load the model with kv_cache={saved_kv!r}, "
+                         f"--kv-cache {saved_kv} on the command line)")
     # Records depend only on their key and the settings above, so a resumed run keeps
     # all of them, including lengths, depths or methods outside its own grid.
     result["records"] = list(resume.get("records", []))
