@@ -44,6 +44,9 @@ def test_build_app_reads_serve_run_arguments(model_path: Path) -> None:
         build_app({"model": str(model_path), "num_replicas": "0"})
     with pytest.raises(se.ModelLoadError, match="no model at"):
         build_app({"model": str(model_path / "missing.gguf")})
+    assert isinstance(build_app({"model": str(model_path), "kv_cache": "f16"}), serve.Application)
+    with pytest.raises(ValueError, match="kv_cache='f8'"):
+        build_app({"model": str(model_path), "kv_cache": "f8"})
 
 
 @pytest.fixture(scope="module")

@@ -41,8 +41,9 @@ _DTYPES = ("f32", "bf16", "f16")
 
 def app(model: Union[str, Path, None] = None, *, num_replicas: int = 1, threads: Optional[int] = None,
         model_name: Optional[str] = None, self_extend: _SelfExtend = "auto", device: str = "cpu",
-        dtype: Optional[Literal["f32", "bf16", "f16"]] = None, max_batch: int = 8, max_queue: int = 64,
-        kv_budget: Optional[int] = None, prefill_tokens_per_step: int = 256,
+        dtype: Optional[Literal["f32", "bf16", "f16"]] = None,
+        kv_cache: Optional[Literal["f32", "bf16", "f16"]] = None, max_batch: int = 8,
+        max_queue: int = 64, kv_budget: Optional[int] = None, prefill_tokens_per_step: int = 256,
         name: str = "selfextend") -> Application:
     """A Ray Serve application: `num_replicas` copies of the OpenAI-compatible server.
 
@@ -56,7 +57,7 @@ def app(model: Union[str, Path, None] = None, *, num_replicas: int = 1, threads:
         model_name: The id clients pass as `model` (default: the file or directory name).
         self_extend: The setting for requests without a `self_extend` field: "auto", a
             SelfExtend, or None for plain attention.
-        device, dtype: As for `Model.load`.
+        device, dtype, kv_cache: As for `Model.load`.
         max_batch, max_queue, kv_budget, prefill_tokens_per_step: Each replica's engine
             options, as for `selfextend-rs serve`.
         name: The deployment's name.
@@ -79,7 +80,7 @@ def app(model: Union[str, Path, None] = None, *, num_replicas: int = 1, threads:
         # Runs on each replica, after Ray has set its environment (threads below).
         from selfextend_rs.server import create_app
 
-        loaded = se.Model.load(path, device=device, dtype=dtype)
+        loaded = se.Model.load(path, device=device, dtype=dtype, kv_cache=kv_cache)
         return create_app(loaded, model_name=name_for_clients, default_self_extend=self_extend, **engine_options)
 
     actor_options: dict[str, Any] = {}
@@ -151,7 +152,8 @@ def _self_extend(value: Any) -> _SelfExtend:
 
 _ARGS: dict[str, Callable[[Any], Any]] = {
     "model": str, "num_replicas": _int, "threads": _optional_int, "model_name": str,
-    "self_extend": _self_extend, "device": str, "dtype": _dtype, "max_batch": _int, "max_queue": _int,
+    "self_extend": _self_extend, "device": str, "dtype": _dtype, "kv_cache": _dtype, "max_batch": _int,
+    "max_queue": _int,
     "kv_budget": _optional_int, "prefill_tokens_per_step": _int, "name": str,
 }
 
