@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's `llama-bench` from the llama-cpp-python sdist on PyPI (pinned),
-# runs it beside `selfextend-bench` on the same GGUF with the same thread count, plain
-# attention, and prints our throughput as a ratio of llama.cpp's: prefill of a
+# Runs our `selfextend-bench` beside llama.cpp's `llama-bench` and PyTorch (Hugging Face
+# transformers, sdpa attention, f32) on the same GGUF with the same thread count, plain
+# attention, and prints our throughput as a ratio of each peer's: prefill of a
 # $PROMPT-token prompt, and $GEN decode steps after $PROMPT tokens of context.
 #
 #   bench/compare_llamacpp.sh                 # default model, 2 threads, pp2048 / tg128
 #   THREADS=4 PROMPT=4096 bench/compare_llamacpp.sh path/to/model.gguf
+#   TORCH_PY=/path/to/python bench/compare_llamacpp.sh   # a Python with torch, gguf,
+#                                             # transformers and accelerate
+#   SKIP_TORCH=1 bench/compare_llamacpp.sh    # llama.cpp only
 #
-# Everything it downloads or builds goes under $SCRATCH (default target/llamacpp),
-# which git ignores. Needs a C/C++ compiler and Python; cmake comes from PyPI.
+# llama.cpp is built from the llama-cpp-python sdist (pinned), fetched with pip. PyTorch
+# goes into its own scratch virtualenv (PyPI's torch wheels bring the CUDA libraries:
+# gigabytes), never into the project's. Everything it downloads or builds goes under
+# $SCRATCH (default target/llamacpp), which git ignores. Needs a C/C++ compiler and
+# Python; cmake comes from PyPI.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -79,16 +85,69 @@ echo "== selfextend-rs: prefill $PROMPT, decode $GEN tokens after it, $THREADS t
 RAYON_NUM_THREADS=$THREADS "$OURS" --model "$MODEL" --prefill "$PROMPT" --decode-context "$PROMPT" \
     --decode-tokens "$GEN" --repeats "$REPEATS" --attention vanilla --json >"$SCRATCH/selfextend.json"
 
-"$PY" - "$SCRATCH/llamacpp-pp.json" "$SCRATCH/llamacpp-tg.json" "$SCRATCH/selfextend.json" "$PROMPT" "$GEN" <<'PY'
+TORCH_JSON=$SCRATCH/torch.json
+rm -f "$TORCH_JSON"
+if [[ ${SKIP_TORCH:-0} != 1 ]]; then
+    if [[ -z ${TORCH_PY:-} ]]; then
+        TORCH_PY=$SCRATCH/torch-venv/bin/python
+        if [[ ! -x $TORCH_PY ]] || ! "$TORCH_PY" -c 'import torch, transformers, gguf, accelerate' 2>/dev/null; then
+            echo "== installing torch, transformers, gguf and accelerate into $SCRATCH/torch-venv" >&2
+            python3 -m venv "$SCRATCH/torch-venv"
+            "$SCRATCH/torch-venv/bin/pip" install --quiet torch transformers gguf accelerate
+        fi
+    fi
+    echo "== PyTorch: prefill $PROMPT, decode $GEN tokens after it, $THREADS threads" >&2
+    "$TORCH_PY" - "$MODEL" "$THREADS" "$PROMPT" "$GEN" "$REPEATS" >"$TORCH_JSON" <<'PY'
+import json, statistics, sys, time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+model_path = Path(sys.argv[1])
+threads, prompt, gen, repeats = map(int, sys.argv[2:6])
+torch.set_num_threads(threads)
+# transformers dequantizes the GGUF to f32: the dense model PyTorch users run.
+model = AutoModelForCausalLM.from_pretrained(
+    model_path.parent, gguf_file=model_path.name, dtype=torch.float32, attn_implementation="sdpa"
+).eval()
+ids = torch.randint(10, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
+prefill, decode = [], []
+with torch.inference_mode():
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = model(ids, use_cache=True)
+        prefill.append(prompt / (time.perf_counter() - start))
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(gen):
+            out = model(token, past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        decode.append(gen / (time.perf_counter() - start))
+print(json.dumps({"prefill": statistics.median(prefill), "decode": statistics.median(decode),
+                  "torch": torch.__version__}))
+PY
+fi
+
+"$PY" - "$SCRATCH/llamacpp-pp.json" "$SCRATCH/llamacpp-tg.json" "$SCRATCH/selfextend.json" \
+    "$TORCH_JSON" "$PROMPT" "$GEN" <<'PY'
 import json, sys
+from pathlib import Path
 
 llama_pp, llama_tg, ours = (json.load(open(p)) for p in sys.argv[1:4])
-prompt, gen = int(sys.argv[4]), int(sys.argv[5])
-llama_pp = llama_pp[0]["avg_ts"]
-llama_tg = llama_tg[0]["avg_ts"]
-ours_pp = next(m["tokens_per_second"] for m in ours["measurements"] if m["phase"] == "prefill")
-ours_tg = next(m["tokens_per_second"] for m in ours["measurements"] if m["phase"] == "decode")
-print(f"{'metric':<34}{'llama.cpp':>12}{'selfextend-rs':>15}{'ratio':>8}")
-print(f"{f'prefill {prompt} tok/s':<34}{llama_pp:>12.1f}{ours_pp:>15.1f}{ours_pp / llama_pp:>8.2f}")
-print(f"{f'decode {gen} after {prompt} tok/s':<34}{llama_tg:>12.1f}{ours_tg:>15.1f}{ours_tg / llama_tg:>8.2f}")
+torch_file, prompt, gen = Path(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+torch = json.loads(torch_file.read_text()) if torch_file.exists() else None
+rows = [
+    (f"prefill {prompt} tok/s", llama_pp[0]["avg_ts"], torch and torch["prefill"],
+     next(m["tokens_per_second"] for m in ours["measurements"] if m["phase"] == "prefill")),
+    (f"decode {gen} after {prompt} tok/s", llama_tg[0]["avg_ts"], torch and torch["decode"],
+     next(m["tokens_per_second"] for m in ours["measurements"] if m["phase"] == "decode")),
+]
+print(f"{'metric':<30}{'llama.cpp':>10}{'PyTorch':>9}{'ours':>8}{'/llama.cpp':>12}{'/PyTorch':>10}")
+for name, llama, pt, us in rows:
+    pt_cols = f"{pt:>9.1f}" if pt else f"{'-':>9}"
+    pt_ratio = f"{us / pt:>10.2f}" if pt else f"{'-':>10}"
+    print(f"{name:<30}{llama:>10.1f}{pt_cols}{us:>8.1f}{us / llama:>12.2f}{pt_ratio}")
+print(f"ours: KV cache {ours.get('kv_cache', '?')}; PyTorch "
+      f"{torch['torch'] + ', f32, sdpa' if torch else 'skipped'}")
 PY
