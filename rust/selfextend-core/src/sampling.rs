@@ -140,6 +140,26 @@ impl Sampler {
 
 /// Index of the largest value; the first on ties, NaN never wins.
 pub fn argmax(xs: &[f32]) -> u32 {
+    // The maximum lane by lane (vectorised; NaN is never greater), then its first
+    // index: two passes over a vocabulary beat one with a branch per element.
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = xs.chunks_exact(16);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (m, &x) in lanes.iter_mut().zip(chunk) {
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    let max = lanes
+        .iter()
+        .chain(rest)
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    if max > f32::NEG_INFINITY {
+        if let Some(i) = xs.iter().position(|&x| x == max) {
+            return i as u32;
+        }
+    }
+    // Every value is -inf or NaN.
     let mut best = 0;
     for (i, &x) in xs.iter().enumerate() {
         if x > xs[best] || xs[best].is_nan() {
@@ -155,6 +175,48 @@ mod tests {
 
     fn sampler(params: SamplingParams) -> Sampler {
         Sampler::new(params).unwrap()
+    }
+
+    #[test]
+    fn argmax_is_the_first_largest_and_skips_nan() {
+        // The one-pass definition the vectorised version must equal.
+        fn reference(xs: &[f32]) -> u32 {
+            let mut best = 0;
+            for (i, &x) in xs.iter().enumerate() {
+                if x > xs[best] || xs[best].is_nan() {
+                    best = i;
+                }
+            }
+            best as u32
+        }
+        let mut state = 7u64;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 40) as u32
+        };
+        for len in [1, 2, 15, 16, 17, 33, 1000, 49152] {
+            for _ in 0..20 {
+                let xs: Vec<f32> = (0..len)
+                    .map(|_| match next() % 50 {
+                        0 => f32::NAN,
+                        1 => f32::NEG_INFINITY,
+                        // Few distinct values, so the maximum repeats.
+                        v => (v % 7) as f32 - 3.0,
+                    })
+                    .collect();
+                assert_eq!(argmax(&xs), reference(&xs), "{xs:?}");
+            }
+        }
+        for special in [
+            vec![f32::NAN, f32::NAN],
+            vec![f32::NEG_INFINITY; 20],
+            vec![f32::NAN, f32::NEG_INFINITY, f32::NAN],
+            vec![f32::INFINITY, 1.0, f32::INFINITY],
+        ] {
+            assert_eq!(argmax(&special), reference(&special), "{special:?}");
+        }
     }
 
     #[test]
