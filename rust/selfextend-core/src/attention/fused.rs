@@ -377,16 +377,23 @@ fn run_item(item: Item, seq: &Sequence, s: &mut Scratch) -> Partial {
             );
         }
         let kt = j1 - j0;
-        let values: Vec<&[f32]> = match vv.data {
-            Data::F32(_) => (j0..j1).map(|j| vv.row(b, g, j, &mut [])).collect(),
-            Data::F16(_) => {
-                s.values.resize(kt * d, 0.0);
-                for (j, buf) in (j0..j1).zip(s.values.chunks_exact_mut(d)) {
-                    vv.row(b, g, j, buf);
-                }
-                s.values.chunks_exact(d).collect()
+        // The tile's value rows, on the stack: f32 ones where they are, f16 ones
+        // widened into scratch.
+        let mut values: [&[f32]; K_TILE] = [&[]; K_TILE];
+        if let Data::F16(_) = vv.data {
+            s.values.resize(kt * d, 0.0);
+            for (j, buf) in (j0..j1).zip(s.values.chunks_exact_mut(d)) {
+                vv.row(b, g, j, buf);
             }
-        };
+            for (slot, row) in values.iter_mut().zip(s.values.chunks_exact(d)) {
+                *slot = row;
+            }
+        } else {
+            for (slot, j) in values.iter_mut().zip(j0..j1) {
+                *slot = vv.row(b, g, j, &mut []);
+            }
+        }
+        let values = &values[..kt];
         for r0 in (0..rows).step_by(GROUP) {
             let group = GROUP.min(rows - r0);
             // Row r0 + x sees keys j0 + lo[x] .. j0 + n[x] (the ones before lo[x] are
@@ -465,10 +472,10 @@ fn run_item(item: Item, seq: &Sequence, s: &mut Scratch) -> Partial {
             }
             let acc = &mut part.acc[r0 * d..];
             match group {
-                4 => values_block::<4>(&sn, &values, acc, d),
-                3 => values_block::<3>(&sn, &values, acc, d),
-                2 => values_block::<2>(&sn, &values, acc, d),
-                _ => values_block::<1>(&sn, &values, acc, d),
+                4 => values_block::<4>(&sn, values, acc, d),
+                3 => values_block::<3>(&sn, values, acc, d),
+                2 => values_block::<2>(&sn, values, acc, d),
+                _ => values_block::<1>(&sn, values, acc, d),
             }
         }
         j0 = j1;
