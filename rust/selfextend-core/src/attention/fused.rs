@@ -15,8 +15,9 @@
 //! `O(tile × head_dim)` per thread.
 //!
 //! With many query rows per tile (prefill) the rotated keys are stored transposed, so
-//! scores vectorise across keys; with few (decode) they stay row-major and each score
-//! is a dot product. When there are fewer (batch, kv head, query tile) items than
+//! scores vectorise across keys; with few (decode) they stay row-major and scores are
+//! taken four keys at a time. Tiles of keys and values are read (and f16 widened) in
+//! one pass per tile, not one call per row. When there are fewer (batch, kv head, query tile) items than
 //! threads can use, the key range is split and the partial softmaxes are merged.
 //!
 //! A ragged batch (the sequences of one decode step, each with its own cache, positions
@@ -43,24 +44,6 @@ const TRANSPOSE_FROM_ROWS: usize = 16;
 const SEQUENTIAL_BELOW: usize = 1 << 11;
 /// The shortest key range a split-key item gets.
 const MIN_SPLIT: usize = 4 * K_TILE;
-
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent partial sums let LLVM keep a full vector register busy.
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] = fma(x[l], y[l], acc[l]);
-        }
-    }
-    let mut sum = acc.iter().sum::<f32>();
-    for (x, y) in ra.iter().zip(rb) {
-        sum = fma(*x, *y, sum);
-    }
-    sum
-}
 
 #[inline]
 fn max_of(xs: &[f32]) -> f32 {
@@ -119,6 +102,59 @@ fn scores_block<const R: usize>(q: &[f32], d: usize, kt: &[f32], s: &mut [[f32; 
             s[r][jb..jb + 16].copy_from_slice(&acc[r]);
         }
     }
+}
+
+/// `s[r][j] = q[r] . k[j]` for `R` query rows (`q`, row-major with stride `d`) and the
+/// `n` keys of `k`, row-major `(n, d)`: decode's layout, where transposing each key
+/// would cost more than the scores. Four keys at a time give `4 R` independent
+/// accumulator chains; one dot product at a time waits on each FMA's latency.
+#[inline(always)]
+fn scores_rows<const R: usize>(q: &[f32], d: usize, k: &[f32], n: usize, s: &mut [[f32; K_TILE]]) {
+    const KEYS: usize = 4;
+    const L: usize = 8;
+    let rows: [&[f32]; R] = std::array::from_fn(|r| &q[r * d..][..d]);
+    let full = d - d % L;
+    for j in (0..n).step_by(KEYS) {
+        let kb = KEYS.min(n - j);
+        // A short last block repeats its last key; the repeats are not stored.
+        let keys: [&[f32]; KEYS] = std::array::from_fn(|x| &k[(j + x.min(kb - 1)) * d..][..d]);
+        let mut acc = [[[0f32; L]; KEYS]; R];
+        for c in (0..full).step_by(L) {
+            let qs: [&[f32; L]; R] =
+                std::array::from_fn(|r| rows[r][c..c + L].try_into().expect("L lanes"));
+            for x in 0..KEYS {
+                let kv: &[f32; L] = keys[x][c..c + L].try_into().expect("L lanes");
+                for r in 0..R {
+                    fma8(&mut acc[r][x], qs[r], kv);
+                }
+            }
+        }
+        for r in 0..R {
+            for x in 0..kb {
+                let mut sum = lane_sum(&acc[r][x]);
+                for c in full..d {
+                    sum = fma(rows[r][c], keys[x][c], sum);
+                }
+                s[r][j + x] = sum;
+            }
+        }
+    }
+}
+
+/// `acc += a · b` lane-wise. As a function of its own the lanes vectorise; written
+/// inline in `scores_rows`'s nested loops they compiled to scalar code.
+#[inline(always)]
+fn fma8(acc: &mut [f32; 8], a: &[f32; 8], b: &[f32; 8]) {
+    for l in 0..8 {
+        acc[l] = fma(a[l], b[l], acc[l]);
+    }
+}
+
+/// The sum of eight lanes as a tree, which compiles to a few shuffles and adds.
+#[inline(always)]
+fn lane_sum(a: &[f32; 8]) -> f32 {
+    let h: [f32; 4] = std::array::from_fn(|i| a[i] + a[i + 4]);
+    (h[0] + h[2]) + (h[1] + h[3])
 }
 
 /// `acc[r] += Σ_j p[r][j] · v[j]` for `R` rows (`acc` row-major with stride `d`) over
@@ -194,7 +230,7 @@ impl<'a> View<'a> {
     /// long) from f16.
     #[inline]
     fn row<'s>(&'s self, b: usize, h: usize, t: usize, buf: &'s mut [f32]) -> &'s [f32] {
-        let o = self.offset + b * self.strides[0] + h * self.strides[1] + t * self.strides[2];
+        let o = self.at(b, h, t);
         match self.data {
             Data::F32(data) => &data[o..o + self.head_dim],
             Data::F16(data) => {
@@ -202,6 +238,43 @@ impl<'a> View<'a> {
                 buf
             }
         }
+    }
+
+    /// Rows `(b, h, t0 .. t1)` in f32, row-major: the data itself where f32 rows are
+    /// contiguous, else converted or gathered into `buf`, a tile in one pass (a call per
+    /// row costs more than converting it).
+    fn rows<'s>(
+        &'s self,
+        b: usize,
+        h: usize,
+        (t0, t1): (usize, usize),
+        buf: &'s mut Vec<f32>,
+    ) -> &'s [f32] {
+        let (d, o) = (self.head_dim, self.at(b, h, t0));
+        let len = (t1 - t0) * d;
+        let contiguous = self.strides[2] == d;
+        if let (Data::F32(data), true) = (&self.data, contiguous) {
+            return &data[o..o + len];
+        }
+        buf.resize(len, 0.0);
+        match (&self.data, contiguous) {
+            (Data::F16(data), true) => data[o..o + len].convert_to_f32_slice(buf),
+            _ => {
+                for (t, out) in (t0..t1).zip(buf.chunks_exact_mut(d)) {
+                    let o = self.at(b, h, t);
+                    match &self.data {
+                        Data::F32(data) => out.copy_from_slice(&data[o..o + d]),
+                        Data::F16(data) => data[o..o + d].convert_to_f32_slice(out),
+                    }
+                }
+            }
+        }
+        buf
+    }
+
+    #[inline]
+    fn at(&self, b: usize, h: usize, t: usize) -> usize {
+        self.offset + b * self.strides[0] + h * self.strides[1] + t * self.strides[2]
     }
 }
 
@@ -232,8 +305,10 @@ struct Scratch {
     kn: Vec<f32>,
     kg: Vec<f32>,
     rotated: Vec<f32>,
-    /// One f16 key in f32, and a key tile's f16 values in f32.
+    /// One f16 query in f32.
     raw: Vec<f32>,
+    /// A key tile's keys and values in f32, where they are not f32 and contiguous.
+    keys: Vec<f32>,
     values: Vec<f32>,
 }
 
@@ -253,31 +328,25 @@ struct Layer {
     softcap: Option<f32>,
 }
 
-/// Writes the keys `j0 .. j1` rotated to `pos(j)` into `out`, transposed `(d, K_TILE)`
-/// or row-major `(K_TILE, d)`.
-#[allow(clippy::too_many_arguments)]
+/// Writes `keys` (row-major `(n, d)`, at positions `j0 ..`) rotated to `pos(j)` into
+/// `out`, transposed `(d, K_TILE)` or row-major `(K_TILE, d)`.
 fn rotate_keys(
-    kv: &View,
-    b: usize,
-    g: usize,
-    (j0, j1): (usize, usize),
-    table: &CosSinTable,
-    pos: impl Fn(usize) -> usize,
+    keys: &[f32],
+    j0: usize,
+    (table, pos): (&CosSinTable, impl Fn(usize) -> usize),
     transposed: bool,
-    (rotated, raw): (&mut [f32], &mut [f32]),
+    rotated: &mut [f32],
     out: &mut [f32],
 ) {
     let d = rotated.len();
-    for j in j0..j1 {
-        let jj = j - j0;
-        let key = kv.row(b, g, j, raw);
+    for (jj, key) in keys.chunks_exact(d).enumerate() {
         if transposed {
-            table.rotate(key, pos(j), rotated);
+            table.rotate(key, pos(j0 + jj), rotated);
             for (c, &x) in rotated.iter().enumerate() {
                 out[c * K_TILE + jj] = x;
             }
         } else {
-            table.rotate(key, pos(j), &mut out[jj * d..][..d]);
+            table.rotate(key, pos(j0 + jj), &mut out[jj * d..][..d]);
         }
     }
 }
@@ -349,49 +418,20 @@ fn run_item(item: Item, seq: &Sequence, s: &mut Scratch) -> Partial {
         // Some pair of the tile is a neighbor / is grouped.
         let need_n = i_min < (j1 - 1).saturating_add(window);
         let need_g = i_max >= j0.saturating_add(window);
+        let key_rows = kv.rows(b, g, (j0, j1), &mut s.keys);
         if need_n {
-            rotate_keys(
-                kv,
-                b,
-                g,
-                (j0, j1),
-                table,
-                |j| j,
-                transposed,
-                (&mut s.rotated, &mut s.raw),
-                &mut s.kn,
-            );
+            let n = (&**table, |j| j);
+            rotate_keys(key_rows, j0, n, transposed, &mut s.rotated, &mut s.kn);
         }
         if let (true, Some(se)) = (need_g, se) {
-            let gpos = |j| se.grouped_key_position(j);
-            rotate_keys(
-                kv,
-                b,
-                g,
-                (j0, j1),
-                table,
-                gpos,
-                transposed,
-                (&mut s.rotated, &mut s.raw),
-                &mut s.kg,
-            );
+            let g = (&**table, |j| se.grouped_key_position(j));
+            rotate_keys(key_rows, j0, g, transposed, &mut s.rotated, &mut s.kg);
         }
         let kt = j1 - j0;
-        // The tile's value rows, on the stack: f32 ones where they are, f16 ones
-        // widened into scratch.
         let mut values: [&[f32]; K_TILE] = [&[]; K_TILE];
-        if let Data::F16(_) = vv.data {
-            s.values.resize(kt * d, 0.0);
-            for (j, buf) in (j0..j1).zip(s.values.chunks_exact_mut(d)) {
-                vv.row(b, g, j, buf);
-            }
-            for (slot, row) in values.iter_mut().zip(s.values.chunks_exact(d)) {
-                *slot = row;
-            }
-        } else {
-            for (slot, j) in values.iter_mut().zip(j0..j1) {
-                *slot = vv.row(b, g, j, &mut []);
-            }
+        let value_rows = vv.rows(b, g, (j0, j1), &mut s.values);
+        for (slot, row) in values.iter_mut().zip(value_rows.chunks_exact(d)) {
+            *slot = row;
         }
         let values = &values[..kt];
         for r0 in (0..rows).step_by(GROUP) {
@@ -430,20 +470,22 @@ fn run_item(item: Item, seq: &Sequence, s: &mut Scratch) -> Partial {
                 if any_g {
                     blocks(qg, &s.kg, &mut sg);
                 }
-                for x in 0..group {
-                    sn[x][..split[x]].copy_from_slice(&sg[x][..split[x]]);
-                }
             } else {
-                for x in 0..group {
-                    for (jj, out) in sn[x][..n[x]].iter_mut().enumerate() {
-                        let (q, k) = if jj < split[x] {
-                            (qg, &s.kg)
-                        } else {
-                            (qn, &s.kn)
-                        };
-                        *out = dot(&q[x * d..][..d], &k[jj * d..][..d]);
-                    }
+                let rows = |q: &[f32], k: &[f32], out: &mut [[f32; K_TILE]; GROUP]| match group {
+                    4 => scores_rows::<4>(q, d, k, kt, out),
+                    3 => scores_rows::<3>(q, d, k, kt, out),
+                    2 => scores_rows::<2>(q, d, k, kt, out),
+                    _ => scores_rows::<1>(q, d, k, kt, out),
+                };
+                if any_n {
+                    rows(qn, &s.kn, &mut sn);
                 }
+                if any_g {
+                    rows(qg, &s.kg, &mut sg);
+                }
+            }
+            for x in 0..group {
+                sn[x][..split[x]].copy_from_slice(&sg[x][..split[x]]);
             }
             for x in 0..group {
                 let r = r0 + x;
