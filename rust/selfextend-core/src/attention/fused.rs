@@ -17,8 +17,9 @@
 //! With many query rows per tile (prefill) the rotated keys are stored transposed, so
 //! scores vectorise across keys; with few (decode) they stay row-major and scores are
 //! taken four keys at a time. Tiles of keys and values are read (and f16 widened) in
-//! one pass per tile, not one call per row. When there are fewer (batch, kv head, query tile) items than
-//! threads can use, the key range is split and the partial softmaxes are merged.
+//! one pass per tile, not one call per row. When there are fewer (batch, kv head,
+//! query tile) items than threads can use, the key range is split and the partial
+//! softmaxes are merged.
 //!
 //! A ragged batch (the sequences of one decode step, each with its own cache, positions
 //! and settings) runs as one set of items, on candle's worker pool, the one the
