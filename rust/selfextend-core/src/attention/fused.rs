@@ -648,7 +648,12 @@ fn compute(seqs: &[Prepared], len: usize) -> Option<Vec<f32>> {
         } else {
             (4 * threads).div_ceil(base.max(1))
         };
-        let n = wanted.min(kv_len / MIN_SPLIT).max(1);
+        let most = kv_len / MIN_SPLIT;
+        let mut n = wanted.min(most).max(1);
+        // Whole rounds of items per thread: in a short last round some threads idle.
+        while n > 1 && n < most && (base * n) % threads != 0 {
+            n += 1;
+        }
         let split_len = kv_len.div_ceil(n).div_ceil(K_TILE) * K_TILE;
         for b in 0..p.batch {
             for g in 0..p.n_kv_heads {
