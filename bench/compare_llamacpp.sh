@@ -2,7 +2,9 @@
 # Runs our `selfextend-bench` beside llama.cpp's `llama-bench` and PyTorch (Hugging Face
 # transformers, sdpa attention, f32) on the same GGUF with the same thread count, plain
 # attention, and prints our throughput as a ratio of each peer's: prefill of a
-# $PROMPT-token prompt, and $GEN decode steps after $PROMPT tokens of context.
+# $PROMPT-token prompt, and $GEN decode steps after $PROMPT tokens of context. It also
+# measures the machine (FMA peak, memory read bandwidth: `selfextend-bench --machine`)
+# and prints our prefill FLOP/s and decode bytes/s as shares of them.
 #
 #   bench/compare_llamacpp.sh                 # default model, 2 threads, pp2048 / tg128
 #   THREADS=4 PROMPT=4096 bench/compare_llamacpp.sh path/to/model.gguf
@@ -83,7 +85,8 @@ echo "== llama.cpp: pp$PROMPT, and tg$GEN at depth $PROMPT, $THREADS threads, $R
 "$LLAMA_BENCH" -m "$MODEL" -t "$THREADS" -p 0 -n "$GEN" -d "$PROMPT" -r "$REPEATS" -o json >"$SCRATCH/llamacpp-tg.json"
 echo "== selfextend-rs: prefill $PROMPT, decode $GEN tokens after it, $THREADS threads" >&2
 RAYON_NUM_THREADS=$THREADS "$OURS" --model "$MODEL" --prefill "$PROMPT" --decode-context "$PROMPT" \
-    --decode-tokens "$GEN" --repeats "$REPEATS" --attention vanilla --json >"$SCRATCH/selfextend.json"
+    --decode-tokens "$GEN" --repeats "$REPEATS" --attention vanilla --machine --json \
+    >"$SCRATCH/selfextend.json"
 
 TORCH_JSON=$SCRATCH/torch.json
 rm -f "$TORCH_JSON"
@@ -150,4 +153,18 @@ for name, llama, pt, us in rows:
     print(f"{name:<30}{llama:>10.1f}{pt_cols}{us:>8.1f}{us / llama:>12.2f}{pt_ratio}")
 print(f"ours: KV cache {ours.get('kv_cache', '?')}; PyTorch "
       f"{torch['torch'] + ', f32, sdpa' if torch else 'skipped'}")
+machine = ours.get("machine")
+if machine:
+    print(f"\nours against this machine ({machine['isa']}, {machine['threads']} threads): "
+          f"FMA peak {machine['fma_peak_flops'] / 1e9:.1f} GFLOP/s, "
+          f"memory read {machine['read_bytes_per_second'] / 1e9:.1f} GB/s")
+    for m in ours["measurements"]:
+        rate = m["tokens_per_second"] * m["work_per_token"]
+        if m["phase"] == "prefill":
+            what = f"{rate / 1e9:.1f} GFLOP/s ({m['work_per_token'] / 1e9:.2f} GFLOP/token)"
+            limit = "of the FMA peak"
+        else:
+            what = f"{rate / 1e9:.1f} GB/s ({m['work_per_token'] / 1e6:.1f} MB/token)"
+            limit = "of the read bandwidth"
+        print(f"  {m['phase']} at {m['context']}: {what}, {100 * m['share_of_machine']:.0f}% {limit}")
 PY

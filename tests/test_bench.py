@@ -73,3 +73,30 @@ def test_bench_backend_choice(model_path: Path) -> None:
     assert report["gpu_memory_after_load_bytes"] is None and report["peak_gpu_memory_bytes"] is None
     bad = run("--backend", "flash")
     assert bad.returncode == 1 and "unknown attention backend 'flash'" in bad.stderr
+
+
+def test_bench_machine_shares(model_path: Path) -> None:
+    """`--machine`: the work per token follows the model's shapes (an f32 checkpoint: 2
+    FLOPs per weight plus causal attention; decode reads every weight and the cache once),
+    and the machine's peaks and the shares are reported."""
+    out = subprocess.run(
+        [str(bench_binary()), "--model", str(model_path), "--prefill", "40", "--decode-context", "40",
+         "--decode-tokens", "4", "--attention", "vanilla", "--repeats", "1", "--machine", "--json"],
+        check=True, capture_output=True, text=True, timeout=600,
+    )
+    report = json.loads(out.stdout)
+    cfg = json.loads((model_path / "config.json").read_text())
+    h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    heads, kv_heads, vocab = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["vocab_size"]
+    d = h // heads
+    weights = layers * (2 * h * heads * d + 2 * h * kv_heads * d + 3 * h * inter) + vocab * h
+    prefill, decode = report["measurements"]
+    assert prefill["linear_work_per_token"] == 2 * weights
+    # Query i of 40 sees i + 1 keys: 20.5 on average; 4 FLOPs per key and head dimension.
+    assert prefill["work_per_token"] == 2 * weights + 4 * heads * d * layers * 20.5
+    assert report["kv_cache"] == "f32"
+    assert decode["work_per_token"] == 4 * weights + layers * 2 * kv_heads * d * 4 * (40 + 2)
+    machine = report["machine"]
+    assert machine["threads"] >= 1
+    assert machine["fma_peak_flops"] > 0 and machine["read_bytes_per_second"] > 0
+    assert all(m["share_of_machine"] > 0 for m in report["measurements"])

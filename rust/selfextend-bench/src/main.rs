@@ -1,17 +1,22 @@
 //! `selfextend-bench`: times prefill and decode of a model with plain attention and
 //! with SelfExtend, in one run, and reports medians.
 
+mod machine;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::Device;
 use clap::Parser;
 use rand::{Rng, SeedableRng};
+use selfextend_core::config::Config;
 use selfextend_core::model::{
     parse_attention, parse_device, parse_dtype, parse_kv_cache_dtype, LogitsFor, SequenceStep,
 };
 use selfextend_core::{Model, SelfExtend};
 use serde::Serialize;
+
+use machine::Machine;
 
 /// Benchmark prefill and decode speed, plain attention vs SelfExtend.
 ///
@@ -83,6 +88,12 @@ struct Args {
     /// selfextend. Run one at a time to read the peak RSS of that one alone.
     #[arg(long, value_enum, default_value_t = Which::Both)]
     attention: Which,
+    /// Also measure this machine (f32 FMA peak of its cores, memory read bandwidth;
+    /// a few seconds) and report each prefill's FLOP/s as a share of the peak and each
+    /// decode's bytes/s (weights and KV cache read per token) as a share of the
+    /// bandwidth.
+    #[arg(long)]
+    machine: bool,
     /// Print JSON to stdout instead of a table.
     #[arg(long)]
     json: bool,
@@ -104,6 +115,15 @@ struct Measurement {
     median_seconds: f64,
     tokens_per_second: f64,
     seconds: Vec<f64>,
+    /// Prefill: the model's FLOPs per token (linear layers and causal attention).
+    /// Decode: the bytes it must read per token (weights and the KV cache).
+    work_per_token: f64,
+    /// The linear layers' part of `work_per_token`.
+    linear_work_per_token: f64,
+    /// With `--machine`: the fastest this work could run on this machine, over the time
+    /// it took. Prefill: linear FLOPs at the 8-bit peak (quantized weights) or the FMA
+    /// peak, attention FLOPs at the FMA peak. Decode: the bytes at the read bandwidth.
+    share_of_machine: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -129,6 +149,7 @@ struct Report {
     /// at any sample during the run.
     gpu_memory_after_load_bytes: Option<u64>,
     peak_gpu_memory_bytes: Option<u64>,
+    machine: Option<Machine>,
 }
 
 fn median(xs: &[f64]) -> f64 {
@@ -263,6 +284,35 @@ impl Bench {
         Ok((prefill, decode))
     }
 
+    /// FLOPs per token of a prefill of `n` tokens from an empty cache: two per weight of
+    /// the linear layers, and four per (query, key, head dimension) for the scores and
+    /// the weighted values of causal attention. SelfExtend's extra scores on the
+    /// window's boundary are not counted: this is the model's work, not ours.
+    /// Returns `(total, linear layers' part)`.
+    fn prefill_flops_per_token(&self, n: usize) -> (f64, f64) {
+        let cfg = self.model.config();
+        let linear = 2.0 * self.model.decoder().linear_cost().weights as f64;
+        let per_key = 4.0 * (cfg.num_attention_heads * cfg.head_dim) as f64;
+        let keys: f64 = (0..n).map(|i| layer_keys(cfg, i + 1) as f64).sum::<f64>();
+        (linear + per_key * keys / n.max(1) as f64, linear)
+    }
+
+    /// Bytes one decode step must read per token at `context`: the linear layers'
+    /// weights (shared by a step's `--batch` sequences) and each sequence's keys and
+    /// values, at the middle of the timed steps.
+    /// Returns `(total, weights' part)`.
+    fn decode_bytes_per_token(&self, context: usize) -> (f64, f64) {
+        let cfg = self.model.config();
+        let batch = self.args.batch as f64;
+        let weights = self.model.decoder().linear_cost().bytes as f64;
+        let kv_row = 2
+            * cfg.num_key_value_heads
+            * cfg.head_dim
+            * self.model.kv_cache_dtype().size_in_bytes();
+        let kv = layer_keys(cfg, context + self.args.decode_tokens / 2) * kv_row;
+        (weights / batch + kv as f64, weights / batch)
+    }
+
     /// Prefill at `context` (and decode after it, if it is the decode context), repeated.
     fn measure(&mut self, context: usize, se: Option<SelfExtend>) -> BenchResult<Vec<Measurement>> {
         let mut prefill = Vec::with_capacity(self.args.repeats);
@@ -287,6 +337,10 @@ impl Bench {
             }
             let median_seconds = median(&seconds);
             eprintln!("  {phase:<7} {attention:<10} context {context:>7}: {median_seconds:.3} s");
+            let (work_per_token, linear_work_per_token) = match phase {
+                "prefill" => self.prefill_flops_per_token(context),
+                _ => self.decode_bytes_per_token(context),
+            };
             out.push(Measurement {
                 phase,
                 attention,
@@ -295,10 +349,28 @@ impl Bench {
                 median_seconds,
                 tokens_per_second: tokens as f64 / median_seconds,
                 seconds,
+                work_per_token,
+                linear_work_per_token,
+                share_of_machine: None,
             });
         }
         Ok(out)
     }
+}
+
+/// Keys a query at `position + 1` tokens of context attends to, summed over the layers
+/// (sliding-window layers see at most their window).
+fn layer_keys(cfg: &Config, keys: usize) -> usize {
+    cfg.layer_kinds
+        .iter()
+        .map(|&kind| {
+            keys.min(
+                cfg.attention_kinds[kind]
+                    .sliding_window
+                    .unwrap_or(usize::MAX),
+            )
+        })
+        .sum()
 }
 
 fn run(args: Args) -> BenchResult<Report> {
@@ -366,6 +438,28 @@ fn run(args: Args) -> BenchResult<Report> {
     }
     // Tables pair vanilla with SelfExtend per (phase, context).
     measurements.sort_by_key(|m| (m.phase == "decode", m.context, m.attention == "selfextend"));
+    // Read before the machine's own buffers count.
+    let peak_rss_bytes = peak_rss_bytes();
+    let machine = bench.args.machine.then(|| {
+        eprintln!("measuring the machine: FMA peak and memory read bandwidth");
+        machine::measure(rayon::current_num_threads())
+    });
+    if let Some(machine) = &machine {
+        let linear_peak = match machine.int8_peak_ops {
+            Some(ops) if bench.model.is_quantized() => ops,
+            _ => machine.fma_peak_flops,
+        };
+        for m in &mut measurements {
+            let fastest = match m.phase {
+                "prefill" => {
+                    m.linear_work_per_token / linear_peak
+                        + (m.work_per_token - m.linear_work_per_token) / machine.fma_peak_flops
+                }
+                _ => m.work_per_token / machine.read_bytes_per_second,
+            };
+            m.share_of_machine = Some(m.tokens_per_second * fastest);
+        }
+    }
     let args = &bench.args;
     Ok(Report {
         model: args.model.display().to_string(),
@@ -386,9 +480,10 @@ fn run(args: Args) -> BenchResult<Report> {
         measurements,
         kv_cache_bytes: bench.kv_cache_bytes,
         rss_after_load_bytes,
-        peak_rss_bytes: peak_rss_bytes(),
+        peak_rss_bytes,
         gpu_memory_after_load_bytes,
         peak_gpu_memory_bytes: bench.peak_gpu_bytes,
+        machine,
     })
 }
 
@@ -429,6 +524,9 @@ fn print_table(r: &Report) {
             );
         }
     }
+    if let Some(m) = &r.machine {
+        print_machine(r, m);
+    }
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     println!(
         "KV cache (largest run): {:.1} MiB",
@@ -446,6 +544,45 @@ fn print_table(r: &Report) {
             "GPU memory in use after load: {:.1} MiB, peak: {:.1} MiB",
             mib(load),
             mib(peak)
+        );
+    }
+}
+
+fn print_machine(r: &Report, m: &Machine) {
+    let int8 = match (m.int8_isa, m.int8_peak_ops) {
+        (Some(isa), Some(ops)) => format!(", 8-bit ({isa}) {:.1} GOP/s", ops / 1e9),
+        _ => String::new(),
+    };
+    println!(
+        "Against the machine ({} threads): f32 FMA ({}) {:.1} GFLOP/s{int8}, memory read \
+         {:.1} GB/s; share = the fastest the work could run here / the time it took",
+        m.threads,
+        m.isa,
+        m.fma_peak_flops / 1e9,
+        m.read_bytes_per_second / 1e9
+    );
+    println!(
+        "{:<8} {:>8} {:>11} {:>9} {:>13} {:>14} {:>6}",
+        "phase", "context", "attention", "tok/s", "work/token", "rate", "share"
+    );
+    for x in &r.measurements {
+        let (work, rate) = match x.phase {
+            "prefill" => (
+                format!("{:.2} GFLOP", x.work_per_token / 1e9),
+                format!(
+                    "{:.1} GFLOP/s",
+                    x.tokens_per_second * x.work_per_token / 1e9
+                ),
+            ),
+            _ => (
+                format!("{:.1} MB", x.work_per_token / 1e6),
+                format!("{:.1} GB/s", x.tokens_per_second * x.work_per_token / 1e9),
+            ),
+        };
+        let share = x.share_of_machine.unwrap_or(f64::NAN) * 100.0;
+        println!(
+            "{:<8} {:>8} {:>11} {:>9.1} {:>13} {:>14} {:>5.0}%",
+            x.phase, x.context, x.attention, x.tokens_per_second, work, rate, share
         );
     }
 }

@@ -480,3 +480,23 @@ fn a_batch_gives_each_sequence_its_own_logits() {
         }
     }
 }
+
+#[test]
+fn linear_cost_counts_every_weight_and_the_bytes_read() {
+    let cfg = Config {
+        intermediate_size: 64,
+        ..tiny_config(2, false)
+    };
+    // Per layer q, k, v, o, gate, up, down; then the LM head.
+    let (h, i, d) = (32, 64, 8);
+    let per_layer = h * 4 * d + 2 * h * 2 * d + h * 4 * d + 3 * h * i;
+    let weights = cfg.num_hidden_layers * per_layer + cfg.vocab_size * h;
+    let dense = tiny_model(&cfg, 7).decoder().linear_cost();
+    assert_eq!(dense.weights, weights);
+    assert_eq!(dense.bytes, 4 * weights);
+    // Q8_0: a 2-byte scale per 32 one-byte codes. The packed kernel reads rows in
+    // tiles of 16, so the 50-row LM head reads 14 rows of padding.
+    let q8 = tiny_quantized_model(&cfg, 7).decoder().linear_cost();
+    assert_eq!(q8.weights, weights);
+    assert_eq!(q8.bytes, (weights + 14 * h) / 32 * 34, "{q8:?}");
+}

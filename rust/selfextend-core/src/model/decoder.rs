@@ -47,7 +47,51 @@ enum Linear {
     },
 }
 
+/// What one token's pass through linear layers costs: a multiply-add per weight, and
+/// the bytes of the weights (and biases) as the kernels read them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinearCost {
+    pub weights: usize,
+    pub bytes: usize,
+}
+
+impl std::ops::Add for LinearCost {
+    type Output = Self;
+
+    fn add(self, other: Self) -> Self {
+        Self {
+            weights: self.weights + other.weights,
+            bytes: self.bytes + other.bytes,
+        }
+    }
+}
+
+impl std::iter::Sum for LinearCost {
+    fn sum<I: Iterator<Item = Self>>(iter: I) -> Self {
+        iter.fold(Self::default(), |a, b| a + b)
+    }
+}
+
 impl Linear {
+    fn cost(&self) -> LinearCost {
+        let tensor_bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let bias_bytes = |b: Option<&Tensor>| b.map_or(0, tensor_bytes);
+        match self {
+            Self::Dense(l) => LinearCost {
+                weights: l.weight().elem_count(),
+                bytes: tensor_bytes(l.weight()) + bias_bytes(l.bias()),
+            },
+            Self::Quantized { blocks, bias, .. } => LinearCost {
+                weights: blocks.shape().elem_count(),
+                bytes: blocks.storage_size_in_bytes() + bias_bytes(bias.as_ref()),
+            },
+            Self::Packed { weight, bias } => LinearCost {
+                weights: weight.out_features() * weight.in_features(),
+                bytes: weight.bytes() + bias_bytes(bias.as_ref()),
+            },
+        }
+    }
+
     fn is_quantized(&self) -> bool {
         !matches!(self, Self::Dense(_))
     }
@@ -223,6 +267,13 @@ impl Projections {
             None => Self::Separate(parts),
         })
     }
+    fn cost(&self) -> LinearCost {
+        match self {
+            Self::Separate(parts) => parts.iter().map(Linear::cost).sum(),
+            Self::Fused { linear, .. } => linear.cost(),
+        }
+    }
+
     /// One matrix that a checkpoint already stores fused (Phi-3's `qkv_proj`).
     fn split(linear: Linear, sizes: Vec<usize>) -> Self {
         Self::Fused { linear, sizes }
@@ -626,6 +677,22 @@ impl Decoder {
         self.layers
             .iter()
             .any(|layer| layer.mlp.down_proj.is_quantized())
+    }
+
+    /// The linear layers' cost per token, the LM head's included; the embedding lookup
+    /// (one row) is not.
+    pub fn linear_cost(&self) -> LinearCost {
+        let layers: LinearCost = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.self_attn.qkv.cost()
+                    + l.self_attn.o_proj.cost()
+                    + l.mlp.gate_up.cost()
+                    + l.mlp.down_proj.cost()
+            })
+            .sum();
+        layers + self.lm_head.cost()
     }
 
     /// The rotary embedding of layers of `kind` under `scaling`, or their own for `None`.

@@ -249,6 +249,11 @@ impl QMatrix {
         self.out_features
     }
 
+    /// The bytes one pass over every row reads: codes, scales and offsets.
+    pub(crate) fn bytes(&self) -> usize {
+        self.codes.len() + size_of::<f16>() * (self.scales.len() + self.offsets.len())
+    }
+
     /// The weights as f32, `(out_features, in_features)`: what the tests hold the
     /// kernels to.
     #[cfg(test)]
