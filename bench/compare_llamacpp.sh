@@ -155,14 +155,16 @@ print(f"ours: KV cache {ours.get('kv_cache', '?')}; PyTorch "
       f"{torch['torch'] + ', f32, sdpa' if torch else 'skipped'}")
 machine = ours.get("machine")
 if machine:
-    print(f"\nours against this machine ({machine['isa']}, {machine['threads']} threads): "
-          f"FMA peak {machine['fma_peak_flops'] / 1e9:.1f} GFLOP/s, "
+    int8 = (f", 8-bit ({machine['int8_isa']}) {machine['int8_peak_ops'] / 1e9:.1f} GOP/s"
+            if machine.get("int8_peak_ops") else "")
+    print(f"\nours against this machine ({machine['threads']} threads): f32 FMA ({machine['isa']}) "
+          f"{machine['fma_peak_flops'] / 1e9:.1f} GFLOP/s{int8}, "
           f"memory read {machine['read_bytes_per_second'] / 1e9:.1f} GB/s")
     for m in ours["measurements"]:
         rate = m["tokens_per_second"] * m["work_per_token"]
         if m["phase"] == "prefill":
             what = f"{rate / 1e9:.1f} GFLOP/s ({m['work_per_token'] / 1e9:.2f} GFLOP/token)"
-            limit = "of the FMA peak"
+            limit = "of the fastest these FLOPs could run here (8-bit peak for quantized layers)"
         else:
             what = f"{rate / 1e9:.1f} GB/s ({m['work_per_token'] / 1e6:.1f} MB/token)"
             limit = "of the read bandwidth"
