@@ -100,3 +100,24 @@ def test_bench_machine_shares(model_path: Path) -> None:
     assert machine["threads"] >= 1
     assert machine["fma_peak_flops"] > 0 and machine["read_bytes_per_second"] > 0
     assert all(m["share_of_machine"] > 0 for m in report["measurements"])
+
+
+def test_bench_attention_kernels(model_path: Path) -> None:
+    """`--attention-kernels` times ours against candle's flash attention (after checking
+    that they agree) instead of running the model."""
+    out = subprocess.run(
+        [str(bench_binary()), "--model", str(model_path), "--prefill", "48,96", "--repeats", "1",
+         "--attention-kernels", "--json"],
+        check=True, capture_output=True, text=True, timeout=300,
+    )
+    report = json.loads(out.stdout)
+    assert report["measurements"] == []
+    kernels = [(k["kernel"], k["length"]) for k in report["attention_kernels"]]
+    names = ["ours, plain", "ours, SelfExtend", "candle flash_attn, plain"]
+    assert kernels == [(name, n) for n in (48, 96) for name in names]
+    assert all(k["median_seconds"] > 0 for k in report["attention_kernels"])
+    bad = subprocess.run(
+        [str(bench_binary()), "--model", str(model_path), "--prefill", "48", "--attention-kernels",
+         "--backend", "naive"], capture_output=True, text=True, timeout=300,
+    )
+    assert bad.returncode == 1 and "--attention-kernels compares CPU kernels" in bad.stderr

@@ -1,6 +1,7 @@
 //! `selfextend-bench`: times prefill and decode of a model with plain attention and
 //! with SelfExtend, in one run, and reports medians.
 
+mod kernels;
 mod machine;
 
 use std::path::PathBuf;
@@ -94,6 +95,12 @@ struct Args {
     /// bandwidth.
     #[arg(long)]
     machine: bool,
+    /// Instead of running the model, time one layer's causal attention over a whole
+    /// prompt of each `--prefill` length, on the model's shapes: our fused kernel
+    /// (plain and SelfExtend, RoPE inside) against candle's CPU flash attention
+    /// (plain, inputs already rotated).
+    #[arg(long)]
+    attention_kernels: bool,
     /// Print JSON to stdout instead of a table.
     #[arg(long)]
     json: bool,
@@ -150,6 +157,8 @@ struct Report {
     gpu_memory_after_load_bytes: Option<u64>,
     peak_gpu_memory_bytes: Option<u64>,
     machine: Option<Machine>,
+    /// `--attention-kernels` only.
+    attention_kernels: Vec<kernels::KernelTime>,
 }
 
 fn median(xs: &[f64]) -> f64 {
@@ -425,6 +434,13 @@ fn run(args: Args) -> BenchResult<Report> {
         lengths.push(bench.args.decode_context);
     }
     let mut measurements = vec![];
+    let mut attention_kernels = vec![];
+    if bench.args.attention_kernels {
+        kernels::check(&bench.model)?;
+        let (prefill, repeats) = (&bench.args.prefill, bench.args.repeats);
+        attention_kernels = kernels::compare(&bench.model, prefill, se, repeats)?;
+        lengths.clear();
+    }
     for &n in &lengths {
         for &mode in &modes {
             let timed = bench.measure(n, mode)?;
@@ -484,6 +500,7 @@ fn run(args: Args) -> BenchResult<Report> {
         gpu_memory_after_load_bytes,
         peak_gpu_memory_bytes: bench.peak_gpu_bytes,
         machine,
+        attention_kernels,
     })
 }
 
@@ -507,7 +524,10 @@ fn print_table(r: &Report) {
             r.batch
         );
     }
-    if r.measurements
+    if !r.attention_kernels.is_empty() {
+        print_kernels(r);
+    } else if r
+        .measurements
         .iter()
         .any(|m| m.attention != r.measurements[0].attention)
     {
@@ -544,6 +564,29 @@ fn print_table(r: &Report) {
             "GPU memory in use after load: {:.1} MiB, peak: {:.1} MiB",
             mib(load),
             mib(peak)
+        );
+    }
+}
+
+fn print_kernels(r: &Report) {
+    println!(
+        "One layer's causal attention over the whole prompt (`--attention-kernels`)\n\
+         {:<26} {:>8} {:>10} {:>10} {:>16}",
+        "kernel", "length", "seconds", "tok/s", "candle / this"
+    );
+    for k in &r.attention_kernels {
+        let candle = r
+            .attention_kernels
+            .iter()
+            .find(|c| c.length == k.length && c.kernel.starts_with("candle"))
+            .map_or(f64::NAN, |c| c.median_seconds);
+        println!(
+            "{:<26} {:>8} {:>10.4} {:>10.1} {:>16.2}",
+            k.kernel,
+            k.length,
+            k.median_seconds,
+            k.tokens_per_second,
+            candle / k.median_seconds
         );
     }
 }
