@@ -76,6 +76,12 @@ def test_demo_runs_on_a_tiny_setting(model_path: Path) -> None:
     assert "answers correct" in out.stdout
 
 
+def test_demo_defaults_to_one_and_a_half_and_two_times_the_trained_context() -> None:
+    # (A tiny model's prompts cannot be that short: its intro alone is longer.)
+    args = cli.build_parser().parse_args(["demo"])
+    assert args.multiples == [1.5, 2.0]
+
+
 def test_extract_key() -> None:
     assert cli.extract_key(" 12345. The", 5) == "12345"
     assert cli.extract_key(" is 123 and 45", 5) == "123"
