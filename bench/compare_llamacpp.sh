@@ -4,7 +4,8 @@
 # attention, and prints our throughput as a ratio of each peer's: prefill of a
 # $PROMPT-token prompt, and $GEN decode steps after $PROMPT tokens of context. It also
 # measures the machine (FMA peak, memory read bandwidth: `selfextend-bench --machine`)
-# and prints our prefill FLOP/s and decode bytes/s as shares of them.
+# and prints our prefill FLOP/s and decode bytes/s as shares of them. The numbers also
+# go to bench-out/compare-$PROMPT.json, which `bench/report.py` plots.
 #
 #   bench/compare_llamacpp.sh                 # default model, 2 threads, pp2048 / tg128
 #   THREADS=4 PROMPT=4096 bench/compare_llamacpp.sh path/to/model.gguf
@@ -132,13 +133,15 @@ print(json.dumps({"prefill": statistics.median(prefill), "decode": statistics.me
 PY
 fi
 
+mkdir -p "$ROOT/bench-out"
 "$PY" - "$SCRATCH/llamacpp-pp.json" "$SCRATCH/llamacpp-tg.json" "$SCRATCH/selfextend.json" \
-    "$TORCH_JSON" "$PROMPT" "$GEN" <<'PY'
+    "$TORCH_JSON" "$PROMPT" "$GEN" "$ROOT/bench-out/compare-$PROMPT.json" <<'PY'
 import json, sys
 from pathlib import Path
 
 llama_pp, llama_tg, ours = (json.load(open(p)) for p in sys.argv[1:4])
 torch_file, prompt, gen = Path(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+summary_file = Path(sys.argv[7])
 torch = json.loads(torch_file.read_text()) if torch_file.exists() else None
 rows = [
     (f"prefill {prompt} tok/s", llama_pp[0]["avg_ts"], torch and torch["prefill"],
@@ -146,6 +149,11 @@ rows = [
     (f"decode {gen} after {prompt} tok/s", llama_tg[0]["avg_ts"], torch and torch["decode"],
      next(m["tokens_per_second"] for m in ours["measurements"] if m["phase"] == "decode")),
 ]
+summary = {"prompt": prompt, "gen": gen, "kv_cache": ours.get("kv_cache"),
+           "torch": torch and torch["torch"], "machine": ours.get("machine"),
+           "rows": [{"metric": name, "llama.cpp": llama, "pytorch": pt, "ours": us}
+                    for name, llama, pt, us in rows]}
+summary_file.write_text(json.dumps(summary, indent=1) + "\n")
 print(f"{'metric':<30}{'llama.cpp':>10}{'PyTorch':>9}{'ours':>8}{'/llama.cpp':>12}{'/PyTorch':>10}")
 for name, llama, pt, us in rows:
     pt_cols = f"{pt:>9.1f}" if pt else f"{'-':>9}"

@@ -7,6 +7,11 @@ JSON that bench/run_benchmarks.sh writes.
 Left: prefill time against prompt length, vanilla vs SelfExtend (and llama.cpp's
 pp2048 where bench/compare_llamacpp.sh has run). Right: peak RSS of a prefill alone,
 one process per point.
+
+    .venv/bin/python bench/report.py --peers [bench-out] [docs/peers.png]
+
+draws our speed as a ratio of llama.cpp's and PyTorch's from the
+bench-out/compare-*.json that bench/compare_llamacpp.sh writes (one per prompt length).
 """
 
 from __future__ import annotations
@@ -52,7 +57,44 @@ def print_tables(out_dir: Path) -> None:
     print()
 
 
+def plot_peers(out_dir: Path, png: Path) -> None:
+    runs = sorted((json.loads(p.read_text()) for p in out_dir.glob("compare-*.json")),
+                  key=lambda r: r["prompt"])
+    if not runs:
+        sys.exit(f"no compare-*.json in {out_dir}: run bench/compare_llamacpp.sh first")
+    labels, llama, torch = [], [], []
+    for run in runs:
+        for row in run["rows"]:
+            phase = "prefill" if row["metric"].startswith("prefill") else "decode"
+            where = f"{run['prompt']} tokens" if phase == "prefill" else f"after {run['prompt']}"
+            labels.append(f"{phase}\n{where}")
+            llama.append(row["ours"] / row["llama.cpp"])
+            torch.append(row["ours"] / row["pytorch"] if row["pytorch"] else float("nan"))
+            print(f"{labels[-1].replace(chr(10), ' '):<28} /llama.cpp {llama[-1]:5.2f}  "
+                  f"/PyTorch {torch[-1]:5.2f}")
+    xs = range(len(labels))
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    ax.bar([x - 0.2 for x in xs], llama, 0.4, label="ours / llama.cpp")
+    ax.bar([x + 0.2 for x in xs], torch, 0.4, label="ours / PyTorch (f32, sdpa)")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(list(xs), labels)
+    ax.set_ylabel("throughput ratio (> 1: we are faster)")
+    machine = runs[0].get("machine") or {}
+    ax.set_title(f"SmolLM2-135M Q4_1, plain attention, {machine.get('threads', '?')} threads, "
+                 f"{machine.get('int8_isa') or machine.get('isa', '?')}")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend()
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    print(f"wrote {png}")
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--peers"]:
+        plot_peers(Path(sys.argv[2] if len(sys.argv) > 2 else "bench-out"),
+                   Path(sys.argv[3] if len(sys.argv) > 3 else "docs/peers.png"))
+        return
     out_dir = Path(sys.argv[1] if len(sys.argv) > 1 else "bench-out")
     png = Path(sys.argv[2] if len(sys.argv) > 2 else "docs/benchmarks.png")
     print_tables(out_dir)
