@@ -26,7 +26,11 @@ LLAMA_CPP_PYTHON_VERSION=0.3.36
 LLAMA_CPP_PYTHON_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 SCRATCH=${SCRATCH:-$ROOT/target/llamacpp}
 THREADS=${THREADS:-2}
+# Ours also runs SelfExtend with group size $GROUP and window $WINDOW (default a
+# quarter of the prompt), against the peers' plain attention.
+GROUP=${GROUP:-8}
 PROMPT=${PROMPT:-2048}
+WINDOW=${WINDOW:-$((PROMPT / 4))}
 GEN=${GEN:-128}
 REPEATS=${REPEATS:-3}
 PY=${PY:-$ROOT/.venv/bin/python}
@@ -84,10 +88,11 @@ fi
 echo "== llama.cpp: pp$PROMPT, and tg$GEN at depth $PROMPT, $THREADS threads, $REPEATS repetitions" >&2
 "$LLAMA_BENCH" -m "$MODEL" -t "$THREADS" -p "$PROMPT" -n 0 -r "$REPEATS" -o json >"$SCRATCH/llamacpp-pp.json"
 "$LLAMA_BENCH" -m "$MODEL" -t "$THREADS" -p 0 -n "$GEN" -d "$PROMPT" -r "$REPEATS" -o json >"$SCRATCH/llamacpp-tg.json"
-echo "== selfextend-rs: prefill $PROMPT, decode $GEN tokens after it, $THREADS threads" >&2
+echo "== selfextend-rs: prefill $PROMPT, decode $GEN tokens after it, $THREADS threads," \
+    "plain and SelfExtend G=$GROUP W=$WINDOW" >&2
 RAYON_NUM_THREADS=$THREADS "$OURS" --model "$MODEL" --prefill "$PROMPT" --decode-context "$PROMPT" \
-    --decode-tokens "$GEN" --repeats "$REPEATS" --attention vanilla --machine --json \
-    >"$SCRATCH/selfextend.json"
+    --decode-tokens "$GEN" --repeats "$REPEATS" --attention both --group-size "$GROUP" \
+    --window "$WINDOW" --machine --json >"$SCRATCH/selfextend.json"
 
 TORCH_JSON=$SCRATCH/torch.json
 rm -f "$TORCH_JSON"
@@ -143,22 +148,33 @@ llama_pp, llama_tg, ours = (json.load(open(p)) for p in sys.argv[1:4])
 torch_file, prompt, gen = Path(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 summary_file = Path(sys.argv[7])
 torch = json.loads(torch_file.read_text()) if torch_file.exists() else None
+def ours_at(phase, attention):
+    return next(m["tokens_per_second"] for m in ours["measurements"]
+                if m["phase"] == phase and m["attention"] == attention)
+
+
+se = f"SelfExtend G={ours['group_size']} W={ours['window']}"
 rows = [
     (f"prefill {prompt} tok/s", llama_pp[0]["avg_ts"], torch and torch["prefill"],
-     next(m["tokens_per_second"] for m in ours["measurements"] if m["phase"] == "prefill")),
+     ours_at("prefill", "vanilla")),
     (f"decode {gen} after {prompt} tok/s", llama_tg[0]["avg_ts"], torch and torch["decode"],
-     next(m["tokens_per_second"] for m in ours["measurements"] if m["phase"] == "decode")),
+     ours_at("decode", "vanilla")),
+    (f"  ours with {se}, prefill", llama_pp[0]["avg_ts"], torch and torch["prefill"],
+     ours_at("prefill", "selfextend")),
+    (f"  ours with {se}, decode", llama_tg[0]["avg_ts"], torch and torch["decode"],
+     ours_at("decode", "selfextend")),
 ]
 summary = {"prompt": prompt, "gen": gen, "kv_cache": ours.get("kv_cache"),
            "torch": torch and torch["torch"], "machine": ours.get("machine"),
            "rows": [{"metric": name, "llama.cpp": llama, "pytorch": pt, "ours": us}
                     for name, llama, pt, us in rows]}
 summary_file.write_text(json.dumps(summary, indent=1) + "\n")
-print(f"{'metric':<30}{'llama.cpp':>10}{'PyTorch':>9}{'ours':>8}{'/llama.cpp':>12}{'/PyTorch':>10}")
+print(f"{'metric (peers: plain attention)':<42}{'llama.cpp':>10}{'PyTorch':>9}{'ours':>8}"
+      f"{'/llama.cpp':>12}{'/PyTorch':>10}")
 for name, llama, pt, us in rows:
     pt_cols = f"{pt:>9.1f}" if pt else f"{'-':>9}"
     pt_ratio = f"{us / pt:>10.2f}" if pt else f"{'-':>10}"
-    print(f"{name:<30}{llama:>10.1f}{pt_cols}{us:>8.1f}{us / llama:>12.2f}{pt_ratio}")
+    print(f"{name:<42}{llama:>10.1f}{pt_cols}{us:>8.1f}{us / llama:>12.2f}{pt_ratio}")
 print(f"ours: KV cache {ours.get('kv_cache', '?')}; PyTorch "
       f"{torch['torch'] + ', f32, sdpa' if torch else 'skipped'}")
 machine = ours.get("machine")
@@ -176,5 +192,6 @@ if machine:
         else:
             what = f"{rate / 1e9:.1f} GB/s ({m['work_per_token'] / 1e6:.1f} MB/token)"
             limit = "of the read bandwidth"
-        print(f"  {m['phase']} at {m['context']}: {what}, {100 * m['share_of_machine']:.0f}% {limit}")
+        print(f"  {m['phase']} at {m['context']} ({m['attention']}): {what}, "
+              f"{100 * m['share_of_machine']:.0f}% {limit}")
 PY

@@ -65,6 +65,8 @@ def plot_peers(out_dir: Path, png: Path) -> None:
     labels, llama, torch = [], [], []
     for run in runs:
         for row in run["rows"]:
+            if row["metric"].startswith(" "):
+                continue  # our SelfExtend rows; the plot compares plain attention
             phase = "prefill" if row["metric"].startswith("prefill") else "decode"
             where = f"{run['prompt']} tokens" if phase == "prefill" else f"after {run['prompt']}"
             labels.append(f"{phase}\n{where}")
