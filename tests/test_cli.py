@@ -57,19 +57,31 @@ def test_chat_reads_turns_from_stdin(tmp_path: Path, model_path: Path) -> None:
 
 
 @pytest.mark.usefixtures("quiet_context")
-def test_passkey_prompt_hits_its_length(model_path: Path) -> None:
+def test_demo_builds_the_prompt_eval_builds(model_path: Path) -> None:
+    """`demo --seed S --depth D` asks the same prompt (same key, same tokens) as
+    `eval passkey` does for that length, depth and seed."""
     import selfextend_rs as se
+    from selfextend_rs import eval as se_eval
 
+    out = run("demo", "--model", str(model_path), "--multiples", "8", "--depth", "0.25",
+              "--seed", "3", "--no-progress")
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines() if line.split()[1:2] == ["plain"]]
+    (tokens, _, key, *_), = rows
     model = se.Model.load(model_path)
-    for length in [300, 1000]:
-        prompt = cli.passkey_prompt(model, length, 0.5, "12345")
-        n = len(model.tokenizer.encode(prompt, add_special_tokens=True))
-        assert abs(n - length) <= max(8, length // 100)
-        assert "The pass key is 12345" in prompt
+    result = se_eval.run_passkey(model, lengths=[8 * model.config.trained_context], depths=[0.25],
+                                 seed=3, methods=["plain"], progress=False)
+    (record,) = result["records"]
+    assert (record["key"], record["prompt_tokens"]) == (key, int(tokens))
+    other = run("demo", "--model", str(model_path), "--multiples", "8", "--depth", "0.25",
+                "--seed", "4", "--no-progress")
+    assert key not in other.stdout  # the seed picks the key
+    bad = run("demo", "--model", str(model_path), "--depth", "1.5")
+    assert bad.returncode == 2 and "depth must be in [0, 1]" in bad.stderr
 
 
 def test_demo_runs_on_a_tiny_setting(model_path: Path) -> None:
-    out = run("demo", "--model", str(model_path), "--multiples", "2", "--no-progress")
+    out = run("demo", "--model", str(model_path), "--multiples", "8", "--no-progress")
     assert out.returncode == 0, out.stderr
     assert "plain" in out.stdout and "SelfExtend G=" in out.stdout
     assert out.stdout.count("✓") + out.stdout.count("✗") == 2

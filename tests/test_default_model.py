@@ -104,12 +104,13 @@ def test_self_extend_with_a_wide_window_is_vanilla(default: se.Model) -> None:
 
 @pytest.mark.usefixtures("quiet_context")
 def test_passkey_at_2k_with_and_without_self_extend(default: se.Model) -> None:
-    from selfextend_rs import cli
+    from selfextend_rs import eval as se_eval
 
-    prompt = cli.passkey_prompt(default, 2000, 0.3, "48213")
-    ids = default.tokenizer.encode(prompt, add_special_tokens=True)
+    # The prompt `eval passkey` and `demo` build.
+    prompt = se_eval.passkey_prompt(default.tokenizer, 2000, 0.3, "48213")
+    ids = prompt.token_ids
     assert abs(len(ids) - 2000) <= 20
     # W = 512 < 2000: most of the prompt is read through grouped positions.
     for setting in [None, se.SelfExtend(4, 512)]:
         out = default.generate(ids, 8, self_extend=setting)
-        assert cli.extract_key(out.text, 5) == "48213", (setting, out.text)
+        assert se_eval.score_passkey(out.text, "48213"), (setting, out.text)

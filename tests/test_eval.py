@@ -396,3 +396,27 @@ def test_cli_eval_errors(model_path: Path, tmp_path: Path) -> None:
 def test_extract_number() -> None:
     assert se_eval.extract_number("is 123 and 456") == "123"
     assert se_eval.extract_number("none") is None
+
+
+def test_wilson_interval_against_known_values() -> None:
+    # At z = 1.96, worked by hand: 0/n reaches z²/(n + z²), n/n starts at n/(n + z²), 5/10
+    # is 0.5 ± z sqrt(0.025 + z²/400) / (1 + z²/10), and 2/3 is the general formula.
+    for (k, n), (lo, hi) in {(2, 3): (0.2077, 0.9385), (0, 10): (0.0, 0.2775),
+                             (10, 10): (0.7225, 1.0), (5, 10): (0.2366, 0.7634)}.items():
+        got = se_eval.wilson_interval(k, n)
+        assert got == pytest.approx((lo, hi), abs=1e-4), (k, n, got)
+    for bad in [(1, 0), (4, 3), (-1, 3)]:
+        with pytest.raises(ValueError):
+            se_eval.wilson_interval(*bad)
+
+
+def test_passkey_table_shows_counts_and_intervals() -> None:
+    result = {"task": "passkey", "methods": ["plain"], "config": {"digits": 5},
+              "records": [{"method": "plain", "length": 4096, "depth": d, "correct": c}
+                          for d, c in [(0.0, True), (0.5, True), (1.0, False)]],
+              "summary": {"plain": {"4096": {"0": {"correct": 1, "samples": 1},
+                                             "0.5": {"correct": 1, "samples": 1},
+                                             "1": {"correct": 0, "samples": 1}}}}}
+    table = se_eval.markdown(result)
+    assert "| plain | 67% (2/3; 21–94%) |" in table
+    assert "95% Wilson interval" in table

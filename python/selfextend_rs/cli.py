@@ -4,7 +4,6 @@ long-context evaluation."""
 from __future__ import annotations
 
 import argparse
-import random
 import re
 import textwrap
 import sys
@@ -218,33 +217,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-FILLER = ("The grass is green. The sky is blue. The sun is yellow. "
-          "Here we go. There and back again. ")
-INTRO = ("There is an important info hidden inside a lot of irrelevant text. "
-         "Find it and memorize it. I will quiz you about the important information there.\n\n")
-
-
-def passkey_prompt(model: se.Model, length: int, depth: float, key: str) -> str:
-    """A passkey prompt of about `length` tokens with the key at `depth` (0..1)."""
-    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
-    question = "\n\nWhat is the pass key? The pass key is"
-    tok = model.tokenizer
-    fixed = len(tok.encode(INTRO + needle + question, add_special_tokens=True))
-    per_filler = len(tok.encode(FILLER * 8)) / 8
-    n = max(1, int((length - fixed) / per_filler))
-    before = int(round(n * depth))
-    text = INTRO + FILLER * before + needle + FILLER * (n - before) + question
-    # Trim or pad by whole fillers until within 1% of the target.
-    for _ in range(64):
-        got = len(tok.encode(text, add_special_tokens=True))
-        if abs(got - length) <= max(8, length // 100):
-            break
-        n += 1 if got < length else -1
-        before = int(round(n * depth))
-        text = INTRO + FILLER * before + needle + FILLER * (n - before) + question
-    return text
-
-
 def extract_key(text: str, digits: int) -> str:
     """The first run of digits in the answer (cut to `digits`), or a printable excerpt."""
     run = se_eval.extract_number(text)
@@ -258,9 +230,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     model = _load(args)
     trained = model.config.trained_context
     lengths = [int(m * trained) for m in args.multiples]
-    rng = random.Random(args.seed)
     print(f"Passkey retrieval with {Path(str(model.path)).name} (trained context {trained} tokens).")
-    print(f"Each prompt hides a random {args.digits}-digit key at a random depth in filler text;")
+    print(f"Each prompt hides a {args.digits}-digit key at depth {args.depth:g} of the filler "
+          f"text (seed {args.seed}: the same prompts as `selfextend-rs eval passkey`);")
     print("the model answers with plain attention and with SelfExtend (auto G/W).")
     print("Long prompts take minutes on a laptop CPU; a progress bar shows each prefill.\n",
           flush=True)
@@ -268,23 +240,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"{'prefill s':>10} {'tok/s':>8}", flush=True)
     correct = 0
     for length in lengths:
-        key = "".join(rng.choice("0123456789") for _ in range(args.digits))
-        depth = rng.random()
-        prompt = passkey_prompt(model, length, depth, key)
-        ids = model.tokenizer.encode(prompt, add_special_tokens=True)
+        prompt = se_eval.passkey_case(model.tokenizer, length, args.depth, seed=args.seed,
+                                      digits=args.digits)
+        ids, key = prompt.token_ids, prompt.key
         setting = se.SelfExtend.auto(len(ids) + 8, trained)
         methods = [("plain", None), (f"SelfExtend G={setting.group_size} W={setting.window}", setting)]
         for name, self_extend in methods:
-            print(f"{len(ids)} tokens, key at depth {depth:.2f}, {name}:", file=sys.stderr, flush=True)
+            print(f"{len(ids)} tokens, key at depth {prompt.depth:.2f}, {name}:", file=sys.stderr,
+                  flush=True)
             with _quiet():
                 out = model.generate(ids, args.digits + 4, self_extend=self_extend,
                                      chunk_size=args.chunk_size, progress=not args.no_progress)
-            answer = extract_key(out.text, len(key))
-            ok = answer == key
+            ok = se_eval.score_passkey(out.text, key)
             correct += ok
             rate = len(ids) / out.prefill_seconds if out.prefill_seconds > 0 else float("nan")
-            print(f"{len(ids):>7} {name:<24} {key:>10} {answer:>12} {'✓' if ok else '✗':>3} "
-                  f"{out.prefill_seconds:>10.1f} {rate:>8.0f}", flush=True)
+            print(f"{len(ids):>7} {name:<24} {key:>10} {extract_key(out.text, len(key)):>12} "
+                  f"{'✓' if ok else '✗':>3} {out.prefill_seconds:>10.1f} {rate:>8.0f}", flush=True)
     print(f"\n{correct} of {2 * len(lengths)} answers correct.")
     return 0
 
@@ -301,6 +272,16 @@ Methods (--methods, comma-separated; every one runs on the same prompts/windows)
                      (transformers' "dynamic"; factor S, default 2)
 L is the model's trained context. Lengths accept a k suffix (4k = 4096).
 """
+
+
+def _depth(text: str) -> float:
+    try:
+        depth = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a depth: {text!r} (a number from 0 to 1)") from None
+    if not 0.0 <= depth <= 1.0:
+        raise argparse.ArgumentTypeError(f"depth must be in [0, 1], got {text!r}")
+    return depth
 
 
 def _length(text: str) -> int:
@@ -459,7 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multiples", type=float, nargs="+", default=[1.5, 2.0],
                    help="prompt lengths as multiples of the trained context (default: 1.5 2)")
     p.add_argument("--digits", type=int, default=5, help="passkey digits (default 5)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--depth", type=_depth, default=0.5,
+                   help="where the key sits in the filler, 0 (start) to 1 (end); default 0.5")
+    p.add_argument("--seed", type=int, default=0,
+                   help="with --depth, picks the key: the same as eval passkey's for that "
+                        "length, depth and seed (sample 0)")
     p.add_argument("--chunk-size", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)

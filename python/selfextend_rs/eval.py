@@ -51,6 +51,7 @@ __all__ = [
     "load_result",
     "markdown",
     "parse_method",
+    "passkey_case",
     "passkey_prompt",
     "perplexity",
     "plot",
@@ -61,6 +62,7 @@ __all__ = [
     "score_passkey",
     "shakespeare",
     "Window",
+    "wilson_interval",
 ]
 
 DEFAULT_METHODS = ("plain", "selfextend:auto", "selfextend:8", "linear", "ntk", "dynamic-ntk")
@@ -261,6 +263,28 @@ def _key(rng: random.Random, digits: int) -> str:
     return rng.choice("123456789") + "".join(rng.choice("0123456789") for _ in range(digits - 1))
 
 
+def passkey_case(tokenizer: se.Tokenizer, length: int, depth: float, *, sample: int = 0,
+                 seed: int = 0, digits: int = 5) -> PasskeyPrompt:
+    """The prompt of one passkey cell. Its key is drawn from (seed, length, depth,
+    sample) alone, so a cell gets the same prompt in every run and in every tool:
+    `selfextend-rs eval passkey` and `selfextend-rs demo` build theirs here."""
+    rng = random.Random(f"{seed}/{int(length)}/{float(depth)}/{sample}")
+    return passkey_prompt(tokenizer, int(length), float(depth), _key(rng, digits))
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval for `correct` successes in `n` trials (95% for the
+    default `z`). Unlike `p ± z sqrt(p(1-p)/n)` it stays inside [0, 1] and is not empty
+    at 0/n or n/n, which small passkey samples hit all the time."""
+    if n < 1 or not 0 <= correct <= n:
+        raise ValueError(f"need 0 <= correct <= n and n >= 1, got {correct}/{n}")
+    p = correct / n
+    z2 = z * z
+    center = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, center - half), min(1.0, center + half)
+
+
 def run_passkey(
     model: se.Model,
     *,
@@ -301,8 +325,8 @@ def run_passkey(
     for n, depth, sample, method in todo:
         cell = (n, depth, sample)
         if cell not in prompts:
-            rng = random.Random(f"{seed}/{n}/{depth}/{sample}")
-            prompts[cell] = passkey_prompt(model.tokenizer, n, depth, _key(rng, digits))
+            prompts[cell] = passkey_case(model.tokenizer, n, depth, sample=sample, seed=seed,
+                                         digits=digits)
         prompt = prompts[cell]
         settings = method.settings(len(prompt.token_ids) + max_new, trained)
         bar.begin(f"{method.spec} {n} tokens, depth {depth:g}")
@@ -555,6 +579,11 @@ def _passkey_accuracy(result: Result, method: str, length: int) -> Optional[tupl
     return (sum(c["correct"] for c in cells.values()), sum(c["samples"] for c in cells.values()))
 
 
+def _accuracy_cell(correct: int, n: int) -> str:
+    lo, hi = wilson_interval(correct, n)
+    return f"{100 * correct / n:.0f}% ({correct}/{n}; {100 * lo:.0f}–{100 * hi:.0f}%)"
+
+
 def markdown(result: Result) -> str:
     """The summary as Markdown tables (accuracy or perplexity, method x length)."""
     lengths = _grid(result, "length")
@@ -566,13 +595,14 @@ def markdown(result: Result) -> str:
         c = result["config"]
         depths = _grid(result, "depth")
         title = (f"Passkey retrieval, {c['digits']}-digit keys: accuracy (correct / prompts) "
-                 f"over the depths run ({', '.join(f'{d:g}' for d in depths)}); the grids "
-                 "below give each depth's count.")
+                 f"over the depths run ({', '.join(f'{d:g}' for d in depths)}), with its 95% "
+                 "Wilson interval: two cells whose intervals overlap are not told apart by "
+                 "these samples. The grids below give each depth's count.")
         for m in methods:
             cells = []
             for n in lengths:
                 acc = _passkey_accuracy(result, m, n)
-                cells.append("–" if acc is None else f"{100 * acc[0] / acc[1]:.0f}% ({acc[0]}/{acc[1]})")
+                cells.append("–" if acc is None else _accuracy_cell(*acc))
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         grids = []
         for m in methods:
