@@ -450,6 +450,41 @@ fn f16_keys_and_values_are_read_as_stored() {
 }
 
 #[test]
+fn strided_keys_and_values_read_as_contiguous_ones() {
+    // Keys and values laid out `(batch, seq, kv_heads, head_dim)` and viewed transposed:
+    // rows of one head are not adjacent, so the fused kernel gathers them row by row
+    // (f32 and f16) instead of reading a tile in one slice. Same values, same result.
+    let mut rng = Rng::new(13);
+    let (b, h, kvh, d) = (1, 6, 2, 64);
+    let dev = Device::Cpu;
+    for (s, n) in [(1, 700), (40, 200)] {
+        let q = Tensor::from_vec(rng.vec(b * h * s * d, 2.0), (b, h, s, d), &dev).unwrap();
+        let seq_major = |x: Vec<f32>| Tensor::from_vec(x, (b, n, kvh, d), &dev).unwrap();
+        let (k, v) = (
+            seq_major(rng.vec(b * n * kvh * d, 2.0)),
+            seq_major(rng.vec(b * n * kvh * d, 1.0)),
+        );
+        let rope = RotaryEmbedding::with_params(d, THETA, None);
+        let positions = Positions::new(&rope, s, n);
+        let params = AttentionParams::new(d, Some(SelfExtend::new(4, 64).unwrap()));
+        for dtype in [candle_core::DType::F32, candle_core::DType::F16] {
+            let strided = |x: &Tensor| x.to_dtype(dtype).unwrap().transpose(1, 2).unwrap();
+            let (ks, vs) = (strided(&k), strided(&v));
+            assert!(!ks.is_contiguous());
+            let (kc, vc) = (ks.contiguous().unwrap(), vs.contiguous().unwrap());
+            let got = run_attention(&q, &ks, &vs, &positions, &params).unwrap();
+            let want = run_attention(&q, &kc, &vc, &positions, &params).unwrap();
+            let flat = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(
+                flat(got),
+                flat(want),
+                "{dtype:?}, {s} queries over {n} keys"
+            );
+        }
+    }
+}
+
+#[test]
 fn ragged_batches_refuse_mismatched_sequences() {
     let dev = Device::Cpu;
     let rope = RotaryEmbedding::with_params(8, THETA, None);
