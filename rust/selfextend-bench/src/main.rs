@@ -89,10 +89,11 @@ struct Args {
     /// selfextend. Run one at a time to read the peak RSS of that one alone.
     #[arg(long, value_enum, default_value_t = Which::Both)]
     attention: Which,
-    /// Also measure this machine (f32 FMA peak of its cores, memory read bandwidth;
-    /// a few seconds) and report each prefill's FLOP/s as a share of the peak and each
-    /// decode's bytes/s (weights and KV cache read per token) as a share of the
-    /// bandwidth.
+    /// Also measure this machine (f32 FMA peak, 8-bit multiply-add peak, memory read
+    /// bandwidth; a few seconds, after the runs) and report each prefill's share of the
+    /// fastest its FLOPs could run (quantized linear layers at the 8-bit peak,
+    /// attention at the f32 one) and each decode's bytes/s (weights and KV cache read
+    /// per token) as a share of the bandwidth.
     #[arg(long)]
     machine: bool,
     /// Instead of running the model, time one layer's causal attention over a whole
