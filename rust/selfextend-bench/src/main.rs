@@ -368,8 +368,8 @@ impl Bench {
     }
 }
 
-/// Keys a query at `position + 1` tokens of context attends to, summed over the layers
-/// (sliding-window layers see at most their window).
+/// The keys a query sees with `keys` tokens of context (itself included), summed over
+/// the layers: a sliding-window layer sees at most its window.
 fn layer_keys(cfg: &Config, keys: usize) -> usize {
     cfg.layer_kinds
         .iter()
