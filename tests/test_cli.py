@@ -78,6 +78,11 @@ def test_demo_builds_the_prompt_eval_builds(model_path: Path) -> None:
     assert key not in other.stdout  # the seed picks the key
     bad = run("demo", "--model", str(model_path), "--depth", "1.5")
     assert bad.returncode == 2 and "depth must be in [0, 1]" in bad.stderr
+    short = run("demo", "--model", str(model_path), "--multiples", "2", "--no-progress")
+    assert short.returncode == 1 and "too short for a passkey prompt" in short.stderr
+    assert "use larger --multiples" in short.stderr and "Traceback" not in short.stderr
+    no_digits = run("demo", "--model", str(model_path), "--multiples", "8", "--digits", "0")
+    assert no_digits.returncode == 1 and "--digits must be >= 1" in no_digits.stderr
 
 
 def test_demo_runs_on_a_tiny_setting(model_path: Path) -> None:

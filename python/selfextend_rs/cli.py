@@ -230,6 +230,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     model = _load(args)
     trained = model.config.trained_context
     lengths = [int(m * trained) for m in args.multiples]
+    if args.digits < 1:
+        raise SystemExit(f"error: --digits must be >= 1, got {args.digits}")
+    try:
+        prompts = [se_eval.passkey_case(model.tokenizer, n, args.depth, seed=args.seed,
+                                        digits=args.digits) for n in lengths]
+    except ValueError as e:
+        raise SystemExit(f"error: {e} (trained context {trained}: use larger --multiples)") from None
     print(f"Passkey retrieval with {Path(str(model.path)).name} (trained context {trained} tokens).")
     print(f"Each prompt hides a {args.digits}-digit key at depth {args.depth:g} of the filler text")
     print(f"(seed {args.seed}: the prompts `selfextend-rs eval passkey` builds);")
@@ -239,9 +246,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"{'tokens':>7} {'method':<24} {'expected':>10} {'answer':>12} {'ok':>3} "
           f"{'prefill s':>10} {'tok/s':>8}", flush=True)
     correct = 0
-    for length in lengths:
-        prompt = se_eval.passkey_case(model.tokenizer, length, args.depth, seed=args.seed,
-                                      digits=args.digits)
+    for prompt in prompts:
         ids, key = prompt.token_ids, prompt.key
         setting = se.SelfExtend.auto(len(ids) + 8, trained)
         methods = [("plain", None), (f"SelfExtend G={setting.group_size} W={setting.window}", setting)]
