@@ -5,8 +5,9 @@
 
 The headline has one row per method: passkey accuracy (correct/prompts) and perplexity
 per length. `--update` rewrites the blocks between `<!-- NAME:begin -->` and
-`<!-- NAME:end -->` in the given files, NAME being `headline`, `passkey` or `ppl`
-(the last two are the eval's own Markdown tables).
+`<!-- NAME:end -->` in the given files, NAME being `headline`, `passkey`, `ppl` or
+`sweep` (the last three are the eval's own Markdown, the sweep's from
+`RESULTS/sweep/sweep.json` when it exists).
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ def main() -> None:
     blocks = {"headline": headline(passkey, ppl, args.passkey_lengths, args.ppl_lengths),
               "passkey": se_eval.markdown(passkey),
               "ppl": se_eval.markdown(ppl)}
+    if (root / "sweep" / "sweep.json").exists():
+        blocks["sweep"] = se_eval.markdown(se_eval.load_result(root / "sweep" / "sweep.json"))
     if args.update is None:
         print(blocks["headline"], end="")
         return

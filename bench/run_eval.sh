@@ -26,3 +26,21 @@ eval_ ppl --lengths 32k --windows 1
 eval_ passkey --lengths 4k 8k 16k --depths 0 0.25 0.75 1
 eval_ passkey --lengths 32k --depths 0.25 0.75
 eval_ ppl --lengths 2k 4k 8k 16k 32k --windows 2
+
+# Which G and W: the SelfExtend sweep (docs/long-context/sweep/), 16 settings per length
+# plus plain and selfextend:auto, 5 prompts and 2 text windows per cell. Its prompts use
+# seed 1, so the seed-0 prompts above and below are held out from what it chose.
+"$PY" -m selfextend_rs.cli eval sweep --lengths 16k 32k --seed 1 --out "$OUT/sweep" \
+    --kv-cache f32 --resume
+# Larger samples for the methods that matter (10 prompts at 16k, 5 at 32k), with the
+# sweep's one setting for both lengths as a method of its own.
+BEST=$("$PY" - "$OUT/sweep/sweep.json" <<'PY'
+import sys
+from selfextend_rs import eval as se_eval
+chosen = se_eval.recommend(se_eval.load_result(sys.argv[1]))
+print(f"selfextend:{chosen.self_extend.group_size},{chosen.self_extend.window}" if chosen else "")
+PY
+)
+METHODS=plain,selfextend:auto,dynamic-ntk${BEST:+,$BEST}
+eval_ passkey --lengths 16k --depths 0 0.25 0.5 0.75 1 --samples 2
+eval_ passkey --lengths 32k --depths 0 0.25 0.5 0.75 1
