@@ -308,6 +308,9 @@ impl QMatrix {
     }
 
     /// Codes, scales and offsets (none for [`Format::I8`]) of block `b` of tile `tile`.
+    // Inlined into the kernels' block loops: as a call, it made every block spill and
+    // reload the accumulators.
+    #[inline(always)]
     fn tile_block(&self, tile: usize, b: usize) -> (&[u8], &[f16], &[f16]) {
         let at = tile * self.blocks + b;
         let bytes = self.format.tile_block_bytes();
@@ -396,6 +399,7 @@ impl Activations {
         }
     }
 
+    #[inline(always)]
     fn row(&self, r: usize) -> Row<'_> {
         let blocks = r * self.blocks..(r + 1) * self.blocks;
         Row {
