@@ -4,7 +4,9 @@ instance, answering the official `openai` client."""
 from __future__ import annotations
 
 import gc
+import re
 import socket
+import time
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -54,7 +56,8 @@ def proxy(model_path: Path) -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # Logical CPUs: the two replicas below and the one-replica app of the disconnect test.
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(app(model_path, num_replicas=2, threads=1, model_name="tiny", self_extend=None),
@@ -91,3 +94,44 @@ def test_two_replicas_answer_concurrent_requests(proxy: str, model: se.Model) ->
     assert "".join(chunk.choices[0].text for chunk in streamed) == answers[0].choices[0].text
     with pytest.raises(openai.NotFoundError):
         api.completions.create(model="other", prompt="x", max_tokens=1)
+
+
+def _metrics(base: str) -> dict[str, float]:
+    import httpx
+
+    text = httpx.get(f"{base}/metrics", timeout=30).text
+    return {m.group(1): float(m.group(2))
+            for m in re.finditer(r"^(selfextend_\w+) ([0-9.e+-]+)$", text, flags=re.M)}
+
+
+def test_a_client_that_disconnects_behind_the_proxy_cancels_its_sequence(
+        proxy: str, model: se.Model, model_path: Path) -> None:
+    """Ray's proxy passes the hang-up on to the replica, whose engine drops the sequence:
+    it neither runs to its end nor holds its KV cache."""
+    import httpx
+
+    # One replica, so that its /metrics are the engine that ran the request.
+    serve.run(app(model_path, num_replicas=1, threads=1, model_name="tiny", self_extend=None,
+                  name="single"), name="single", route_prefix="/single")
+    base = proxy.replace("/v1", "/single")
+    # A prompt whose greedy continuation runs the full 2000 tokens (no EOS): only the
+    # hang-up can end it early.
+    prompt = next(p for p in (random_ids(8, model.config.vocab_size, seed=s) for s in range(50))
+                  if model.generate(p, 2000).finish_reason == "length")
+    before = _metrics(base)
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 2000, "temperature": 0, "stream": True}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{base}/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    break  # one event, then hang up
+    deadline = time.monotonic() + 30
+    while (now := _metrics(base))["selfextend_running_sequences"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert now["selfextend_running_sequences"] == 0 and now["selfextend_kv_cache_bytes"] == 0
+    # Cancelled, not run to the end.
+    assert now["selfextend_requests_finished_total"] == before["selfextend_requests_finished_total"]
+    generated = now["selfextend_generated_tokens_total"] - before["selfextend_generated_tokens_total"]
+    assert 1 <= generated < 2000
+    serve.delete("single")
