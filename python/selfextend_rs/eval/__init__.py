@@ -837,8 +837,8 @@ class _Progress:
 
 
 # The sweep builds on everything above, so it is imported last.
-from selfextend_rs import _sweep  # noqa: E402
-from selfextend_rs._sweep import (  # noqa: E402
+from selfextend_rs.eval import _sweep  # noqa: E402
+from selfextend_rs.eval._sweep import (  # noqa: E402
     DEFAULT_GROUP_SIZES,
     DEFAULT_REFERENCES,
     Recommendation,
