@@ -503,11 +503,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "--samples) and perplexity windows (--text-windows), then recommends the "
                      "setting with the best passkey accuracy (ties: the lower perplexity) and "
                      "lists the settings its 95% interval cannot tell apart from it. Writes "
-                     "sweep.json, sweep.md and a heatmap sweep.png. Every cell is a full "
-                     "forward pass at its length: a 16k grid of 16 settings with 5 prompts "
-                     "and 2 windows is about 7 x 16 prefills of 16k tokens (hours on 2 CPU "
-                     "cores); --resume continues, and an interrupted sweep has an even grid "
-                     "(round k gives every cell its k-th prompt).",
+                     "sweep.json, sweep.md and a heatmap sweep.png. L is the model's "
+                     "trained context; lengths accept a k suffix (16k = 16384). Every "
+                     "prompt and window is a full forward pass at its length: a 16k grid of "
+                     "16 settings and the 2 references, with 5 prompts and 2 windows, is "
+                     "126 prefills of 16k tokens (hours on 2 CPU cores); --resume "
+                     "continues, and an interrupted sweep has an even grid (round k gives "
+                     "every cell its k-th prompt).",
         }[task]
         example = {
             "passkey": "selfextend-rs eval passkey --lengths 4k 16k --depths 0 0.5 1 "
