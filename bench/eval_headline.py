@@ -7,7 +7,7 @@ The headline has one row per method: passkey accuracy (correct/prompts) and perp
 per length. `--update` rewrites the blocks between `<!-- NAME:begin -->` and
 `<!-- NAME:end -->` in the given files, NAME being `headline`, `passkey`, `ppl` or
 `sweep` (the last three are the eval's own Markdown, the sweep's from
-`RESULTS/sweep/sweep.json` when it exists).
+`RESULTS/sweep/sweep.json` when it exists, whose heatmap `--update` also redraws).
 """
 
 from __future__ import annotations
@@ -62,11 +62,15 @@ def main() -> None:
     blocks = {"headline": headline(passkey, ppl, args.passkey_lengths, args.ppl_lengths),
               "passkey": se_eval.markdown(passkey),
               "ppl": se_eval.markdown(ppl)}
-    if (root / "sweep" / "sweep.json").exists():
-        blocks["sweep"] = se_eval.markdown(se_eval.load_result(root / "sweep" / "sweep.json"))
+    sweep = root / "sweep" / "sweep.json"
+    if sweep.exists():
+        blocks["sweep"] = se_eval.markdown(se_eval.load_result(sweep))
     if args.update is None:
         print(blocks["headline"], end="")
         return
+    if sweep.exists():
+        # The sweep's own PNG is drawn when it finishes; the docs show it while it runs.
+        se_eval.plot(se_eval.load_result(sweep), sweep.with_suffix(".png"))
     for name in args.update:
         path = Path(name)
         text = path.read_text()
