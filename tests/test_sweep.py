@@ -146,6 +146,8 @@ def test_recommendation_on_known_counts() -> None:
     # Equal accuracy: the lower perplexity wins; equal both: the smaller G, then larger W.
     assert se_eval.recommend(synthetic({(4, 512): (3, 5, 30.0), (8, 512): (3, 5, 25.0)})
                              ).self_extend == se.SelfExtend(8, 512)  # type: ignore[union-attr]
+    alone = se_eval.recommend(synthetic({(4, 512): (1, 5, 30.0)}))
+    assert alone is not None and "the only setting in reach" in str(alone)
     tie = synthetic({(8, 512): (3, 5, 25.0), (4, 512): (3, 5, 25.0), (4, 1024): (3, 5, 25.0)})
     assert se_eval.recommend(tie).self_extend == se.SelfExtend(4, 1024)  # type: ignore[union-attr]
     table = se_eval.markdown(result)

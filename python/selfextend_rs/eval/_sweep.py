@@ -118,6 +118,8 @@ class Recommendation:
             lines.append(f"  {len(self.not_separated)} of the other {self.candidates - 1} "
                          f"settings are not told apart from it on passkey by these samples "
                          f"(their 95% intervals overlap): {listed}")
+        elif self.candidates == 1:
+            lines.append("  the only setting in reach with passkey records so far")
         else:
             lines.append(f"  its passkey interval does not overlap any of the other "
                          f"{self.candidates - 1} settings'")
