@@ -44,7 +44,7 @@ def test_gguf_tokenizer_matches_tokenizer_json(dense_gguf: Path, model: se.Model
     assert g.tokenizer.decode(ids) == model.tokenizer.decode(ids)
 
 
-@pytest.mark.parametrize("quant", ["Q8_0", "Q4_0"])
+@pytest.mark.parametrize("quant", ["Q8_0", "Q4_0", "Q5_0"])
 def test_quantized_matmul_tracks_the_dense_path(model_path: Path, tmp_path: Path, quant: str) -> None:
     path = write_gguf(model_path, tmp_path / f"tiny-{quant}.gguf", quant=quant)
     q = se.Model.load(path)

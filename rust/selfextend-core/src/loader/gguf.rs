@@ -21,7 +21,7 @@ const DEFAULT_ALIGNMENT: u64 = 32;
 const MAX_DIMS: usize = 4;
 
 /// Block types whose candle CPU dot product has no SIMD path (see `load_quantized`).
-/// On the CPU, Q4_1 (like Q4_0 and Q8_0) runs on our own kernel instead
+/// On the CPU, Q4_1 and Q5_0 (like Q4_0, Q8_0 and Q4_K) run on our own kernel instead
 /// (`model/qmatrix.rs`).
 const SCALAR_ONLY: [GgmlDType; 4] = [
     GgmlDType::Q4_1,
@@ -820,7 +820,8 @@ impl TensorSource for GgufSource {
                 ) =>
             {
                 let q = self.qtensor(name, shape, &Device::Cpu)?;
-                let own_kernel = info.dtype == GgmlDType::Q4_1 && device.is_cpu();
+                let own_kernel =
+                    matches!(info.dtype, GgmlDType::Q4_1 | GgmlDType::Q5_0) && device.is_cpu();
                 let q = if SCALAR_ONLY.contains(&info.dtype) && !own_kernel {
                     // candle has SIMD dot products for Q4_0, Q8_0 and the K-quants only;
                     // these blocks (32 values, like Q8_0) would run on a scalar loop.

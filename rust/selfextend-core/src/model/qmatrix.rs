@@ -1,9 +1,11 @@
-//! Linear layers over Q4_0, Q4_1 and Q8_0 GGUF weights on the CPU, read as stored.
+//! Linear layers over Q4_0, Q4_1, Q5_0, Q8_0 and Q4_K GGUF weights on the CPU.
 //!
-//! candle has no SIMD dot product for Q4_1 (such weights used to be re-quantized to
-//! Q8_0, 1.7x the bytes read per decoded token), and its Q8_0 product reads one weight
-//! row per output. Here a weight keeps its codes `q` and, per block of 32, a scale `d`
-//! and for 4-bit codes an offset `m` (`w = d q + m`; Q4_0 is `m = -8 d`). Activations
+//! candle has no SIMD dot product for Q4_1 or Q5_0 (such weights used to be
+//! re-quantized to Q8_0, 1.7x the bytes read per decoded token of Q4_1), and its Q8_0
+//! and K-quant products read one weight row per output. Here a weight keeps its codes
+//! `q` and, per block of 32, a scale `d` and for 4-bit codes an offset `m` (`w = d q +
+//! m`; Q4_0 is `m = -8 d`; Q5_0's 5-bit codes are stored as 8-bit `q - 16`; Q4_K's
+//! super-blocks of 256 become 8 such blocks). Activations
 //! are quantized to 8 bits per block of 32 (`x ≈ da qa`, as llama.cpp's Q8_1), and
 //!
 //! ```text
@@ -77,25 +79,34 @@ struct RowBlock {
 }
 
 impl QMatrix {
-    /// The blocks of `q` (Q4_0, Q4_1 or Q8_0), or `None` for other block types.
+    /// The blocks of `q` (Q4_0, Q4_1, Q5_0, Q8_0 or Q4_K), or `None` for other block
+    /// types.
+    ///
+    /// Q4_K's super-blocks of 256 become 8 blocks of 32 with scale `d · sc` and offset
+    /// `-dmin · m`, rounded to f16 (GGUF keeps `d` and `dmin` in f16 and `sc`, `m` as
+    /// 6-bit integers), so its weights are GGUF's within a relative 2⁻¹¹ of each block's
+    /// scale; the other types are read exactly.
     pub(crate) fn from_qtensor(q: &QTensor) -> Result<Option<Self>> {
         let (out_features, in_features) = match q.shape().dims() {
             &[o, i] => (o, i),
             _ => return Ok(None),
         };
         let dtype = q.dtype();
-        let (format, block_bytes) = match dtype {
-            GgmlDType::Q4_0 => (Format::U4, 18),
-            GgmlDType::Q4_1 => (Format::U4, 20),
-            GgmlDType::Q8_0 => (Format::I8, 34),
+        // The format, and the bytes and weights of one stored block.
+        let (format, unit_bytes, unit) = match dtype {
+            GgmlDType::Q4_0 => (Format::U4, 18, BLOCK),
+            GgmlDType::Q4_1 => (Format::U4, 20, BLOCK),
+            GgmlDType::Q5_0 => (Format::I8, 22, BLOCK),
+            GgmlDType::Q8_0 => (Format::I8, 34, BLOCK),
+            GgmlDType::Q4K => (Format::U4, 144, 256),
             _ => return Ok(None),
         };
-        if in_features % BLOCK != 0 {
+        if in_features % unit != 0 {
             return Ok(None);
         }
         let data = q.data()?;
-        let blocks = in_features / BLOCK;
-        if data.len() != out_features * blocks * block_bytes {
+        let units = in_features / unit;
+        if data.len() != out_features * units * unit_bytes {
             return Err(Error::invalid(
                 "weights",
                 format!(
@@ -106,29 +117,65 @@ impl QMatrix {
             ));
         }
         let half = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]);
+        if dtype == GgmlDType::Q4K {
+            // d · 63 and dmin · 63 must stay finite in f16; otherwise candle runs it.
+            let fits = |b: &[u8]| half(b).to_f32().abs() * 63.0 <= f16::MAX.to_f32();
+            if !data
+                .chunks_exact(unit_bytes)
+                .all(|s| fits(&s[0..2]) && fits(&s[2..4]))
+            {
+                return Ok(None);
+            }
+        }
         Ok(Some(Self::build(
             format,
             out_features,
             in_features,
             |row, b| {
-                let block = &data[(row * blocks + b) * block_bytes..][..block_bytes];
-                let d = half(&block[0..2]);
+                let per_unit = unit / BLOCK;
+                let stored = &data[(row * units + b / per_unit) * unit_bytes..][..unit_bytes];
                 let mut codes = [0i8; BLOCK];
-                let m = match dtype {
+                let (d, m) = match dtype {
                     GgmlDType::Q8_0 => {
-                        for (q, &byte) in codes.iter_mut().zip(&block[2..]) {
+                        for (q, &byte) in codes.iter_mut().zip(&stored[2..]) {
                             *q = byte as i8;
                         }
-                        f16::ZERO
+                        (half(&stored[0..2]), f16::ZERO)
+                    }
+                    GgmlDType::Q5_0 => {
+                        // The fifth bit of code j is bit j of `qh`.
+                        let qh = u32::from_le_bytes([stored[2], stored[3], stored[4], stored[5]]);
+                        let high = |j: usize| (((qh >> j) & 1) << 4) as u8;
+                        for (j, &byte) in stored[6..].iter().enumerate() {
+                            codes[j] = ((byte & 0x0f) | high(j)) as i8 - 16;
+                            codes[j + 16] = ((byte >> 4) | high(j + 16)) as i8 - 16;
+                        }
+                        (half(&stored[0..2]), f16::ZERO)
+                    }
+                    GgmlDType::Q4K => {
+                        // Block j of the super-block: the low (even j) or high (odd j)
+                        // nibbles of its 64-weight chunk j / 2.
+                        let j = b % per_unit;
+                        let (sc, min) = k_scale_min(&stored[4..16], j);
+                        let nibbles = &stored[16 + 32 * (j / 2)..][..32];
+                        for (q, &byte) in codes.iter_mut().zip(nibbles) {
+                            *q = if j % 2 == 0 { byte & 0x0f } else { byte >> 4 } as i8;
+                        }
+                        let (d, dmin) = (half(&stored[0..2]), half(&stored[2..4]));
+                        (
+                            f16::from_f32(d.to_f32() * sc as f32),
+                            f16::from_f32(-dmin.to_f32() * min as f32),
+                        )
                     }
                     _ => {
-                        for (j, &byte) in block[block_bytes - 16..].iter().enumerate() {
+                        for (j, &byte) in stored[unit_bytes - 16..].iter().enumerate() {
                             codes[j] = (byte & 0x0f) as i8;
                             codes[j + 16] = (byte >> 4) as i8;
                         }
+                        let d = half(&stored[0..2]);
                         match dtype {
-                            GgmlDType::Q4_1 => half(&block[2..4]),
-                            _ => f16::from_f32(-8.0 * d.to_f32()),
+                            GgmlDType::Q4_1 => (d, half(&stored[2..4])),
+                            _ => (d, f16::from_f32(-8.0 * d.to_f32())),
                         }
                     }
                 };
@@ -322,6 +369,20 @@ impl QMatrix {
             &self.codes[at * bytes..][..bytes],
             &self.scales[at * COLS..][..COLS],
             offsets,
+        )
+    }
+}
+
+/// The 6-bit scale and min of block `j` (< 8) of a Q4_K super-block, from its 12
+/// packed bytes: blocks 0-3 in the low 6 bits of bytes 0-7, blocks 4-7 in the nibbles
+/// of bytes 8-11 with their top 2 bits in the top bits of bytes 0-7.
+fn k_scale_min(packed: &[u8], j: usize) -> (u8, u8) {
+    if j < 4 {
+        (packed[j] & 63, packed[j + 4] & 63)
+    } else {
+        (
+            (packed[j + 4] & 0x0f) | ((packed[j - 4] >> 6) << 4),
+            (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4),
         )
     }
 }
@@ -711,10 +772,16 @@ mod tests {
     /// accumulation), over shapes with partial tiles and row tails.
     #[test]
     fn kernels_match_the_dequantized_product() -> Result<()> {
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
-            let shapes = [(8, 64, 1), (13, 96, 3), (192, 576, 8), (37, 1536, 11)];
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+        ] {
+            let shapes = [(8, 256, 1), (13, 512, 3), (192, 768, 8), (37, 1536, 11)];
             // Every row count a tile can have.
-            let rows = [2, 4, 5, 6, 7].map(|n| (24, 64, n));
+            let rows = [2, 4, 5, 6, 7].map(|n| (24, 256, n));
             for (out_f, in_f, n_rows) in shapes.into_iter().chain(rows) {
                 let w = Tensor::from_vec(random(out_f * in_f, 1), (out_f, in_f), &Device::Cpu)?;
                 let q = QTensor::quantize(&w, dtype)?;
@@ -725,7 +792,21 @@ mod tests {
                     .abs()?
                     .max_all()?
                     .to_scalar::<f32>()?;
-                assert_eq!(diff, 0.0, "{dtype:?}: dequantization differs from candle's");
+                // Q4_K's block scales and offsets are rounded to f16 (see `from_qtensor`):
+                // |Δw| <= 2⁻¹¹ (|d sc| 15 + |dmin m|), where |d sc| 15 is the block's
+                // range (at most 2 max |w|) and |dmin m| its minimum (at most max |w|).
+                let allowed = match dtype {
+                    GgmlDType::Q4K => {
+                        let max = reference.abs()?.max_all()?.to_scalar::<f32>()?;
+                        3.0 * max / 2048.0
+                    }
+                    _ => 0.0,
+                };
+                assert!(
+                    diff <= allowed,
+                    "{dtype:?}: dequantization differs from candle's by {diff} (allowed {allowed})"
+                );
+
                 let wd: Vec<f32> = dense.flatten_all()?.to_vec1()?;
                 let x = random(n_rows * in_f, 2);
                 let acts = Activations::quantize(&x, n_rows, in_f);
@@ -774,14 +855,19 @@ mod tests {
     /// quantization's error, and stacking keeps each part's rows.
     #[test]
     fn stacked_matmul_approximates_the_dense_product() -> Result<()> {
-        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        for dtype in [
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+        ] {
             stacked_matmul(dtype)?;
         }
         Ok(())
     }
 
     fn stacked_matmul(dtype: GgmlDType) -> Result<()> {
-        let (in_f, n_rows) = (320, 6);
+        let (in_f, n_rows) = (512, 6);
         let read = |rows: usize, seed: u64| -> Result<QMatrix> {
             let w = Tensor::from_vec(random(rows * in_f, seed), (rows, in_f), &Device::Cpu)?;
             Ok(QMatrix::from_qtensor(&QTensor::quantize(&w, dtype)?)?.expect("readable"))
