@@ -85,7 +85,8 @@ impl QMatrix {
     /// Q4_K's super-blocks of 256 become 8 blocks of 32 with scale `d · sc` and offset
     /// `-dmin · m`, rounded to f16 (GGUF keeps `d` and `dmin` in f16 and `sc`, `m` as
     /// 6-bit integers), so its weights are GGUF's within a relative 2⁻¹¹ of each block's
-    /// scale; the other types are read exactly.
+    /// scale and offset; a tensor where some product falls outside f16's normal range
+    /// is left to candle (`None`). The other types are read exactly.
     pub(crate) fn from_qtensor(q: &QTensor) -> Result<Option<Self>> {
         let (out_features, in_features) = match q.shape().dims() {
             &[o, i] => (o, i),
@@ -117,15 +118,21 @@ impl QMatrix {
             ));
         }
         let half = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]);
-        if dtype == GgmlDType::Q4K {
-            // d · 63 and dmin · 63 must stay finite in f16; otherwise candle runs it.
-            let fits = |b: &[u8]| half(b).to_f32().abs() * 63.0 <= f16::MAX.to_f32();
-            if !data
-                .chunks_exact(unit_bytes)
-                .all(|s| fits(&s[0..2]) && fits(&s[2..4]))
-            {
-                return Ok(None);
-            }
+        // Every Q4_K block's scale and offset must be a normal f16 (or zero), where
+        // rounding costs at most 2⁻¹¹ of it; otherwise candle runs the layer.
+        let normal = |x: f32| {
+            x == 0.0 || (f16::MIN_POSITIVE.to_f32()..=f16::MAX.to_f32()).contains(&x.abs())
+        };
+        if dtype == GgmlDType::Q4K
+            && !data.chunks_exact(unit_bytes).all(|stored| {
+                let (d, dmin) = (half(&stored[0..2]).to_f32(), half(&stored[2..4]).to_f32());
+                (0..unit / BLOCK).all(|j| {
+                    let (sc, min) = k_scale_min(&stored[4..16], j);
+                    normal(d * sc as f32) && normal(dmin * min as f32)
+                })
+            })
+        {
+            return Ok(None);
         }
         Ok(Some(Self::build(
             format,
@@ -853,6 +860,19 @@ mod tests {
 
     /// The threaded product approximates the f32 product within the 8-bit activation
     /// quantization's error, and stacking keeps each part's rows.
+    #[test]
+    fn q4k_scales_outside_f16s_normal_range_are_left_to_candle() -> Result<()> {
+        let read = |scale: f32| -> Result<bool> {
+            let w: Vec<f32> = random(16 * 256, 7).iter().map(|x| x * scale).collect();
+            let w = Tensor::from_vec(w, (16, 256), &Device::Cpu)?;
+            Ok(QMatrix::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q4K)?)?.is_some())
+        };
+        assert!(read(1.0)?);
+        // Block scales near 1e-7: subnormal in f16, where rounding would cost percents.
+        assert!(!read(1e-5)?);
+        Ok(())
+    }
+
     #[test]
     fn stacked_matmul_approximates_the_dense_product() -> Result<()> {
         for dtype in [
