@@ -193,6 +193,13 @@ def test_sweep_rejects_bad_grids(model: se.Model) -> None:
             se_eval.run_sweep(model, **dict(GRID, **bad))
 
 
+def test_an_interrupted_sweep_covers_the_depths() -> None:
+    from selfextend_rs.eval._sweep import _spread
+
+    assert _spread([0.0, 0.25, 0.5, 0.75, 1.0]) == [0.5, 0.0, 1.0, 0.25, 0.75]
+    assert _spread([1.0, 0.0]) == [0.0, 1.0] and _spread([0.3]) == [0.3]
+
+
 def test_default_grid_comes_from_the_trained_context() -> None:
     assert se_eval.default_windows(8192) == [512, 1024, 2048, 4096]
     assert se_eval.default_windows(32) == [2, 4, 8, 16]

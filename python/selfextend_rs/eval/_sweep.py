@@ -152,7 +152,8 @@ def run_sweep(
 
     Defaults: G in 2, 4, 8, 16, 32 and W from `default_windows(L)`. Lengths run from the
     shortest; within a length, round k gives every cell its k-th prompt (and window),
-    so an interrupted sweep has an even grid. `resume` and `on_record` work as in
+    the depths spread out (middle, ends, quarters), so an interrupted sweep has an even
+    grid that covers the prompt. `resume` and `on_record` work as in
     `run_passkey`. The result's "recommendation" holds the choice for each length and
     for all of them together (see `recommend`).
     """
@@ -182,7 +183,7 @@ def run_sweep(
     result = _start("sweep", model, config, refs + list(grid.values()), resume)
     done = {_record_key(r) for r in result["records"]}
     max_new = digits + 4
-    prompts_per_cell = [(d, s) for s in range(samples) for d in config["depths"]]
+    prompts_per_cell = [(d, s) for s in range(samples) for d in _spread(config["depths"])]
     texts = (ppl_windows(model.tokenizer, config["lengths"][-1], text_windows, seed, documents)
              if text_windows else [])
 
@@ -214,6 +215,18 @@ def run_sweep(
     bar.close()
     _summarize(result)
     return result
+
+
+def _spread(depths: list[float]) -> list[float]:
+    """`depths` in the order an interrupted sweep learns most from: the middle one,
+    then each time the one farthest from those already taken (0.5, 0, 1, 0.25, 0.75)."""
+    rest = sorted(depths)
+    order = [rest.pop((len(rest) - 1) // 2)]
+    while rest:
+        far = max(rest, key=lambda d: (min(abs(d - o) for o in order), -d))
+        order.append(far)
+        rest.remove(far)
+    return order
 
 
 def _record_key(r: Record) -> tuple[Any, ...]:
