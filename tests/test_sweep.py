@@ -77,8 +77,9 @@ def test_sweep_runs_every_cell_in_reach_on_shared_prompts(model: se.Model,
 
 
 def ranked_by_hand(result: dict[str, Any], lengths: list[int]) -> list[tuple[int, int]]:
-    """The recommendation rule written out: pooled passkey accuracy, then the mean over
-    lengths of log perplexity, then smaller G, then larger W."""
+    """The recommendation rule written out: the lower end of the pooled passkey
+    accuracy's 95% interval, then the mean over lengths of log perplexity, then smaller
+    G, then larger W."""
     trained = result["model"]["trained_context"]
     rows = []
     for g in result["config"]["group_sizes"]:
@@ -88,7 +89,7 @@ def ranked_by_hand(result: dict[str, Any], lengths: list[int]) -> list[tuple[int
             mine = [r for r in result["records"] if r["method"] == f"selfextend:{g},{w}"
                     and r["length"] in lengths]
             keys = [r for r in mine if r["task"] == "passkey"]
-            acc = sum(r["correct"] for r in keys) / len(keys)
+            acc = se_eval.wilson_interval(sum(r["correct"] for r in keys), len(keys))[0]
             mean_log_ppl = sum(
                 sum(r["nll"] for r in mine if r["task"] == "ppl" and r["length"] == n)
                 / sum(1 for r in mine if r["task"] == "ppl" and r["length"] == n)
@@ -148,6 +149,9 @@ def test_recommendation_on_known_counts() -> None:
                              ).self_extend == se.SelfExtend(8, 512)  # type: ignore[union-attr]
     alone = se_eval.recommend(synthetic({(4, 512): (1, 5, 30.0)}))
     assert alone is not None and "the only setting in reach" in str(alone)
+    # A partial sweep: 2/2 has more evidence than 1/1, whatever the perplexity.
+    partial = synthetic({(4, 512): (1, 1, 10.0), (8, 512): (2, 2, 30.0)})
+    assert se_eval.recommend(partial).self_extend == se.SelfExtend(8, 512)  # type: ignore[union-attr]
     tie = synthetic({(8, 512): (3, 5, 25.0), (4, 512): (3, 5, 25.0), (4, 1024): (3, 5, 25.0)})
     assert se_eval.recommend(tie).self_extend == se.SelfExtend(4, 1024)  # type: ignore[union-attr]
     table = se_eval.markdown(result)

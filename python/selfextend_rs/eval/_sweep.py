@@ -94,7 +94,8 @@ class SweepCell:
 
 @dataclass(frozen=True)
 class Recommendation:
-    """The grid setting with the highest passkey accuracy over `lengths` (pooled), ties
+    """The grid setting whose passkey accuracy over `lengths` (pooled) has the highest
+    lower end of its 95% interval (with equal sample counts: the highest accuracy), ties
     broken by the lower mean log-perplexity, then the smaller G and the larger W."""
 
     self_extend: se.SelfExtend
@@ -287,9 +288,11 @@ def recommend(result: Result, lengths: Optional[Sequence[int]] = None) -> Option
     which only settings in reach at all of them can be), or None before any candidate
     has a passkey record at each of those lengths.
 
-    Passkey accuracy decides, pooled over the lengths; then the mean log-perplexity over
-    the lengths that have one (a setting with no perplexity yet ranks after those that
-    have); then the smaller G, then the larger W.
+    Passkey accuracy decides, pooled over the lengths, by the lower end of its 95%
+    Wilson interval: with equal sample counts that is the accuracy itself, and while a
+    sweep is partial, 2/2 ranks above 1/1. Then the mean log-perplexity over the lengths
+    (a setting without one at every length ranks after those with); then the smaller G,
+    then the larger W.
     """
     c = result["config"]
     trained = result["model"]["trained_context"]
@@ -305,7 +308,8 @@ def recommend(result: Result, lengths: Optional[Sequence[int]] = None) -> Option
             correct, prompts = sum(x.correct for x in cells), sum(x.prompts for x in cells)
             nll = [math.log(x.ppl) for x in cells if x.ppl is not None]
             mean_nll = math.fsum(nll) / len(nll) if len(nll) == len(cells) else math.inf
-            ranked.append(((-correct / prompts, mean_nll, g, -w), (g, w), cells, (correct, prompts)))
+            lower = wilson_interval(correct, prompts)[0]
+            ranked.append(((-lower, mean_nll, g, -w), (g, w), cells, (correct, prompts)))
     if not ranked:
         return None
     ranked.sort(key=lambda x: x[0])
