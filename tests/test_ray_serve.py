@@ -113,25 +113,28 @@ def test_a_client_that_disconnects_behind_the_proxy_cancels_its_sequence(
     # One replica, so that its /metrics are the engine that ran the request.
     serve.run(app(model_path, num_replicas=1, threads=1, model_name="tiny", self_extend=None,
                   name="single"), name="single", route_prefix="/single")
-    base = proxy.replace("/v1", "/single")
-    # A prompt whose greedy continuation runs the full 2000 tokens (no EOS): only the
-    # hang-up can end it early.
-    prompt = next(p for p in (random_ids(8, model.config.vocab_size, seed=s) for s in range(50))
-                  if model.generate(p, 2000).finish_reason == "length")
-    before = _metrics(base)
-    body = {"model": "tiny", "prompt": prompt, "max_tokens": 2000, "temperature": 0, "stream": True}
-    with httpx.Client(timeout=60) as http:
-        with http.stream("POST", f"{base}/v1/completions", json=body) as r:
-            assert r.status_code == 200
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    break  # one event, then hang up
-    deadline = time.monotonic() + 30
-    while (now := _metrics(base))["selfextend_running_sequences"] and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert now["selfextend_running_sequences"] == 0 and now["selfextend_kv_cache_bytes"] == 0
-    # Cancelled, not run to the end.
-    assert now["selfextend_requests_finished_total"] == before["selfextend_requests_finished_total"]
-    generated = now["selfextend_generated_tokens_total"] - before["selfextend_generated_tokens_total"]
-    assert 1 <= generated < 2000
-    serve.delete("single")
+    try:
+        base = proxy.replace("/v1", "/single")
+        # A prompt whose greedy continuation runs the full 2000 tokens (no EOS): only the
+        # hang-up can end it early.
+        prompt = next((p for p in (random_ids(8, model.config.vocab_size, seed=s) for s in range(50))
+                       if model.generate(p, 2000).finish_reason == "length"), None)
+        assert prompt is not None, "no seed gives a 2000-token greedy continuation"
+        before = _metrics(base)
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 2000, "temperature": 0, "stream": True}
+        with httpx.Client(timeout=60) as http:
+            with http.stream("POST", f"{base}/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        break  # one event, then hang up
+        deadline = time.monotonic() + 30
+        while (now := _metrics(base))["selfextend_running_sequences"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert now["selfextend_running_sequences"] == 0 and now["selfextend_kv_cache_bytes"] == 0
+        # Cancelled, not run to the end.
+        assert now["selfextend_requests_finished_total"] == before["selfextend_requests_finished_total"]
+        generated = now["selfextend_generated_tokens_total"] - before["selfextend_generated_tokens_total"]
+        assert 1 <= generated < 2000
+    finally:
+        serve.delete("single")

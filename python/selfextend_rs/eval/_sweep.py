@@ -3,7 +3,8 @@ scored by passkey retrieval and perplexity on the same prompts and windows, and 
 setting the measurements recommend. Public through `selfextend_rs.eval`.
 
 A setting reaches (L - W)·G + W tokens for a model trained on L (the SelfExtend paper,
-Jin et al., 2024); cells whose reach is below their length are out of reach and not run.
+Jin et al., 2024); cells whose reach is below their longest sequence (a passkey prompt
+and its answer) are out of reach and not run.
 """
 
 from __future__ import annotations
@@ -50,10 +51,12 @@ def _grid_method(group_size: int, window: int) -> Method:
     return parse_method(f"selfextend:{group_size},{window}")
 
 
-def in_reach(group_size: int, window: int, length: int, trained: int) -> bool:
-    """Whether SelfExtend(G, W) keeps a sequence of `length` tokens inside the
-    positions the model was trained on."""
-    return window < trained and se.SelfExtend(group_size, window).max_context(trained) >= length
+def in_reach(group_size: int, window: int, length: int, trained: int, digits: int) -> bool:
+    """Whether SelfExtend(G, W) keeps every sequence of a `length` cell inside the
+    positions the model was trained on: its passkey prompts (within length / 200 of
+    it, see `passkey_prompt`) with their answers of digits + 4 tokens."""
+    longest = length + max(1, length // 200) + digits + 4
+    return window < trained and se.SelfExtend(group_size, window).max_context(trained) >= longest
 
 
 @dataclass(frozen=True)
@@ -159,8 +162,10 @@ def run_sweep(
     for all of them together (see `recommend`).
     """
     trained = model.config.trained_context
-    groups = sorted(set(int(g) for g in (group_sizes or DEFAULT_GROUP_SIZES)))
-    wins = sorted(set(int(w) for w in (windows or default_windows(trained))))
+    groups = sorted(set(int(g) for g in (DEFAULT_GROUP_SIZES if group_sizes is None
+                                         else group_sizes)))
+    wins = sorted(set(int(w) for w in (default_windows(trained) if windows is None
+                                       else windows)))
     if not groups or min(groups) < 1 or not wins or min(wins) < 1:
         raise ValueError("group sizes and windows must be integers >= 1")
     if min(wins) >= trained:
@@ -177,8 +182,15 @@ def run_sweep(
         "references": [m.spec for m in refs], "chunk_size": chunk_size,
         "text": _text_name(documents),
     }
-    if text_windows and last >= config["lengths"][0]:
-        raise ValueError(f"last ({last}) must be below every length")
+    if text_windows and not 1 <= last < config["lengths"][0]:
+        raise ValueError(f"last must be >= 1 and below every length, got {last}")
+    for n in config["lengths"]:
+        if not any(in_reach(g, w, n, trained, digits) for g in groups for w in wins):
+            best = max(se.SelfExtend(g, w).max_context(trained) for g in groups for w in wins
+                       if w < trained)
+            raise ValueError(f"no setting of the grid reaches {n} tokens (a passkey prompt and "
+                             f"its answer) on a model trained on {trained}: the farthest "
+                             f"reaches {best}; add larger group sizes or smaller windows")
     grid = {(g, w): _grid_method(g, w) for w in wins for g in groups}
     refs = [m for m in refs if m not in grid.values()]
     result = _start("sweep", model, config, refs + list(grid.values()), resume)
@@ -191,7 +203,7 @@ def run_sweep(
     # (length, kind, index, method): kind "passkey" indexes prompts_per_cell, "ppl" texts.
     jobs: list[tuple[int, str, int, Method]] = []
     for n in config["lengths"]:
-        cells = refs + [m for (g, w), m in grid.items() if in_reach(g, w, n, trained)]
+        cells = refs + [m for (g, w), m in grid.items() if in_reach(g, w, n, trained, digits)]
         for k in range(max(len(prompts_per_cell), text_windows)):
             for kind, count in (("passkey", len(prompts_per_cell)), ("ppl", text_windows)):
                 if k < count:
@@ -300,7 +312,7 @@ def recommend(result: Result, lengths: Optional[Sequence[int]] = None) -> Option
     ranked = []
     for w in c["windows"]:
         for g in c["group_sizes"]:
-            if not all(in_reach(g, w, n, trained) for n in want):
+            if not all(in_reach(g, w, n, trained, c["digits"]) for n in want):
                 continue
             cells = [cell(result, f"selfextend:{g},{w}", n) for n in want]
             if any(x.prompts == 0 for x in cells):
@@ -325,23 +337,25 @@ def markdown(result: Result) -> str:
     (columns), then the reference methods."""
     c = result["config"]
     trained = result["model"]["trained_context"]
+    ppl = (f"the perplexity of the last {c['last']} tokens of {c['text_windows']} text "
+           f"window(s) ({c['text']})" if c["text_windows"] else "no perplexity")
     out = [f"SelfExtend sweep (trained context L = {trained}): passkey retrieval "
            f"({len(c['depths'])} depths x {c['samples']} sample(s), {c['digits']}-digit keys) "
-           f"and the perplexity of the last {c['last']} tokens of {c['text_windows']} text "
-           f"window(s) ({c['text']}) per cell. A cell reads `correct/prompts (95% Wilson "
-           "interval) · perplexity`; settings whose intervals overlap are not told apart by "
-           "these samples. \"out of reach\": (L − W)·G + W is below the length.\n"]
+           f"and {ppl} per cell. A cell reads `correct/prompts (95% Wilson interval) · "
+           "perplexity`; settings whose intervals overlap are not told apart by these "
+           "samples. \"out of reach\": (L − W)·G + W is below the cell's longest sequence "
+           "(a passkey prompt and its answer).\n"]
     for n in c["lengths"]:
         out.append(f"\n### {n} tokens\n")
         chosen = recommend(result, [n])
         out.append(str(chosen).replace("\n  ", "\n- ") if chosen
-                   else "No recommendation yet: no setting has a passkey record.")
+                   else "No recommendation yet: no setting in reach has a passkey record.")
         out.append("\n| W \\ G | " + " | ".join(str(g) for g in c["group_sizes"]) + " |")
         out.append("|---:|" + "---:|" * len(c["group_sizes"]))
         for w in c["windows"]:
             row = []
             for g in c["group_sizes"]:
-                if not in_reach(g, w, n, trained):
+                if not in_reach(g, w, n, trained, c["digits"]):
                     row.append("out of reach")
                     continue
                 text = _cell_text(cell(result, f"selfextend:{g},{w}", n))
@@ -390,8 +404,10 @@ def plot(result: Result, path: Union[str, Path]) -> Path:
     lengths, groups, wins = c["lengths"], c["group_sizes"], c["windows"]
     fig, axes = plt.subplots(2, len(lengths), squeeze=False, constrained_layout=True,
                              figsize=(1.1 * len(groups) * len(lengths) + 2, 1.0 * len(wins) * 2 + 2))
-    ppls = [x["ppl"] for by in result["summary"]["cells"].values() for x in by.values()
-            if x["ppl"] is not None]
+    # The colour scale spans the grid's cells only: plain attention's perplexity past L
+    # (hundreds or thousands) would squeeze them into one colour.
+    ppls = [x["ppl"] for m, by in result["summary"]["cells"].items() if m not in c["references"]
+            for x in by.values() if x["ppl"] is not None]
     norm = LogNorm(min(ppls), max(ppls) * 1.001) if ppls else None
     # Cells with nothing to show (out of reach, not run yet) are grey.
     acc_map = matplotlib.colormaps["RdYlGn"].with_extremes(bad="#dddddd")
@@ -403,7 +419,7 @@ def plot(result: Result, path: Union[str, Path]) -> Path:
         labels: list[tuple[int, int, str, str]] = []
         for i, w in enumerate(wins):
             for k, g in enumerate(groups):
-                if not in_reach(g, w, n, trained):
+                if not in_reach(g, w, n, trained, c["digits"]):
                     labels.append((i, k, "out of\nreach", "out of\nreach"))
                     continue
                 x = cell(result, f"selfextend:{g},{w}", n)

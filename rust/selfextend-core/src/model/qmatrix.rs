@@ -786,10 +786,12 @@ mod tests {
             GgmlDType::Q8_0,
             GgmlDType::Q4K,
         ] {
+            // Q4_K needs rows of 256; the others also get an odd block count (3).
+            let odd = (dtype != GgmlDType::Q4K).then_some((13, 96, 3));
             let shapes = [(8, 256, 1), (13, 512, 3), (192, 768, 8), (37, 1536, 11)];
             // Every row count a tile can have.
             let rows = [2, 4, 5, 6, 7].map(|n| (24, 256, n));
-            for (out_f, in_f, n_rows) in shapes.into_iter().chain(rows) {
+            for (out_f, in_f, n_rows) in shapes.into_iter().chain(rows).chain(odd) {
                 let w = Tensor::from_vec(random(out_f * in_f, 1), (out_f, in_f), &Device::Cpu)?;
                 let q = QTensor::quantize(&w, dtype)?;
                 let m = QMatrix::from_qtensor(&q)?.expect("blocks it reads");
@@ -858,21 +860,34 @@ mod tests {
         Ok(())
     }
 
-    /// The threaded product approximates the f32 product within the 8-bit activation
-    /// quantization's error, and stacking keeps each part's rows.
     #[test]
     fn q4k_scales_outside_f16s_normal_range_are_left_to_candle() -> Result<()> {
-        let read = |scale: f32| -> Result<bool> {
-            let w: Vec<f32> = random(16 * 256, 7).iter().map(|x| x * scale).collect();
-            let w = Tensor::from_vec(w, (16, 256), &Device::Cpu)?;
-            Ok(QMatrix::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q4K)?)?.is_some())
+        use candle_core::quantized::QStorage;
+        use std::borrow::Cow;
+        // One row of 256: super-block scale d and min dmin, every block's 6-bit sc = 1
+        // and m = `m` (packed as GGUF packs them), codes 0..15.
+        let read = |d: f32, dmin: f32, m: u8| -> Result<bool> {
+            let mut block = Vec::with_capacity(144);
+            block.extend(f16::from_f32(d).to_le_bytes());
+            block.extend(f16::from_f32(dmin).to_le_bytes());
+            block.extend([1, 1, 1, 1, m, m, m, m]);
+            block.extend([1 | m << 4; 4]);
+            block.extend((0..128).map(|i| (i % 16) as u8 | ((15 - i % 16) as u8) << 4));
+            let storage = QStorage::from_data(Cow::Owned(block), &Device::Cpu, GgmlDType::Q4K)?;
+            let q = QTensor::new(storage, (1, 256))?;
+            Ok(QMatrix::from_qtensor(&q)?.is_some())
         };
-        assert!(read(1.0)?);
-        // Block scales near 1e-7: subnormal in f16, where rounding would cost percents.
-        assert!(!read(1e-5)?);
+        assert!(read(1e-3, 1e-3, 1)?);
+        assert!(read(1e-3, 0.0, 0)?, "a zero min is exact");
+        // d · sc near 1e-6, subnormal in f16, where rounding would cost percents.
+        assert!(!read(1e-6, 0.0, 0)?);
+        // Normal scales, but dmin · m near 1e-6.
+        assert!(!read(1e-3, 1e-6, 1)?);
         Ok(())
     }
 
+    /// The threaded product approximates the f32 product within the 8-bit activation
+    /// quantization's error, and stacking keeps each part's rows.
     #[test]
     fn stacked_matmul_approximates_the_dense_product() -> Result<()> {
         for dtype in [
