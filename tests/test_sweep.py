@@ -124,8 +124,8 @@ def synthetic(cells: dict[tuple[int, int], tuple[int, int, float]]) -> dict[str,
         m = f"selfextend:{g},{w}"
         records += [{"task": "passkey", "method": m, "length": 4096, "correct": i < correct,
                      "self_extend": [g, w]} for i in range(prompts)]
-        records.append({"task": "ppl", "method": m, "length": 4096, "nll": math.log(ppl),
-                        "self_extend": [g, w]})
+        records.append({"task": "ppl", "method": m, "length": 4096, "window": 0,
+                        "nll": math.log(ppl), "self_extend": [g, w]})
     result = {"task": "sweep", "model": {"trained_context": 2048, "path": "m.gguf"},
               "config": {"lengths": [4096], "group_sizes": sorted({g for g, _ in cells}),
                          "windows": sorted({w for _, w in cells}), "depths": [0.5],
@@ -151,6 +151,12 @@ def test_recommendation_on_known_counts() -> None:
                              ).self_extend == se.SelfExtend(8, 512)  # type: ignore[union-attr]
     alone = se_eval.recommend(synthetic({(4, 512): (1, 5, 30.0)}))
     assert alone is not None and "the only setting in reach" in str(alone)
+    # Perplexity compares the windows both have: window 1 (here 5.0) is another text.
+    extra = synthetic({(4, 512): (3, 5, 30.0), (8, 512): (3, 5, 25.0)})
+    extra["records"].append({"task": "ppl", "method": "selfextend:4,512", "length": 4096,
+                             "window": 1, "nll": math.log(5.0), "self_extend": [4, 512]})
+    se_eval._summarize(extra)
+    assert se_eval.recommend(extra).self_extend == se.SelfExtend(8, 512)  # type: ignore[union-attr]
     # A partial sweep: 2/2 has more evidence than 1/1, whatever the perplexity.
     partial = synthetic({(4, 512): (1, 1, 10.0), (8, 512): (2, 2, 30.0)})
     assert se_eval.recommend(partial).self_extend == se.SelfExtend(8, 512)  # type: ignore[union-attr]

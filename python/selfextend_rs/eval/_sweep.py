@@ -302,26 +302,38 @@ def recommend(result: Result, lengths: Optional[Sequence[int]] = None) -> Option
 
     Passkey accuracy decides, pooled over the lengths, by the lower end of its 95%
     Wilson interval: with equal sample counts that is the accuracy itself, and while a
-    sweep is partial, 2/2 ranks above 1/1. Then the mean log-perplexity over the lengths
-    (a setting without one at every length ranks after those with); then the smaller G,
-    then the larger W.
+    sweep is partial, 2/2 ranks above 1/1. Then the mean log-perplexity over the lengths,
+    each on the text windows every candidate has run (the same text for all); then the
+    smaller G, then the larger W.
     """
     c = result["config"]
     trained = result["model"]["trained_context"]
     want = tuple(sorted(set(int(n) for n in (lengths or c["lengths"]))))
-    ranked = []
+    # Per (method, length): the log-perplexity of each text window run.
+    windows: dict[tuple[str, int], dict[int, float]] = {}
+    for r in result["records"]:
+        if r["task"] == "ppl":
+            windows.setdefault((r["method"], r["length"]), {})[r["window"]] = r["nll"]
+    candidates = []
     for w in c["windows"]:
         for g in c["group_sizes"]:
             if not all(in_reach(g, w, n, trained, c["digits"]) for n in want):
                 continue
             cells = [cell(result, f"selfextend:{g},{w}", n) for n in want]
-            if any(x.prompts == 0 for x in cells):
-                continue
-            correct, prompts = sum(x.correct for x in cells), sum(x.prompts for x in cells)
-            nll = [math.log(x.ppl) for x in cells if x.ppl is not None]
-            mean_nll = math.fsum(nll) / len(nll) if len(nll) == len(cells) else math.inf
-            lower = wilson_interval(correct, prompts)[0]
-            ranked.append(((-lower, mean_nll, g, -w), (g, w), cells, (correct, prompts)))
+            if all(x.prompts for x in cells):
+                candidates.append(((g, w), cells))
+    # Perplexity is compared on the windows every candidate has, the same text for all.
+    common = {n: set.intersection(*(set(windows.get((f"selfextend:{g},{w}", n), {}))
+                                    for (g, w), _ in candidates)) if candidates else set()
+              for n in want}
+    ranked = []
+    for (g, w), cells in candidates:
+        correct, prompts = sum(x.correct for x in cells), sum(x.prompts for x in cells)
+        mine = [[windows[(f"selfextend:{g},{w}", n)][k] for k in common[n]] for n in want]
+        nll = [math.fsum(v) / len(v) for v in mine if v]
+        mean_nll = math.fsum(nll) / len(nll) if nll else math.inf
+        lower = wilson_interval(correct, prompts)[0]
+        ranked.append(((-lower, mean_nll, g, -w), (g, w), cells, (correct, prompts)))
     if not ranked:
         return None
     ranked.sort(key=lambda x: x[0])
