@@ -8,7 +8,8 @@
 //! Buffers are preallocated and grow geometrically, so appending a decode step
 //! writes one row per head instead of copying the whole cache.
 
-use candle_core::{DType, Tensor};
+use candle_core::{CpuStorage, DType, Layout, Tensor};
+use half::slice::HalfFloatSliceExt;
 
 use crate::error::Result;
 
@@ -40,21 +41,32 @@ impl LayerCache {
     /// Appends `k`, `v: (batch, n_kv_heads, seq, head_dim)` and returns views of every
     /// cached position, `(batch, n_kv_heads, len, head_dim)`.
     pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (k, v) = match self.dtype {
-            Some(dtype) => (&k.to_dtype(dtype)?, &v.to_dtype(dtype)?),
-            None => (k, v),
-        };
+        let dtype = self.dtype.unwrap_or(k.dtype());
         let seq = k.dim(2)?;
         let needed = self.len + seq;
         let capacity = self.k.as_ref().map_or(0, |t| t.dims()[2]);
         if needed > capacity {
             let new_capacity = needed.max(2 * capacity).max(self.reserve).max(MIN_CAPACITY);
-            self.k = Some(grow(self.k.take(), k, self.len, new_capacity)?);
-            self.v = Some(grow(self.v.take(), v, self.len, new_capacity)?);
+            self.k = Some(grow(self.k.take(), k, dtype, self.len, new_capacity)?);
+            self.v = Some(grow(self.v.take(), v, dtype, self.len, new_capacity)?);
         }
         let (ck, cv) = (self.k.as_ref().unwrap(), self.v.as_ref().unwrap());
-        ck.slice_set(&k.contiguous()?, 2, self.len)?;
-        cv.slice_set(&v.contiguous()?, 2, self.len)?;
+        for (cache, new) in [(ck, k), (cv, v)] {
+            let (b, h, _, d) = cache.dims4()?;
+            let floats = |t: DType| matches!(t, DType::F32 | DType::F16);
+            if cache.device().is_cpu()
+                && floats(dtype)
+                && floats(new.dtype())
+                && new.dims4()? == (b, h, seq, d)
+                && new.stride()[3] == 1
+            {
+                // One pass from the projection's strided rows into the buffer, converting
+                // as it goes: decode appends a row per head of every sequence, every layer.
+                cache.inplace_op2(new, &WriteRows { at: self.len })?;
+            } else {
+                cache.slice_set(&new.to_dtype(dtype)?.contiguous()?, 2, self.len)?;
+            }
+        }
         self.len = needed;
         Ok((ck.narrow(2, 0, self.len)?, cv.narrow(2, 0, self.len)?))
     }
@@ -77,9 +89,71 @@ impl LayerCache {
     }
 }
 
-fn grow(old: Option<Tensor>, like: &Tensor, len: usize, capacity: usize) -> Result<Tensor> {
+/// Writes `src: (batch, heads, rows, head_dim)` (any strides with unit inner stride,
+/// f32 or f16) into a contiguous `(batch, heads, capacity, head_dim)` buffer at
+/// positions `at ..`, converting to the buffer's dtype.
+struct WriteRows {
+    at: usize,
+}
+
+impl candle_core::InplaceOp2 for WriteRows {
+    fn name(&self) -> &'static str {
+        "kv-write-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        src: &CpuStorage,
+        src_l: &Layout,
+    ) -> candle_core::Result<()> {
+        let (dims, s) = (src_l.dims(), src_l.stride());
+        let (b, h, rows, d) = (dims[0], dims[1], dims[2], dims[3]);
+        let cap = dst_l.dims()[2];
+        if !dst_l.is_contiguous() || s[3] != 1 || self.at + rows > cap {
+            candle_core::bail!("kv-write-rows: unexpected layouts {dst_l:?} {src_l:?}");
+        }
+        let rows_of = |i: usize, j: usize| {
+            (0..rows).map(move |t| {
+                let from = src_l.start_offset() + i * s[0] + j * s[1] + t * s[2];
+                let to = dst_l.start_offset() + ((i * h + j) * cap + self.at + t) * d;
+                (from, to)
+            })
+        };
+        let all = (0..b).flat_map(|i| (0..h).flat_map(move |j| rows_of(i, j)));
+        use candle_core::backend::BackendStorage;
+        match (dst, src) {
+            (CpuStorage::F16(out), CpuStorage::F32(x)) => all
+                .for_each(|(from, to)| out[to..to + d].convert_from_f32_slice(&x[from..from + d])),
+            (CpuStorage::F16(out), CpuStorage::F16(x)) => {
+                all.for_each(|(from, to)| out[to..to + d].copy_from_slice(&x[from..from + d]))
+            }
+            (CpuStorage::F32(out), CpuStorage::F32(x)) => {
+                all.for_each(|(from, to)| out[to..to + d].copy_from_slice(&x[from..from + d]))
+            }
+            (CpuStorage::F32(out), CpuStorage::F16(x)) => all.for_each(|(from, to)| {
+                x[from..from + d].convert_to_f32_slice(&mut out[to..to + d])
+            }),
+            (dst, src) => candle_core::bail!(
+                "kv-write-rows: {:?} into a {:?} cache",
+                src.dtype(),
+                dst.dtype()
+            ),
+        }
+        Ok(())
+    }
+}
+
+fn grow(
+    old: Option<Tensor>,
+    like: &Tensor,
+    dtype: DType,
+    len: usize,
+    capacity: usize,
+) -> Result<Tensor> {
     let (b, h, _, d) = like.dims4()?;
-    let buf = Tensor::zeros((b, h, capacity, d), like.dtype(), like.device())?;
+    let buf = Tensor::zeros((b, h, capacity, d), dtype, like.device())?;
     if let Some(old) = old {
         if len > 0 {
             buf.slice_set(&old.narrow(2, 0, len)?.contiguous()?, 2, 0)?;

@@ -19,7 +19,7 @@ use crate::config::{Activation, Config, Norm, RopeScaling};
 use crate::error::Result;
 use crate::kv_cache::{KvCache, LayerCache};
 use crate::loader::Weights;
-use crate::math::silu;
+use crate::math::{fma, silu};
 use crate::model::qmatrix::QMatrix;
 use crate::rope::RotaryEmbedding;
 
@@ -202,8 +202,16 @@ fn packed_forward(weight: &QMatrix, x: &Tensor) -> Result<Tensor> {
             ),
         ));
     }
-    let values = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let y = weight.matmul(&values, rows);
+    // Contiguous f32 input (every layer's but the embeddings') is read where it lies.
+    let (storage, layout) = x.storage_and_layout();
+    let y = match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(values)), Some((a, b))) => weight.matmul(&values[a..b], rows),
+        _ => {
+            drop(storage);
+            let values = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            weight.matmul(&values, rows)
+        }
+    };
     dims.push(weight.out_features());
     Ok(Tensor::from_vec(y, dims, x.device())?.to_dtype(x.dtype())?)
 }
@@ -331,8 +339,78 @@ impl RmsNorm {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if let Some(ys) = self.forward_cpu(xs)? {
+            return Ok(ys);
+        }
         Ok(candle_nn::ops::rms_norm(xs, &self.weight, self.eps)?)
     }
+
+    /// Contiguous f32 rows on the CPU, the sum of squares in vector lanes (candle's sums
+    /// one value after another, a chain as long as the row, on every decode step).
+    fn forward_cpu(&self, xs: &Tensor) -> Result<Option<Tensor>> {
+        let n = self.weight.elem_count();
+        if !xs.device().is_cpu() || xs.dims().last() != Some(&n) || n == 0 {
+            return Ok(None);
+        }
+        let ((xs_s, xs_l), (w_s, w_l)) =
+            (xs.storage_and_layout(), self.weight.storage_and_layout());
+        let (Storage::Cpu(CpuStorage::F32(x)), Storage::Cpu(CpuStorage::F32(w))) = (&*xs_s, &*w_s)
+        else {
+            return Ok(None);
+        };
+        let (Some((x0, x1)), Some((w0, w1))) =
+            (xs_l.contiguous_offsets(), w_l.contiguous_offsets())
+        else {
+            return Ok(None);
+        };
+        let (x, w) = (&x[x0..x1], &w[w0..w1]);
+        let out = fill_rows(x.len() / n, n, |r, out| {
+            const LANES: usize = 16;
+            let row = &x[r * n..][..n];
+            let mut lanes = [0f32; LANES];
+            let chunks = row.chunks_exact(LANES);
+            let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+            for chunk in chunks {
+                for (l, &v) in lanes.iter_mut().zip(chunk) {
+                    *l = fma(v, v, *l);
+                }
+            }
+            let mean = (lanes.iter().sum::<f32>() + tail) / n as f32;
+            let inv = 1.0 / (mean + self.eps).sqrt();
+            for ((o, &v), &g) in out.iter_mut().zip(row).zip(w) {
+                *o = v * inv * g;
+            }
+        });
+        Ok(Some(Tensor::from_vec(out, xs.dims(), xs.device())?))
+    }
+}
+
+/// `rows × n` values, row `r` written by `compute(r, row)`: on this thread for small
+/// sizes, else in items of several rows over candle's worker pool.
+fn fill_rows(rows: usize, n: usize, compute: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    /// Rows per unit of parallel work.
+    const ROWS_PER_ITEM: usize = 16;
+    /// Below this many values one thread does all.
+    const PARALLEL_FROM: usize = 1 << 16;
+    let mut out = vec![0f32; rows * n];
+    if rows * n < PARALLEL_FROM {
+        out.chunks_exact_mut(n)
+            .enumerate()
+            .for_each(|(r, o)| compute(r, o));
+    } else {
+        let items: Vec<Mutex<&mut [f32]>> =
+            out.chunks_mut(ROWS_PER_ITEM * n).map(Mutex::new).collect();
+        candle_core::utils::barrier_pool().execute_chunked(items.len(), |range| {
+            for i in range {
+                // Each item is handed out once: the lock is never contended.
+                let mut part = items[i].lock().unwrap_or_else(|e| e.into_inner());
+                for (k, o) in part.chunks_exact_mut(n).enumerate() {
+                    compute(i * ROWS_PER_ITEM + k, o);
+                }
+            }
+        });
+    }
+    out
 }
 
 #[derive(Debug, Clone)]
@@ -390,10 +468,6 @@ fn gated(gate: &Tensor, up: &Tensor, activation: Activation) -> Result<Tensor> {
 
 /// `silu(gate) * up` over f32 CPU rows with unit inner stride; `None` for anything else.
 fn silu_mul_cpu(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
-    /// Rows per unit of parallel work.
-    const ROWS_PER_ITEM: usize = 16;
-    /// Below this many values one thread does all.
-    const PARALLEL_FROM: usize = 1 << 16;
     let (one, rows, n) = gate.dims3()?;
     if one != 1 || n == 0 || up.dims() != gate.dims() || !gate.device().is_cpu() {
         return Ok(None);
@@ -418,24 +492,7 @@ fn silu_mul_cpu(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
             *o = silu(x) * y;
         }
     };
-    let mut out = vec![0f32; rows * n];
-    if rows * n < PARALLEL_FROM {
-        out.chunks_exact_mut(n)
-            .enumerate()
-            .for_each(|(r, o)| compute(r, o));
-    } else {
-        let items: Vec<Mutex<&mut [f32]>> =
-            out.chunks_mut(ROWS_PER_ITEM * n).map(Mutex::new).collect();
-        candle_core::utils::barrier_pool().execute_chunked(items.len(), |range| {
-            for i in range {
-                // Each item is handed out once: the lock is never contended.
-                let mut part = items[i].lock().unwrap_or_else(|e| e.into_inner());
-                for (k, o) in part.chunks_exact_mut(n).enumerate() {
-                    compute(i * ROWS_PER_ITEM + k, o);
-                }
-            }
-        });
-    }
+    let out = fill_rows(rows, n, compute);
     Ok(Some(Tensor::from_vec(out, (1, rows, n), gate.device())?))
 }
 
