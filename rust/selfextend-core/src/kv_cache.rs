@@ -238,4 +238,38 @@ mod tests {
         assert!(cap >= cache.len() && cap < 2 * cache.len().max(MIN_CAPACITY));
         Ok(())
     }
+
+    /// Strided rows (a projection's output split into heads, as the decoder passes them)
+    /// land in every kind of cache as `to_dtype` then a copy would put them there.
+    #[test]
+    fn append_converts_strided_rows() -> Result<()> {
+        let dev = Device::Cpu;
+        for (stored, given) in [
+            (None, DType::F32),
+            (Some(DType::F16), DType::F32),
+            (Some(DType::F32), DType::F32),
+            (Some(DType::F16), DType::F16),
+            (Some(DType::F32), DType::F16),
+            (Some(DType::BF16), DType::F32),
+        ] {
+            let mut cache = LayerCache::new(5, stored);
+            let mut all = vec![];
+            for seq in [3, 1, 1, 4] {
+                // (1, seq, heads * d) -> (1, heads, seq, d): not contiguous.
+                let x = Tensor::randn(0f32, 1f32, (1, seq, 2 * 4), &dev)?.to_dtype(given)?;
+                let k = x.reshape((1, seq, 2, 4))?.transpose(1, 2)?;
+                assert!(seq == 1 || !k.is_contiguous());
+                let (ck, cv) = cache.append(&k, &k.affine(-1.0, 0.0)?)?;
+                all.push(k.to_dtype(stored.unwrap_or(given))?);
+                let want = Tensor::cat(&all, 2)?.to_dtype(DType::F32)?;
+                for (got, sign) in [(ck, 1.0), (cv, -1.0)] {
+                    assert_eq!(got.dtype(), stored.unwrap_or(given));
+                    let got = got.to_dtype(DType::F32)?.affine(sign, 0.0)?;
+                    let diff = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                    assert_eq!(diff, 0.0, "{stored:?} cache, {given:?} rows");
+                }
+            }
+        }
+        Ok(())
+    }
 }

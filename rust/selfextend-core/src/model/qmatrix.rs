@@ -171,7 +171,11 @@ impl QMatrix {
                         let (sc, min) = k_scale_min(&stored[4..16], j);
                         let nibbles = &stored[16 + 32 * (j / 2)..][..32];
                         for (q, &byte) in codes.iter_mut().zip(nibbles) {
-                            *q = if j.is_multiple_of(2) { byte & 0x0f } else { byte >> 4 } as i8;
+                            *q = if j.is_multiple_of(2) {
+                                byte & 0x0f
+                            } else {
+                                byte >> 4
+                            } as i8;
                         }
                         let (d, dmin) = (half(&stored[0..2]), half(&stored[2..4]));
                         (
