@@ -19,7 +19,7 @@ use crate::config::{Activation, Config, Norm, RopeScaling};
 use crate::error::Result;
 use crate::kv_cache::{KvCache, LayerCache};
 use crate::loader::Weights;
-use crate::math::{fma, silu};
+use crate::math::silu;
 use crate::model::qmatrix::QMatrix;
 use crate::rope::RotaryEmbedding;
 
@@ -339,49 +339,7 @@ impl RmsNorm {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if let Some(ys) = self.forward_cpu(xs)? {
-            return Ok(ys);
-        }
         Ok(candle_nn::ops::rms_norm(xs, &self.weight, self.eps)?)
-    }
-
-    /// Contiguous f32 rows on the CPU, the sum of squares in vector lanes (candle's sums
-    /// one value after another, a chain as long as the row, on every decode step).
-    fn forward_cpu(&self, xs: &Tensor) -> Result<Option<Tensor>> {
-        let n = self.weight.elem_count();
-        if !xs.device().is_cpu() || xs.dims().last() != Some(&n) || n == 0 {
-            return Ok(None);
-        }
-        let ((xs_s, xs_l), (w_s, w_l)) =
-            (xs.storage_and_layout(), self.weight.storage_and_layout());
-        let (Storage::Cpu(CpuStorage::F32(x)), Storage::Cpu(CpuStorage::F32(w))) = (&*xs_s, &*w_s)
-        else {
-            return Ok(None);
-        };
-        let (Some((x0, x1)), Some((w0, w1))) =
-            (xs_l.contiguous_offsets(), w_l.contiguous_offsets())
-        else {
-            return Ok(None);
-        };
-        let (x, w) = (&x[x0..x1], &w[w0..w1]);
-        let out = fill_rows(x.len() / n, n, |r, out| {
-            const LANES: usize = 16;
-            let row = &x[r * n..][..n];
-            let mut lanes = [0f32; LANES];
-            let chunks = row.chunks_exact(LANES);
-            let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
-            for chunk in chunks {
-                for (l, &v) in lanes.iter_mut().zip(chunk) {
-                    *l = fma(v, v, *l);
-                }
-            }
-            let mean = (lanes.iter().sum::<f32>() + tail) / n as f32;
-            let inv = 1.0 / (mean + self.eps).sqrt();
-            for ((o, &v), &g) in out.iter_mut().zip(row).zip(w) {
-                *o = v * inv * g;
-            }
-        });
-        Ok(Some(Tensor::from_vec(out, xs.dims(), xs.device())?))
     }
 }
 
