@@ -343,34 +343,6 @@ impl RmsNorm {
     }
 }
 
-/// `rows × n` values, row `r` written by `compute(r, row)`: on this thread for small
-/// sizes, else in items of several rows over candle's worker pool.
-fn fill_rows(rows: usize, n: usize, compute: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
-    /// Rows per unit of parallel work.
-    const ROWS_PER_ITEM: usize = 16;
-    /// Below this many values one thread does all.
-    const PARALLEL_FROM: usize = 1 << 16;
-    let mut out = vec![0f32; rows * n];
-    if rows * n < PARALLEL_FROM {
-        out.chunks_exact_mut(n)
-            .enumerate()
-            .for_each(|(r, o)| compute(r, o));
-    } else {
-        let items: Vec<Mutex<&mut [f32]>> =
-            out.chunks_mut(ROWS_PER_ITEM * n).map(Mutex::new).collect();
-        candle_core::utils::barrier_pool().execute_chunked(items.len(), |range| {
-            for i in range {
-                // Each item is handed out once: the lock is never contended.
-                let mut part = items[i].lock().unwrap_or_else(|e| e.into_inner());
-                for (k, o) in part.chunks_exact_mut(n).enumerate() {
-                    compute(i * ROWS_PER_ITEM + k, o);
-                }
-            }
-        });
-    }
-    out
-}
-
 #[derive(Debug, Clone)]
 struct Mlp {
     /// `gate_proj` and `up_proj`, or Phi-3's `gate_up_proj`.
@@ -426,6 +398,10 @@ fn gated(gate: &Tensor, up: &Tensor, activation: Activation) -> Result<Tensor> {
 
 /// `silu(gate) * up` over f32 CPU rows with unit inner stride; `None` for anything else.
 fn silu_mul_cpu(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
+    /// Rows per unit of parallel work.
+    const ROWS_PER_ITEM: usize = 16;
+    /// Below this many values one thread does all.
+    const PARALLEL_FROM: usize = 1 << 16;
     let (one, rows, n) = gate.dims3()?;
     if one != 1 || n == 0 || up.dims() != gate.dims() || !gate.device().is_cpu() {
         return Ok(None);
@@ -450,7 +426,24 @@ fn silu_mul_cpu(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
             *o = silu(x) * y;
         }
     };
-    let out = fill_rows(rows, n, compute);
+    let mut out = vec![0f32; rows * n];
+    if rows * n < PARALLEL_FROM {
+        out.chunks_exact_mut(n)
+            .enumerate()
+            .for_each(|(r, o)| compute(r, o));
+    } else {
+        let items: Vec<Mutex<&mut [f32]>> =
+            out.chunks_mut(ROWS_PER_ITEM * n).map(Mutex::new).collect();
+        candle_core::utils::barrier_pool().execute_chunked(items.len(), |range| {
+            for i in range {
+                // Each item is handed out once: the lock is never contended.
+                let mut part = items[i].lock().unwrap_or_else(|e| e.into_inner());
+                for (k, o) in part.chunks_exact_mut(n).enumerate() {
+                    compute(i * ROWS_PER_ITEM + k, o);
+                }
+            }
+        });
+    }
     Ok(Some(Tensor::from_vec(out, (1, rows, n), gate.device())?))
 }
 
