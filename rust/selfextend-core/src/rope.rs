@@ -30,6 +30,7 @@ use candle_core::{DType, Device, DeviceLocation, Tensor, D};
 
 use crate::config::{RopeConfig, RopeScaling};
 use crate::error::Result;
+use crate::math::Widen;
 
 #[derive(Debug, Clone)]
 pub struct RotaryEmbedding {
@@ -132,20 +133,34 @@ impl CosSinTable {
     }
 
     /// Writes `x` rotated to position `pos` into `out` ("rotate half" layout over the
-    /// first `2 * half` dimensions; the rest are copied).
-    #[inline]
-    pub fn rotate(&self, x: &[f32], pos: usize, out: &mut [f32]) {
+    /// first `2 * half` dimensions; the rest are copied), widening f16 on the way.
+    #[inline(always)]
+    pub(crate) fn rotate<T: Widen>(&self, x: &[T], pos: usize, out: &mut [f32]) {
         let h = self.half;
         let (cos, sin) = (&self.cos[pos * h..][..h], &self.sin[pos * h..][..h]);
-        let (rot, pass) = x.split_at(2 * h);
-        let (out_rot, out_pass) = out.split_at_mut(2 * h);
-        let (x1, x2) = rot.split_at(h);
-        let (o1, o2) = out_rot.split_at_mut(h);
-        for i in 0..h {
-            o1[i] = x1[i] * cos[i] - x2[i] * sin[i];
-            o2[i] = x2[i] * cos[i] + x1[i] * sin[i];
+        let (x1, rest) = x.split_at(h);
+        let (x2, pass) = rest.split_at(h);
+        let (o1, rest) = out.split_at_mut(h);
+        let (o2, out_pass) = rest.split_at_mut(h);
+        let full = h - h % 8;
+        for c in (0..full).step_by(8) {
+            let lanes = |s: &[T]| T::widen8(s[c..c + 8].try_into().expect("8 lanes"));
+            let (a, b) = (lanes(x1), lanes(x2));
+            let f32s = |s: &[f32]| -> [f32; 8] { s[c..c + 8].try_into().expect("8 lanes") };
+            let (co, si) = (f32s(cos), f32s(sin));
+            let first: [f32; 8] = std::array::from_fn(|l| a[l] * co[l] - b[l] * si[l]);
+            let second: [f32; 8] = std::array::from_fn(|l| b[l] * co[l] + a[l] * si[l]);
+            o1[c..c + 8].copy_from_slice(&first);
+            o2[c..c + 8].copy_from_slice(&second);
         }
-        out_pass.copy_from_slice(pass);
+        for i in full..h {
+            let (a, b) = (x1[i].widen(), x2[i].widen());
+            o1[i] = a * cos[i] - b * sin[i];
+            o2[i] = b * cos[i] + a * sin[i];
+        }
+        for (o, &x) in out_pass.iter_mut().zip(pass) {
+            *o = x.widen();
+        }
     }
 }
 

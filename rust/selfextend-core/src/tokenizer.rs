@@ -2,12 +2,15 @@
 //! incremental decoding for streaming.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone)]
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    // Shared, not copied: every stream decoder holds it (a copy of a 49k-token
+    // vocabulary's tables cost milliseconds per request).
+    inner: Arc<tokenizers::Tokenizer>,
 }
 
 fn tok_err(context: impl Into<String>, e: impl std::fmt::Display) -> Error {
@@ -41,11 +44,15 @@ impl Tokenizer {
                 });
             }
         };
-        Ok(Self { inner })
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
     }
 
     pub fn from_inner(inner: tokenizers::Tokenizer) -> Self {
-        Self { inner }
+        Self {
+            inner: Arc::new(inner),
+        }
     }
 
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
@@ -93,7 +100,7 @@ impl Tokenizer {
 /// ids (rather than each id alone) keeps tokenizer-level spacing rules intact.
 #[derive(Debug, Clone)]
 pub struct StreamDecoder {
-    tokenizer: tokenizers::Tokenizer,
+    tokenizer: Arc<tokenizers::Tokenizer>,
     skip_special_tokens: bool,
     ids: Vec<u32>,
     prefix_offset: usize,

@@ -34,7 +34,7 @@ use half::{f16, slice::HalfFloatSliceExt};
 
 use super::{AttentionParams, Positions, Ragged, SelfExtend};
 use crate::error::Result;
-use crate::math::{exp_nonpositive, fma};
+use crate::math::{exp_nonpositive, fma, Widen};
 use crate::rope::CosSinTable;
 
 const Q_TILE: usize = 32;
@@ -159,20 +159,27 @@ fn lane_sum(a: &[f32; 8]) -> f32 {
 }
 
 /// `acc[r] += Σ_j p[r][j] · v[j]` for `R` rows (`acc` row-major with stride `d`) over
-/// the `v.len()` value rows of a key tile.
+/// the `v.len()` value rows of a key tile, widened from the cache's type as they are read.
 #[inline(always)]
-fn values_block<const R: usize>(p: &[[f32; K_TILE]], v: &[&[f32]], acc: &mut [f32], d: usize) {
+fn values_block<T: Widen, const R: usize>(
+    p: &[[f32; K_TILE]],
+    v: &[&[T]],
+    acc: &mut [f32],
+    d: usize,
+) {
     const B: usize = 16;
     let full = d - d % B;
     for c0 in (0..full).step_by(B) {
         let mut a: [[f32; B]; R] =
             std::array::from_fn(|r| acc[r * d + c0..][..B].try_into().expect("B lanes"));
         for (j, row) in v.iter().enumerate() {
-            let x: &[f32; B] = row[c0..c0 + B].try_into().expect("B lanes");
+            let half = |c: usize| T::widen8(row[c..c + 8].try_into().expect("8 lanes"));
+            let (lo, hi) = (half(c0), half(c0 + 8));
             for r in 0..R {
                 let pr = p[r][j];
-                for l in 0..B {
-                    a[r][l] = fma(pr, x[l], a[r][l]);
+                for l in 0..8 {
+                    a[r][l] = fma(pr, lo[l], a[r][l]);
+                    a[r][l + 8] = fma(pr, hi[l], a[r][l + 8]);
                 }
             }
         }
@@ -185,10 +192,20 @@ fn values_block<const R: usize>(p: &[[f32; K_TILE]], v: &[&[f32]], acc: &mut [f3
             for (j, row) in v.iter().enumerate() {
                 let pr = p[r][j];
                 for (a, &x) in acc[r * d + full..][..d - full].iter_mut().zip(&row[full..]) {
-                    *a = fma(pr, x, *a);
+                    *a = fma(pr, x.widen(), *a);
                 }
             }
         }
+    }
+}
+
+/// [`values_block`] for a group of `rows` (1 to 4) query rows.
+fn values_group<T: Widen>(rows: usize, p: &[[f32; K_TILE]], v: &[&[T]], acc: &mut [f32], d: usize) {
+    match rows {
+        4 => values_block::<T, 4>(p, v, acc, d),
+        3 => values_block::<T, 3>(p, v, acc, d),
+        2 => values_block::<T, 2>(p, v, acc, d),
+        _ => values_block::<T, 1>(p, v, acc, d),
     }
 }
 
@@ -204,6 +221,12 @@ struct View<'a> {
 enum Data<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
+}
+
+/// The rows of a key tile in the cache's type; rows past the tile's end are empty.
+enum Tile<'a> {
+    F32([&'a [f32]; K_TILE]),
+    F16([&'a [f16]; K_TILE]),
 }
 
 impl<'a> View<'a> {
@@ -241,36 +264,19 @@ impl<'a> View<'a> {
         }
     }
 
-    /// Rows `(b, h, t0 .. t1)` in f32, row-major: the data itself where f32 rows are
-    /// contiguous, else converted or gathered into `buf`, a tile in one pass (a call per
-    /// row costs more than converting it).
-    fn rows<'s>(
-        &'s self,
-        b: usize,
-        h: usize,
-        (t0, t1): (usize, usize),
-        buf: &'s mut Vec<f32>,
-    ) -> &'s [f32] {
-        let (d, o) = (self.head_dim, self.at(b, h, t0));
-        let len = (t1 - t0) * d;
-        let contiguous = self.strides[2] == d;
-        if let (Data::F32(data), true) = (&self.data, contiguous) {
-            return &data[o..o + len];
+    /// Rows `(b, h, t0 .. t1)` (at most [`K_TILE`]) as stored: the kernels widen f16
+    /// as they read it, so no converted copy of a tile passes through memory.
+    fn tile(&self, b: usize, h: usize, (t0, t1): (usize, usize)) -> Tile<'a> {
+        let d = self.head_dim;
+        let rows = |t: usize| (t0 + t < t1).then(|| self.at(b, h, t0 + t));
+        match self.data {
+            Data::F32(data) => Tile::F32(std::array::from_fn(|t| {
+                rows(t).map_or(&[][..], |o| &data[o..o + d])
+            })),
+            Data::F16(data) => Tile::F16(std::array::from_fn(|t| {
+                rows(t).map_or(&[][..], |o| &data[o..o + d])
+            })),
         }
-        buf.resize(len, 0.0);
-        match (&self.data, contiguous) {
-            (Data::F16(data), true) => data[o..o + len].convert_to_f32_slice(buf),
-            _ => {
-                for (t, out) in (t0..t1).zip(buf.chunks_exact_mut(d)) {
-                    let o = self.at(b, h, t);
-                    match &self.data {
-                        Data::F32(data) => out.copy_from_slice(&data[o..o + d]),
-                        Data::F16(data) => data[o..o + d].convert_to_f32_slice(out),
-                    }
-                }
-            }
-        }
-        buf
     }
 
     #[inline]
@@ -308,9 +314,6 @@ struct Scratch {
     rotated: Vec<f32>,
     /// One f16 query in f32.
     raw: Vec<f32>,
-    /// A key tile's keys and values in f32, where they are not f32 and contiguous.
-    keys: Vec<f32>,
-    values: Vec<f32>,
 }
 
 #[derive(Clone, Copy)]
@@ -329,10 +332,25 @@ struct Layer {
     softcap: Option<f32>,
 }
 
-/// Writes `keys` (row-major `(n, d)`, at positions `j0 ..`) rotated to `pos(j)` into
+/// Writes the first `n` keys of `keys` (at positions `j0 ..`) rotated to `pos(j)` into
 /// `out`, transposed `(d, K_TILE)` or row-major `(K_TILE, d)`.
 fn rotate_keys(
-    keys: &[f32],
+    keys: &Tile,
+    n: usize,
+    j0: usize,
+    (table, pos): (&CosSinTable, impl Fn(usize) -> usize),
+    transposed: bool,
+    rotated: &mut [f32],
+    out: &mut [f32],
+) {
+    match keys {
+        Tile::F32(rows) => rotate_rows(&rows[..n], j0, (table, pos), transposed, rotated, out),
+        Tile::F16(rows) => rotate_rows(&rows[..n], j0, (table, pos), transposed, rotated, out),
+    }
+}
+
+fn rotate_rows<T: Widen>(
+    keys: &[&[T]],
     j0: usize,
     (table, pos): (&CosSinTable, impl Fn(usize) -> usize),
     transposed: bool,
@@ -340,7 +358,7 @@ fn rotate_keys(
     out: &mut [f32],
 ) {
     let d = rotated.len();
-    for (jj, key) in keys.chunks_exact(d).enumerate() {
+    for (jj, key) in keys.iter().enumerate() {
         if transposed {
             table.rotate(key, pos(j0 + jj), rotated);
             for (c, &x) in rotated.iter().enumerate() {
@@ -414,27 +432,23 @@ fn run_item(item: Item, seq: &Sequence, s: &mut Scratch) -> Partial {
     let mut sg = [[0f32; K_TILE]; GROUP];
     // Keys before the first row's window are masked for every row of the tile.
     let mut j0 = keys.0.max((i_min + 1).saturating_sub(layer.sliding_window));
-    while j0 < keys.1.min(i_max + 1) {
-        let j1 = (j0 + K_TILE).min(keys.1).min(i_max + 1);
+    let end = keys.1.min(i_max + 1);
+    while j0 < end {
+        let j1 = (j0 + K_TILE).min(end);
         // Some pair of the tile is a neighbor / is grouped.
         let need_n = i_min < (j1 - 1).saturating_add(window);
         let need_g = i_max >= j0.saturating_add(window);
-        let key_rows = kv.rows(b, g, (j0, j1), &mut s.keys);
+        let kt = j1 - j0;
+        let key_rows = kv.tile(b, g, (j0, j1));
         if need_n {
             let n = (&**table, |j| j);
-            rotate_keys(key_rows, j0, n, transposed, &mut s.rotated, &mut s.kn);
+            rotate_keys(&key_rows, kt, j0, n, transposed, &mut s.rotated, &mut s.kn);
         }
         if let (true, Some(se)) = (need_g, se) {
             let g = (&**table, |j| se.grouped_key_position(j));
-            rotate_keys(key_rows, j0, g, transposed, &mut s.rotated, &mut s.kg);
+            rotate_keys(&key_rows, kt, j0, g, transposed, &mut s.rotated, &mut s.kg);
         }
-        let kt = j1 - j0;
-        let mut values: [&[f32]; K_TILE] = [&[]; K_TILE];
-        let value_rows = vv.rows(b, g, (j0, j1), &mut s.values);
-        for (slot, row) in values.iter_mut().zip(value_rows.chunks_exact(d)) {
-            *slot = row;
-        }
-        let values = &values[..kt];
+        let values = vv.tile(b, g, (j0, j1));
         for r0 in (0..rows).step_by(GROUP) {
             let group = GROUP.min(rows - r0);
             // Row r0 + x sees keys j0 + lo[x] .. j0 + n[x] (the ones before lo[x] are
@@ -514,11 +528,9 @@ fn run_item(item: Item, seq: &Sequence, s: &mut Scratch) -> Partial {
                 part.m[r] = m_new;
             }
             let acc = &mut part.acc[r0 * d..];
-            match group {
-                4 => values_block::<4>(&sn, values, acc, d),
-                3 => values_block::<3>(&sn, values, acc, d),
-                2 => values_block::<2>(&sn, values, acc, d),
-                _ => values_block::<1>(&sn, values, acc, d),
+            match &values {
+                Tile::F32(rows) => values_group(group, &sn, &rows[..kt], acc, d),
+                Tile::F16(rows) => values_group(group, &sn, &rows[..kt], acc, d),
             }
         }
         j0 = j1;

@@ -339,8 +339,50 @@ impl RmsNorm {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if let Some(out) = rms_norm_cpu(xs, &self.weight, self.eps)? {
+            return Ok(out);
+        }
         Ok(candle_nn::ops::rms_norm(xs, &self.weight, self.eps)?)
     }
+}
+
+/// candle's RMSNorm over contiguous f32 CPU rows, computed as candle computes it (each
+/// row's sum of squares added in order, then `x / rms * w`), so the result is the
+/// same to the bit; `None` for anything else. Up to eight rows are summed side by
+/// side: one row's sum is a chain of dependent adds, eight rows' sums are eight.
+fn rms_norm_cpu(xs: &Tensor, weight: &Tensor, eps: f32) -> Result<Option<Tensor>> {
+    const ROWS: usize = 8;
+    let n = xs.dim(D::Minus1)?;
+    if n == 0 || !xs.device().is_cpu() || weight.dims() != [n] {
+        return Ok(None);
+    }
+    let ((xs_s, xs_l), (w_s, w_l)) = (xs.storage_and_layout(), weight.storage_and_layout());
+    let (Storage::Cpu(CpuStorage::F32(x)), Storage::Cpu(CpuStorage::F32(w))) = (&*xs_s, &*w_s)
+    else {
+        return Ok(None);
+    };
+    let (Some((x0, x1)), Some((w0, w1))) = (xs_l.contiguous_offsets(), w_l.contiguous_offsets())
+    else {
+        return Ok(None);
+    };
+    let (x, w) = (&x[x0..x1], &w[w0..w1]);
+    let mut out = Vec::with_capacity(x.len());
+    for group in x.chunks(ROWS * n) {
+        let rows: Vec<&[f32]> = group.chunks_exact(n).collect();
+        let mut sums = [0f32; ROWS];
+        for c in 0..n {
+            for (sum, row) in sums.iter_mut().zip(&rows) {
+                let v = row[c];
+                *sum += v * v;
+            }
+        }
+        for (sum, row) in sums.iter().zip(&rows) {
+            let rms = (sum / n as f32 + eps).sqrt();
+            out.extend(row.iter().zip(w).map(|(&v, &w)| v / rms * w));
+        }
+    }
+    drop((xs_s, w_s));
+    Ok(Some(Tensor::from_vec(out, xs.shape(), xs.device())?))
 }
 
 #[derive(Debug, Clone)]
@@ -945,6 +987,26 @@ mod tests {
 
     /// The vectorised SiLU-and-multiply equals candle's ops, one thread or several,
     /// on the strided halves of one stacked projection as the MLP passes them.
+    #[test]
+    fn rms_norm_matches_candle_to_the_bit() -> Result<()> {
+        let dev = Device::Cpu;
+        for (rows, n) in [(1, 576), (8, 576), (13, 40), (3, 1)] {
+            let x = (Tensor::randn(0f32, 3.0, (1, rows, n), &dev)? + 0.5)?;
+            let w = Tensor::randn(1f32, 0.2, n, &dev)?;
+            let ours = rms_norm_cpu(&x, &w, 1e-5)?.expect("f32 on the CPU");
+            let theirs = candle_nn::ops::rms_norm(&x, &w, 1e-5)?;
+            let bits = |t: &Tensor| -> Result<Vec<u32>> {
+                Ok(t.flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect())
+            };
+            assert_eq!(bits(&ours)?, bits(&theirs)?, "{rows} rows of {n}");
+        }
+        Ok(())
+    }
+
     #[test]
     fn gated_silu_matches_candle() -> Result<()> {
         for rows in [3, 700] {

@@ -20,6 +20,8 @@
 //! `vpmaddubsw` over 8 columns (with the sign trick for 8-bit codes). No horizontal
 //! sums, and every weight load serves all the rows of a tile (up to 8 decode rows).
 
+use std::cell::RefCell;
+
 use candle_core::quantized::{GgmlDType, QTensor};
 #[cfg(test)]
 use candle_core::{Device, Tensor};
@@ -338,7 +340,27 @@ impl QMatrix {
     /// `x @ wᵀ` for `x: (rows, in_features)` row-major; returns `(rows, out_features)`.
     pub(crate) fn matmul(&self, x: &[f32], n_rows: usize) -> Vec<f32> {
         debug_assert_eq!(x.len(), n_rows * self.in_features);
-        let acts = Activations::quantize(x, n_rows, self.in_features);
+        thread_local! {
+            // Reused: a decode step makes over a hundred products, and allocating and
+            // zeroing fresh buffers for each ran while the workers waited.
+            static ACTS: RefCell<Activations> = RefCell::default();
+        }
+        ACTS.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut acts) => {
+                acts.quantize(x, n_rows, self.in_features);
+                self.product(&acts, n_rows)
+            }
+            // Only a product computed inside another on this thread gets here.
+            Err(_) => {
+                let mut acts = Activations::default();
+                acts.quantize(x, n_rows, self.in_features);
+                self.product(&acts, n_rows)
+            }
+        })
+    }
+
+    /// `acts @ wᵀ` for `n_rows` quantized input rows.
+    fn product(&self, acts: &Activations, n_rows: usize) -> Vec<f32> {
         // Not zeroed: the items below write every element (the LM head's output is
         // 1.5 MiB a step at batch 8, and zeroing it ran while the workers waited).
         let mut y: Vec<f32> = Vec::with_capacity(n_rows * self.out_features);
@@ -353,7 +375,7 @@ impl QMatrix {
                 let (ct, rt) = (item / row_tiles, item % row_tiles);
                 let (c0, r0) = (ct * COLS, rt * ROWS);
                 let rows = ROWS.min(n_rows - r0);
-                kernel.tile(self, &acts, TileAt { tile: ct, r0, rows }, &mut tile);
+                kernel.tile(self, acts, TileAt { tile: ct, r0, rows }, &mut tile);
                 let cols = COLS.min(self.out_features - c0);
                 for (r, values) in tile.iter().enumerate().take(rows) {
                     // SAFETY: row r0 + r, columns c0..c0 + cols are in bounds and
@@ -422,6 +444,7 @@ impl SharedOut {
 }
 
 /// Input rows quantized per block of 32: `x ≈ da * qa`, `Σ qa`, and `sa = da * Σ qa`.
+#[derive(Default)]
 struct Activations {
     blocks: usize,
     codes: Vec<i8>,
@@ -431,52 +454,68 @@ struct Activations {
 }
 
 impl Activations {
-    fn quantize(x: &[f32], rows: usize, in_features: usize) -> Self {
+    /// Quantizes `x` (`rows × in_features`) into these buffers, reusing their memory.
+    fn quantize(&mut self, x: &[f32], rows: usize, in_features: usize) {
         let blocks = in_features / BLOCK;
-        let mut codes = vec![0i8; rows * in_features];
-        let mut scales = vec![0f32; rows * blocks];
-        let mut code_sums = vec![0i32; rows * blocks];
-        let mut sums = vec![0f32; rows * blocks];
+        self.blocks = blocks;
+        // Every element is written below; `resize` only fills what the buffers gain.
+        self.codes.resize(rows * in_features, 0);
+        self.scales.resize(rows * blocks, 0.0);
+        self.code_sums.resize(rows * blocks, 0);
+        self.sums.resize(rows * blocks, 0.0);
+        let Self {
+            codes,
+            scales,
+            code_sums,
+            sums,
+            ..
+        } = self;
         for (i, (values, q)) in x
             .chunks_exact(BLOCK)
             .zip(codes.chunks_exact_mut(BLOCK))
             .enumerate()
         {
-            // Written lane by lane, rounding ties to even (as llama.cpp's SIMD paths
-            // do) by adding 1.5 * 2^23, after which the low mantissa bits hold
-            // round(x) + 2^22 for |x| <= 2^22: every loop here vectorises, where a
-            // float-to-int `as` would not.
-            let mut lanes = [0f32; 8];
-            for chunk in values.chunks_exact(8) {
-                for (m, v) in lanes.iter_mut().zip(chunk) {
-                    *m = m.max(v.abs());
-                }
+            // Written as eight-lane arrays, rounding ties to even (as llama.cpp's SIMD
+            // paths do) by adding 1.5 * 2^23, after which the low mantissa bits hold
+            // round(x) + 2^22 for |x| <= 2^22: every step vectorises, where a
+            // float-to-int `as` or a loop over the block's 32 values did not.
+            let chunks: [&[f32; 8]; BLOCK / 8] =
+                std::array::from_fn(|c| values[c * 8..][..8].try_into().expect("8 lanes"));
+            // The largest |x| from its bits: non-negative floats order as their bits
+            // do, and integer maxima vectorise where float ones (with their NaN rule)
+            // stayed scalar. A NaN is skipped, as `f32::max` skips it.
+            let mut lanes = [0u32; 8];
+            for chunk in chunks {
+                lanes = std::array::from_fn(|l| {
+                    let bits = chunk[l].abs().to_bits();
+                    lanes[l].max(if bits > f32::INFINITY.to_bits() {
+                        0
+                    } else {
+                        bits
+                    })
+                });
             }
-            let amax = lanes.iter().fold(0f32, |a, &m| a.max(m));
+            let amax = f32::from_bits(lanes.into_iter().max().unwrap_or(0));
             let d = amax / 127.0;
             let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let mut wide = [0i32; BLOCK];
-            for (c, &v) in wide.iter_mut().zip(values) {
+            let mut acc = [0i32; 8];
+            for (chunk, q) in chunks.iter().zip(q.chunks_exact_mut(8)) {
                 const MAGIC: f32 = 12_582_912.0;
-                // Not `clamp`, which keeps NaN: a NaN input becomes a code here.
-                #[allow(clippy::manual_clamp)]
-                let x = (v * inv).max(-127.0).min(127.0);
-                *c = (x + MAGIC).to_bits() as i32 - MAGIC.to_bits() as i32;
+                let codes: [i32; 8] = std::array::from_fn(|l| {
+                    // Not `clamp`, which keeps NaN: a NaN input becomes a code here.
+                    #[allow(clippy::manual_clamp)]
+                    let x = (chunk[l] * inv).max(-127.0).min(127.0);
+                    (x + MAGIC).to_bits() as i32 - MAGIC.to_bits() as i32
+                });
+                for l in 0..8 {
+                    q[l] = codes[l] as i8;
+                    acc[l] += codes[l];
+                }
             }
-            for (q, &c) in q.iter_mut().zip(&wide) {
-                *q = c as i8;
-            }
-            let sum: i32 = wide.iter().sum();
+            let sum: i32 = acc.iter().sum();
             scales[i] = d;
             code_sums[i] = sum;
             sums[i] = d * sum as f32;
-        }
-        Self {
-            blocks,
-            codes,
-            scales,
-            code_sums,
-            sums,
         }
     }
 
@@ -849,7 +888,8 @@ mod tests {
 
                 let wd: Vec<f32> = dense.flatten_all()?.to_vec1()?;
                 let x = random(n_rows * in_f, 2);
-                let acts = Activations::quantize(&x, n_rows, in_f);
+                let mut acts = Activations::default();
+                acts.quantize(&x, n_rows, in_f);
                 let mut expected = vec![0f64; n_rows * out_f];
                 for r in 0..n_rows {
                     let Row {
