@@ -314,6 +314,8 @@ struct Scratch {
     rotated: Vec<f32>,
     /// One f16 query in f32.
     raw: Vec<f32>,
+    /// A tile's f16 values widened once, where many row groups read them (prefill).
+    values: Vec<f32>,
 }
 
 #[derive(Clone, Copy)]
@@ -448,7 +450,20 @@ fn run_item(item: Item, seq: &Sequence, s: &mut Scratch) -> Partial {
             let g = (&**table, |j| se.grouped_key_position(j));
             rotate_keys(&key_rows, kt, j0, g, transposed, &mut s.rotated, &mut s.kg);
         }
-        let values = vv.tile(b, g, (j0, j1));
+        let mut values = vv.tile(b, g, (j0, j1));
+        // Decode's few rows widen f16 values as they read them; prefill's many row
+        // groups would each widen the tile again, so it is widened once here.
+        if let (true, Tile::F16(rows)) = (transposed, &values) {
+            s.values.resize(kt * d, 0.0);
+            for (row, out) in rows[..kt].iter().zip(s.values.chunks_exact_mut(d)) {
+                row.convert_to_f32_slice(out);
+            }
+            let mut wide: [&[f32]; K_TILE] = [&[]; K_TILE];
+            for (slot, row) in wide.iter_mut().zip(s.values.chunks_exact(d)) {
+                *slot = row;
+            }
+            values = Tile::F32(wide);
+        }
         for r0 in (0..rows).step_by(GROUP) {
             let group = GROUP.min(rows - r0);
             // Row r0 + x sees keys j0 + lo[x] .. j0 + n[x] (the ones before lo[x] are

@@ -113,6 +113,14 @@ impl Linear {
         })
     }
 
+    /// The packed matrix, while this layer is its only holder (at load).
+    fn packed_mut(&mut self) -> Option<&mut QMatrix> {
+        match self {
+            Self::Packed { weight, .. } => Arc::get_mut(weight),
+            _ => None,
+        }
+    }
+
     fn out_features(&self) -> usize {
         match self {
             Self::Dense(l) => l.weight().dims()[0],
@@ -279,6 +287,13 @@ impl Projections {
         match self {
             Self::Separate(parts) => parts.iter().map(Linear::cost).sum(),
             Self::Fused { linear, .. } => linear.cost(),
+        }
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        match self {
+            Self::Separate(parts) => parts.iter_mut().collect(),
+            Self::Fused { linear, .. } => vec![linear],
         }
     }
 
@@ -630,6 +645,15 @@ impl DecoderLayer {
         })
     }
 
+    /// The linear layers in the order a forward pass runs them.
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out = self.self_attn.qkv.linears_mut();
+        out.push(&mut self.self_attn.o_proj);
+        out.extend(self.mlp.gate_up.linears_mut());
+        out.push(&mut self.mlp.down_proj);
+        out
+    }
+
     fn forward(
         &self,
         xs: &Tensor,
@@ -691,7 +715,7 @@ impl Decoder {
         let embed_weight = vb_m
             .pp("embed_tokens")
             .get([cfg.vocab_size, cfg.hidden_size], "weight")?;
-        let lm_head = if cfg.tie_word_embeddings {
+        let mut lm_head = if cfg.tie_word_embeddings {
             let shape = [cfg.vocab_size, cfg.hidden_size];
             match vb_m.pp("embed_tokens").get_quantized(shape, "weight")? {
                 Some(q) => Linear::quantized(q, None)?,
@@ -700,9 +724,16 @@ impl Decoder {
         } else {
             linear(&vb.pp("lm_head"), cfg.hidden_size, cfg.vocab_size, false)?
         };
-        let layers = (0..cfg.num_hidden_layers)
+        let mut layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::load(&vb_m.pp("layers").pp(i), cfg, i))
             .collect::<Result<Vec<_>>>()?;
+        let mut packed: Vec<&mut QMatrix> = layers
+            .iter_mut()
+            .flat_map(DecoderLayer::linears_mut)
+            .chain([&mut lm_head])
+            .filter_map(Linear::packed_mut)
+            .collect();
+        QMatrix::share_huge_pages(&mut packed);
         Ok(Self {
             embed_tokens: Embedding::new(embed_weight, cfg.hidden_size),
             layers,

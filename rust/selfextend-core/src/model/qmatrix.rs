@@ -21,6 +21,8 @@
 //! sums, and every weight load serves all the rows of a tile (up to 8 decode rows).
 
 use std::cell::RefCell;
+use std::ops::Range;
+use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 #[cfg(test)]
@@ -39,6 +41,9 @@ const ROWS: usize = 8;
 /// several rows the kernel reads them slowly enough for software prefetch to hide
 /// that (8 decode rows: +10% on an AMD EPYC, see BENCHMARKS.md).
 const PREFETCH_BLOCKS: usize = 16;
+
+/// The least a buffer of codes shared by several matrices holds (several huge pages).
+const HUGE_PAGE_SHARE: usize = 32 << 20;
 
 /// How codes are stored, per tile and block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,11 +75,54 @@ pub(crate) struct QMatrix {
     in_features: usize,
     blocks: usize,
     /// Tile-major, then block: `(tiles * blocks) * format.tile_block_bytes()`.
-    codes: Vec<u8>,
+    codes: Codes,
     /// Tile-major, then block, then column: `(tiles * blocks) * COLS`.
     scales: Vec<f16>,
     /// As `scales`; empty for [`Format::I8`].
     offsets: Vec<f16>,
+}
+
+/// Packed codes: a range of a buffer that several matrices may share (see
+/// [`QMatrix::share_huge_pages`]). The range is kept as a pointer and length: the
+/// kernels index codes in their block loops, where going through the `Arc` and the
+/// range each time cost loads and bounds checks.
+#[derive(Debug)]
+struct Codes {
+    ptr: *const u8,
+    len: usize,
+    /// Keeps `ptr .. ptr + len` alive; never written after the codes are built.
+    _buf: Arc<Vec<u8>>,
+}
+
+// SAFETY: the bytes behind `ptr` belong to `_buf`, which is shared read-only.
+unsafe impl Send for Codes {}
+unsafe impl Sync for Codes {}
+
+impl Codes {
+    fn new(buf: Arc<Vec<u8>>, range: Range<usize>) -> Self {
+        let bytes = &buf[range];
+        Self {
+            ptr: bytes.as_ptr(),
+            len: bytes.len(),
+            _buf: buf,
+        }
+    }
+
+    fn own(buf: Vec<u8>) -> Self {
+        let len = buf.len();
+        Self::new(Arc::new(buf), 0..len)
+    }
+}
+
+impl std::ops::Deref for Codes {
+    type Target = [u8];
+
+    #[inline(always)]
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `ptr .. ptr + len` was checked to lie in `_buf` (see `new`), which
+        // this value keeps alive and nothing mutates.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
 }
 
 /// One block of one row in GGUF's terms: scale, offset (0 for 8-bit codes), and the
@@ -242,7 +290,7 @@ impl QMatrix {
         let blocks = in_features / BLOCK;
         let tiles = out_features.div_ceil(COLS);
         let bytes = format.tile_block_bytes();
-        let mut codes = vec![0u8; tiles * blocks * bytes];
+        let mut codes = crate::memory::zeroed_on_huge_pages(tiles * blocks * bytes);
         let mut scales = vec![f16::ZERO; tiles * blocks * COLS];
         let mut offsets = match format {
             Format::U4 => vec![f16::ZERO; tiles * blocks * COLS],
@@ -277,9 +325,46 @@ impl QMatrix {
             out_features,
             in_features,
             blocks,
-            codes,
+            codes: Codes::own(codes),
             scales,
             offsets,
+        }
+    }
+
+    /// Moves the codes of `matrices` (in the order a forward pass reads them) into
+    /// shared buffers of at least [`HUGE_PAGE_SHARE`] bytes on transparent huge pages.
+    /// A small model's matrices are each smaller than a 2 MiB huge page, so they only
+    /// get huge pages together; a decode step streams them all, and with 4 KiB pages
+    /// every 64 cache lines cost a TLB miss (BENCHMARKS.md). One buffer at a time is
+    /// filled while the matrices' own are freed, so loading peaks at one buffer more.
+    pub(crate) fn share_huge_pages(matrices: &mut [&mut QMatrix]) {
+        let mut rest = matrices;
+        while !rest.is_empty() {
+            let mut total = 0;
+            let mut n = 0;
+            while n < rest.len() && total < HUGE_PAGE_SHARE {
+                total += rest[n].codes.len();
+                n += 1;
+            }
+            let (group, tail) = rest.split_at_mut(n);
+            rest = tail;
+            // A group of one is a matrix of at least `HUGE_PAGE_SHARE` bytes (advised
+            // onto huge pages when it was built) or the last matrix alone.
+            if group.len() == 1 {
+                continue;
+            }
+            let mut buf = crate::memory::zeroed_on_huge_pages(total);
+            let mut ranges = Vec::with_capacity(group.len());
+            let mut at = 0;
+            for m in group.iter() {
+                buf[at..at + m.codes.len()].copy_from_slice(&m.codes);
+                ranges.push(at..at + m.codes.len());
+                at += m.codes.len();
+            }
+            let buf = Arc::new(buf);
+            for (m, range) in group.iter_mut().zip(ranges) {
+                m.codes = Codes::new(Arc::clone(&buf), range);
+            }
         }
     }
 
@@ -954,6 +1039,32 @@ mod tests {
         assert!(!read(1e-6, 0.0, 0)?);
         // Normal scales, but dmin · m near 1e-6.
         assert!(!read(1e-3, 1e-6, 1)?);
+        Ok(())
+    }
+
+    /// Matrices whose codes moved into one shared buffer compute what they computed
+    /// before, each from its own range.
+    #[test]
+    fn shared_codes_keep_each_matrix() -> Result<()> {
+        let (in_f, n_rows) = (256, 3);
+        let read = |rows: usize, seed: u64, dtype| -> Result<QMatrix> {
+            let w = Tensor::from_vec(random(rows * in_f, seed), (rows, in_f), &Device::Cpu)?;
+            Ok(QMatrix::from_qtensor(&QTensor::quantize(&w, dtype)?)?.expect("readable"))
+        };
+        let mut ms = [
+            read(40, 1, GgmlDType::Q4_1)?,
+            read(17, 2, GgmlDType::Q8_0)?,
+            read(64, 3, GgmlDType::Q4_0)?,
+        ];
+        let x = random(n_rows * in_f, 9);
+        let before: Vec<Vec<f32>> = ms.iter().map(|m| m.matmul(&x, n_rows)).collect();
+        let codes_before: Vec<Vec<u8>> = ms.iter().map(|m| m.codes.to_vec()).collect();
+        QMatrix::share_huge_pages(&mut ms.iter_mut().collect::<Vec<_>>());
+        assert!(ms.windows(2).all(|w| Arc::ptr_eq(&w[0].codes._buf, &w[1].codes._buf)));
+        for (i, m) in ms.iter().enumerate() {
+            assert_eq!(*m.codes, codes_before[i][..], "matrix {i}'s codes");
+            assert_eq!(m.matmul(&x, n_rows), before[i], "matrix {i}'s product");
+        }
         Ok(())
     }
 
