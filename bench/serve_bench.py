@@ -3,7 +3,7 @@ tokens/s with 8 concurrent streams against one stream; running streams' inter-to
 latency while a long prompt is prefilled).
 
     .venv/bin/python bench/serve_bench.py [--model PATH] [--streams 1 8] [--tokens 64]
-        [--long 16384] [--prefill-tokens-per-step 256 64] [--json OUT]
+        [--long 16384] [--prefill-tokens-per-step 256 64] [--admission N] [--json OUT]
 
 Build the optimised extension first (`maturin develop --profile opt`). Decode
 throughput is measured while all N streams are decoding: from the moment every stream
@@ -86,6 +86,16 @@ async def itl_during_prefill(engine: se.AsyncEngine, model: se.Model, long: int)
             "itl_before": summary(before), "itl_during_prefill": summary(during)}
 
 
+async def admission(engine: se.AsyncEngine, n: int) -> dict[str, float]:
+    """Round trip of one-token requests one after another (the first 5 warm up)."""
+    times = []
+    for _ in range(n + 5):
+        t = time.perf_counter()
+        await engine.agenerate("Hi", 1, self_extend=None)
+        times.append(time.perf_counter() - t)
+    return {"requests": n, "median_ms": 1000 * statistics.median(times[5:])}
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -104,6 +114,8 @@ async def main() -> None:
     parser.add_argument("--long", type=int, default=16384, help="0 skips the prefill test")
     parser.add_argument("--prefill-tokens-per-step", type=int, nargs="+", default=[256],
                         help="engine settings to run the prefill test with (default 256)")
+    parser.add_argument("--admission", type=int, default=0, metavar="N",
+                        help="also time N one-token requests one after another (0: skip)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     warnings.simplefilter("ignore", se.ContextLengthWarning)
@@ -117,6 +129,10 @@ async def main() -> None:
         row = await decode_throughput(engine, n, args.tokens)
         print(f"{n} streams: {row['aggregate_tokens_per_second']:.1f} tokens/s aggregate", flush=True)
         report["decode"].append(row)
+    if args.admission:
+        row = await admission(engine, args.admission)
+        print(f"one-token request: median {row['median_ms']:.2f} ms over {row['requests']}", flush=True)
+        report["admission"] = row
     for per_step in args.prefill_tokens_per_step if args.long else []:
         engine = se.AsyncEngine(model, max_batch=max_batch, prefill_tokens_per_step=per_step)
         row = {"prefill_tokens_per_step": per_step, **await itl_during_prefill(engine, model, args.long)}
