@@ -16,10 +16,11 @@
 //!
 //! With many query rows per tile (prefill) the rotated keys are stored transposed, so
 //! scores vectorise across keys; with few (decode) they stay row-major and scores are
-//! taken four keys at a time. Tiles of keys and values are read (and f16 widened) in
-//! one pass per tile, not one call per row. When there are fewer (batch, kv head,
-//! query tile) items than threads can use, the key range is split and the partial
-//! softmaxes are merged.
+//! taken four keys at a time. An f16 cache is read where it lies: keys are widened as
+//! they are rotated and values as they are summed (prefill, whose many row groups all
+//! read a tile's values, widens them once per tile). When there are fewer (batch, kv
+//! head, query tile) items than threads can use, the key range is split and the
+//! partial softmaxes are merged.
 //!
 //! A ragged batch (the sequences of one decode step, each with its own cache, positions
 //! and settings) runs as one set of items, on candle's worker pool, the one the
@@ -173,8 +174,8 @@ fn values_block<T: Widen, const R: usize>(
         let mut a: [[f32; B]; R] =
             std::array::from_fn(|r| acc[r * d + c0..][..B].try_into().expect("B lanes"));
         for (j, row) in v.iter().enumerate() {
-            let half = |c: usize| T::widen8(row[c..c + 8].try_into().expect("8 lanes"));
-            let (lo, hi) = (half(c0), half(c0 + 8));
+            let lanes = |c: usize| T::widen8(row[c..c + 8].try_into().expect("8 lanes"));
+            let (lo, hi) = (lanes(c0), lanes(c0 + 8));
             for r in 0..R {
                 let pr = p[r][j];
                 for l in 0..8 {

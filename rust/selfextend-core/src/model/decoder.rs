@@ -1016,8 +1016,7 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    /// The vectorised SiLU-and-multiply equals candle's ops, one thread or several,
-    /// on the strided halves of one stacked projection as the MLP passes them.
+    /// Our RMSNorm equals candle's to the bit, for full and partial groups of rows.
     #[test]
     fn rms_norm_matches_candle_to_the_bit() -> Result<()> {
         let dev = Device::Cpu;
@@ -1038,6 +1037,8 @@ mod tests {
         Ok(())
     }
 
+    /// The vectorised SiLU-and-multiply equals candle's ops, one thread or several,
+    /// on the strided halves of one stacked projection as the MLP passes them.
     #[test]
     fn gated_silu_matches_candle() -> Result<()> {
         for rows in [3, 700] {
