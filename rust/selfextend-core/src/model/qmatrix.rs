@@ -1060,7 +1060,9 @@ mod tests {
         let before: Vec<Vec<f32>> = ms.iter().map(|m| m.matmul(&x, n_rows)).collect();
         let codes_before: Vec<Vec<u8>> = ms.iter().map(|m| m.codes.to_vec()).collect();
         QMatrix::share_huge_pages(&mut ms.iter_mut().collect::<Vec<_>>());
-        assert!(ms.windows(2).all(|w| Arc::ptr_eq(&w[0].codes._buf, &w[1].codes._buf)));
+        assert!(ms
+            .windows(2)
+            .all(|w| Arc::ptr_eq(&w[0].codes._buf, &w[1].codes._buf)));
         for (i, m) in ms.iter().enumerate() {
             assert_eq!(*m.codes, codes_before[i][..], "matrix {i}'s codes");
             assert_eq!(m.matmul(&x, n_rows), before[i], "matrix {i}'s product");
