@@ -383,21 +383,41 @@ fn rms_norm_cpu(xs: &Tensor, weight: &Tensor, eps: f32) -> Result<Option<Tensor>
     let (x, w) = (&x[x0..x1], &w[w0..w1]);
     let mut out = Vec::with_capacity(x.len());
     for group in x.chunks(ROWS * n) {
-        let rows: Vec<&[f32]> = group.chunks_exact(n).collect();
         let mut sums = [0f32; ROWS];
-        for c in 0..n {
-            for (sum, row) in sums.iter_mut().zip(&rows) {
-                let v = row[c];
-                *sum += v * v;
-            }
+        match group.len() / n {
+            1 => sums[..1].copy_from_slice(&sums_of_squares::<1>(group, n)),
+            2 => sums[..2].copy_from_slice(&sums_of_squares::<2>(group, n)),
+            3 => sums[..3].copy_from_slice(&sums_of_squares::<3>(group, n)),
+            4 => sums[..4].copy_from_slice(&sums_of_squares::<4>(group, n)),
+            5 => sums[..5].copy_from_slice(&sums_of_squares::<5>(group, n)),
+            6 => sums[..6].copy_from_slice(&sums_of_squares::<6>(group, n)),
+            7 => sums[..7].copy_from_slice(&sums_of_squares::<7>(group, n)),
+            _ => sums = sums_of_squares::<ROWS>(group, n),
         }
-        for (sum, row) in sums.iter().zip(&rows) {
+        for (sum, row) in sums.iter().zip(group.chunks_exact(n)) {
             let rms = (sum / n as f32 + eps).sqrt();
             out.extend(row.iter().zip(w).map(|(&v, &w)| v / rms * w));
         }
     }
     drop((xs_s, w_s));
     Ok(Some(Tensor::from_vec(out, xs.shape(), xs.device())?))
+}
+
+/// Each of the `R` rows of `group` (`R × n`)'s sum of squares, added in order; the rows'
+/// sums are independent chains, kept in registers with `R` known here.
+#[inline(always)]
+fn sums_of_squares<const R: usize>(group: &[f32], n: usize) -> [f32; R] {
+    let rows: [&[f32]; R] = std::array::from_fn(|r| &group[r * n..][..n]);
+    let mut sums = [0f32; R];
+    // Column by column across the rows, which an iterator over one row cannot say.
+    #[allow(clippy::needless_range_loop)]
+    for c in 0..n {
+        for r in 0..R {
+            let v = rows[r][c];
+            sums[r] += v * v;
+        }
+    }
+    sums
 }
 
 #[derive(Debug, Clone)]
