@@ -8,6 +8,7 @@
 //! applied inside attention (see [`crate::kv_cache`]), and logits are always f32.
 
 use std::borrow::Cow;
+use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
 
 use candle_core::quantized::{QMatMul, QTensor};
@@ -475,10 +476,11 @@ fn gated(gate: &Tensor, up: &Tensor, activation: Activation) -> Result<Tensor> {
 
 /// `silu(gate) * up` over f32 CPU rows with unit inner stride; `None` for anything else.
 fn silu_mul_cpu(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
-    /// Rows per unit of parallel work.
-    const ROWS_PER_ITEM: usize = 16;
-    /// Below this many values one thread does all.
-    const PARALLEL_FROM: usize = 1 << 16;
+    /// Values per unit of parallel work (whole rows): a batch-8 decode step's 8 rows
+    /// of 1536 split evenly across two threads.
+    const VALUES_PER_ITEM: usize = 2048;
+    /// Below this many values one thread does all: waking the workers costs more.
+    const PARALLEL_FROM: usize = 8192;
     let (one, rows, n) = gate.dims3()?;
     if one != 1 || n == 0 || up.dims() != gate.dims() || !gate.device().is_cpu() {
         return Ok(None);
@@ -494,33 +496,38 @@ fn silu_mul_cpu(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
         |r: usize| gl.start_offset() + r * gl.stride()[1],
         |r: usize| ul.start_offset() + r * ul.stride()[1],
     );
-    let compute = |r: usize, out: &mut [f32]| {
+    let compute = |r: usize, out: &mut [MaybeUninit<f32>]| {
         for ((o, &x), &y) in out
             .iter_mut()
             .zip(&g[g_at(r)..][..n])
             .zip(&u[u_at(r)..][..n])
         {
-            *o = silu(x) * y;
+            o.write(silu(x) * y);
         }
     };
-    let mut out = vec![0f32; rows * n];
+    let mut out = Vec::with_capacity(rows * n);
+    let spare = &mut out.spare_capacity_mut()[..rows * n];
     if rows * n < PARALLEL_FROM {
-        out.chunks_exact_mut(n)
+        spare
+            .chunks_exact_mut(n)
             .enumerate()
             .for_each(|(r, o)| compute(r, o));
     } else {
-        let items: Vec<Mutex<&mut [f32]>> =
-            out.chunks_mut(ROWS_PER_ITEM * n).map(Mutex::new).collect();
+        let per_item = VALUES_PER_ITEM.div_ceil(n);
+        let items: Vec<Mutex<&mut [MaybeUninit<f32>]>> =
+            spare.chunks_mut(per_item * n).map(Mutex::new).collect();
         candle_core::utils::barrier_pool().execute_chunked(items.len(), |range| {
             for i in range {
                 // Each item is handed out once: the lock is never contended.
                 let mut part = items[i].lock().unwrap_or_else(|e| e.into_inner());
                 for (k, o) in part.chunks_exact_mut(n).enumerate() {
-                    compute(i * ROWS_PER_ITEM + k, o);
+                    compute(i * per_item + k, o);
                 }
             }
         });
     }
+    // SAFETY: the rows above wrote every one of the `rows * n` values.
+    unsafe { out.set_len(rows * n) };
     Ok(Some(Tensor::from_vec(out, (1, rows, n), gate.device())?))
 }
 
@@ -1061,8 +1068,8 @@ mod tests {
     /// on the strided halves of one stacked projection as the MLP passes them.
     #[test]
     fn gated_silu_matches_candle() -> Result<()> {
-        for rows in [3, 700] {
-            let n = 128;
+        // One thread; then items of 16 rows, of 2 rows, and of 2 rows with one left over.
+        for (rows, n) in [(3, 128), (700, 128), (8, 1536), (7, 1536)] {
             let stacked = (Tensor::randn(0f32, 4.0, (1, rows, 2 * n), &Device::Cpu)? - 1.0)?;
             let (gate, up) = (stacked.narrow(2, 0, n)?, stacked.narrow(2, n, n)?);
             let got = silu_mul_cpu(&gate, &up)?.expect("f32 CPU rows");
