@@ -18,6 +18,7 @@ from typing import Any, Optional, Union
 from selfextend_rs._native import Completion, Engine, Model
 
 _Prompt = Union[str, Sequence[int]]
+_Event = tuple[str, Any]
 # How long the pump waits per call before checking whether it should stop.
 _PUMP_WAIT = 0.25
 
@@ -157,11 +158,21 @@ class AsyncEngine:
                     self._pump = None
                     return
                 targets = [(self._queues.get(i), kind, payload) for i, kind, payload in events]
+            # One wake-up per event loop for the whole batch (a step's tokens for every
+            # stream), not one per event.
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[_Event], _Event]]] = {}
             for target, kind, payload in targets:
                 if target is None:
                     continue  # the request was closed; its remaining events are moot
                 loop, queue = target
+                by_loop.setdefault(loop, []).append((queue, (kind, payload)))
+            for loop, items in by_loop.items():
                 try:
-                    loop.call_soon_threadsafe(queue.put_nowait, (kind, payload))
+                    loop.call_soon_threadsafe(_deliver, items)
                 except RuntimeError:
                     pass  # its event loop has closed
+
+
+def _deliver(items: list[tuple[asyncio.Queue[_Event], _Event]]) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
