@@ -12,6 +12,8 @@
 #   TORCH_PY=/path/to/python bench/compare_llamacpp.sh   # a Python with torch, gguf,
 #                                             # transformers and accelerate
 #   SKIP_TORCH=1 bench/compare_llamacpp.sh    # llama.cpp only
+#   AVX2_ONLY=1 bench/compare_llamacpp.sh     # all three without AVX-512, on a machine
+#                                             # that has it: a stand-in for AVX2-only CPUs
 #
 # llama.cpp is built from the llama-cpp-python sdist (pinned), fetched with pip. PyTorch
 # goes into its own scratch virtualenv (PyPI's torch wheels bring the CUDA libraries:
@@ -36,8 +38,21 @@ REPEATS=${REPEATS:-3}
 PY=${PY:-$ROOT/.venv/bin/python}
 MODEL=${1:-$("$PY" -c 'import selfextend_rs; print(selfextend_rs.default_model())')}
 
+# AVX2_ONLY=1: llama.cpp built without AVX-512 (in its own build directory), our kernels
+# told to skip it (SELFEXTEND_NO_AVX512), and PyTorch's ATen, oneDNN and MKL capped at
+# AVX2. Same machine otherwise: its caches, memory and clocks are not an AVX2-only CPU's.
+AVX2_ONLY=${AVX2_ONLY:-0}
+BUILD=$SCRATCH/build
+SUMMARY=compare-$PROMPT.json
+if [[ $AVX2_ONLY == 1 ]]; then
+    BUILD=$SCRATCH/build-avx2
+    SUMMARY=compare-avx2-$PROMPT.json
+    export SELFEXTEND_NO_AVX512=1 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 \
+        MKL_ENABLE_INSTRUCTIONS=AVX2
+fi
+
 mkdir -p "$SCRATCH"
-LLAMA_BENCH=$SCRATCH/build/bin/llama-bench
+LLAMA_BENCH=$BUILD/bin/llama-bench
 if [[ ! -x $LLAMA_BENCH ]]; then
     echo "== building llama.cpp (llama-cpp-python $LLAMA_CPP_PYTHON_VERSION sdist) in $SCRATCH" >&2
     [[ -x $SCRATCH/venv/bin/cmake ]] || {
@@ -66,16 +81,18 @@ PY
     flag() { grep -qw "$1" /proc/cpuinfo && echo ON || echo OFF; }
     AVX512=OFF
     [[ $(flag avx512f)$(flag avx512bw)$(flag avx512vl) == ONONON ]] && AVX512=ON
+    [[ $AVX2_ONLY == 1 ]] && AVX512=OFF
+    avx512() { [[ $AVX512 == ON ]] && flag "$1" || echo OFF; }
     SIMD=(-DGGML_AVX2="$(flag avx2)" -DGGML_FMA="$(flag fma)" -DGGML_F16C="$(flag f16c)"
-          -DGGML_AVX512="$AVX512" -DGGML_AVX512_VNNI="$(flag avx512_vnni)"
-          -DGGML_AVX512_BF16="$(flag avx512_bf16)")
+          -DGGML_AVX512="$AVX512" -DGGML_AVX512_VNNI="$(avx512 avx512_vnni)"
+          -DGGML_AVX512_BF16="$(avx512 avx512_bf16)")
     echo "== llama.cpp SIMD: ${SIMD[*]}" >&2
     "$SCRATCH/venv/bin/cmake" -S "$SCRATCH/src/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp" \
-        -B "$SCRATCH/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
+        -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
         -DGGML_NATIVE=OFF "${SIMD[@]}" \
         -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
         -DLLAMA_BUILD_TOOLS=ON >/dev/null
-    "$SCRATCH/venv/bin/cmake" --build "$SCRATCH/build" --target llama-bench -j "$(nproc)" >/dev/null
+    "$SCRATCH/venv/bin/cmake" --build "$BUILD" --target llama-bench -j "$(nproc)" >/dev/null
 fi
 
 OURS=${SELFEXTEND_BENCH:-$ROOT/target/opt/selfextend-bench}
@@ -140,13 +157,13 @@ fi
 
 mkdir -p "$ROOT/bench-out"
 "$PY" - "$SCRATCH/llamacpp-pp.json" "$SCRATCH/llamacpp-tg.json" "$SCRATCH/selfextend.json" \
-    "$TORCH_JSON" "$PROMPT" "$GEN" "$ROOT/bench-out/compare-$PROMPT.json" <<'PY'
+    "$TORCH_JSON" "$PROMPT" "$GEN" "$ROOT/bench-out/$SUMMARY" "$AVX2_ONLY" <<'PY'
 import json, sys
 from pathlib import Path
 
 llama_pp, llama_tg, ours = (json.load(open(p)) for p in sys.argv[1:4])
 torch_file, prompt, gen = Path(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
-summary_file = Path(sys.argv[7])
+summary_file, avx2_only = Path(sys.argv[7]), sys.argv[8] == "1"
 torch = json.loads(torch_file.read_text()) if torch_file.exists() else None
 def ours_at(phase, attention):
     return next(m["tokens_per_second"] for m in ours["measurements"]
@@ -164,7 +181,7 @@ rows = [
     (f"  ours with {se}, decode", llama_tg[0]["avg_ts"], torch and torch["decode"],
      ours_at("decode", "selfextend")),
 ]
-summary = {"prompt": prompt, "gen": gen, "kv_cache": ours.get("kv_cache"),
+summary = {"prompt": prompt, "gen": gen, "kv_cache": ours.get("kv_cache"), "avx2_only": avx2_only,
            "torch": torch and torch["torch"], "machine": ours.get("machine"),
            "rows": [{"metric": name, "llama.cpp": llama, "pytorch": pt, "ours": us}
                     for name, llama, pt, us in rows]}
@@ -176,7 +193,8 @@ for name, llama, pt, us in rows:
     pt_ratio = f"{us / pt:>10.2f}" if pt else f"{'-':>10}"
     print(f"{name:<42}{llama:>10.1f}{pt_cols}{us:>8.1f}{us / llama:>12.2f}{pt_ratio}")
 print(f"ours: KV cache {ours.get('kv_cache', '?')}; PyTorch "
-      f"{torch['torch'] + ', f32, sdpa' if torch else 'skipped'}")
+      f"{torch['torch'] + ', f32, sdpa' if torch else 'skipped'}"
+      f"{'; all three without AVX-512 (AVX2_ONLY=1)' if avx2_only else ''}")
 machine = ours.get("machine")
 if machine:
     int8 = (f", 8-bit ({machine['int8_isa']}) {machine['int8_peak_ops'] / 1e9:.1f} GOP/s"
