@@ -11,7 +11,8 @@ one process per point.
     .venv/bin/python bench/report.py --peers [bench-out] [docs/peers.png]
 
 draws our speed as a ratio of llama.cpp's and PyTorch's from the
-bench-out/compare-*.json that bench/compare_llamacpp.sh writes (one per prompt length).
+bench-out/compare-*.json that bench/compare_llamacpp.sh writes (one per prompt length,
+and compare-avx2-*.json for its AVX2_ONLY=1 runs).
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ def print_tables(out_dir: Path) -> None:
 
 
 def plot_peers(out_dir: Path, png: Path) -> None:
+    # AVX2_ONLY=1 runs (compare-avx2-*.json) after the others, labelled.
     runs = sorted((json.loads(p.read_text()) for p in out_dir.glob("compare-*.json")),
-                  key=lambda r: r["prompt"])
+                  key=lambda r: (r.get("avx2_only", False), r["prompt"]))
     if not runs:
         sys.exit(f"no compare-*.json in {out_dir}: run bench/compare_llamacpp.sh first")
     labels, llama, torch = [], [], []
@@ -69,21 +71,22 @@ def plot_peers(out_dir: Path, png: Path) -> None:
                 continue  # our SelfExtend rows; the plot compares plain attention
             phase = "prefill" if row["metric"].startswith("prefill") else "decode"
             where = f"{run['prompt']} tokens" if phase == "prefill" else f"after {run['prompt']}"
-            labels.append(f"{phase}\n{where}")
+            isa = "AVX2 only" if run.get("avx2_only") else (run.get("machine") or {}).get("int8_isa", "")
+            labels.append(f"{phase}\n{where}\n{isa}")
             llama.append(row["ours"] / row["llama.cpp"])
             torch.append(row["ours"] / row["pytorch"] if row["pytorch"] else float("nan"))
-            print(f"{labels[-1].replace(chr(10), ' '):<28} /llama.cpp {llama[-1]:5.2f}  "
+            print(f"{labels[-1].replace(chr(10), ' '):<40} /llama.cpp {llama[-1]:5.2f}  "
                   f"/PyTorch {torch[-1]:5.2f}")
     xs = range(len(labels))
-    fig, ax = plt.subplots(figsize=(8, 4.2))
+    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(labels)), 4.6))
     ax.bar([x - 0.2 for x in xs], llama, 0.4, label="ours / llama.cpp")
     ax.bar([x + 0.2 for x in xs], torch, 0.4, label="ours / PyTorch (f32, sdpa)")
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks(list(xs), labels)
     ax.set_ylabel("throughput ratio (> 1: we are faster)")
     machine = runs[0].get("machine") or {}
-    ax.set_title(f"SmolLM2-135M Q4_1, plain attention, {machine.get('threads', '?')} threads, "
-                 f"{machine.get('int8_isa') or machine.get('isa', '?')}")
+    ax.set_title(f"SmolLM2-135M Q4_1, plain attention, {machine.get('threads', '?')} threads "
+                 "(AVX2 only: AVX-512 disabled in all three)")
     ax.grid(alpha=0.3, axis="y")
     ax.legend()
     fig.tight_layout()
