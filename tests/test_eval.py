@@ -343,6 +343,34 @@ def test_passkey_runner_records_and_resumes(model: se.Model) -> None:
         se_eval.run_passkey(model, lengths=[300], resume=moved, **kw)
 
 
+def test_resume_remakes_records_whose_method_now_means_another_setting(model: se.Model) -> None:
+    # As if `SelfExtend.auto`'s rule or dynamic NTK's factor had changed since the run.
+    kw: dict[str, Any] = dict(depths=[0.5], digits=5, progress=False,
+                              methods=["plain", "selfextend:auto", "dynamic-ntk"])
+    first = se_eval.run_passkey(model, lengths=[300], **kw)
+    by_method = {r["method"]: r for r in first["records"]}
+    assert by_method["selfextend:auto"]["self_extend"] is not None
+    assert by_method["dynamic-ntk"]["rope_scaling"]["factor"] > 1
+    saved = json.loads(json.dumps(first))
+    for r in saved["records"]:
+        if r["method"] == "selfextend:auto":
+            r["self_extend"] = [r["self_extend"][0] + 1, r["self_extend"][1]]
+            r["answer"] = "stale"
+    with pytest.warns(UserWarning, match="run again: 1 of selfextend:auto"):
+        again = se_eval.run_passkey(model, lengths=[300], resume=saved, **kw)
+    remade = {r["method"]: r for r in again["records"]}
+    assert len(again["records"]) == 3
+    assert remade["selfextend:auto"]["self_extend"] == by_method["selfextend:auto"]["self_extend"]
+    assert remade["selfextend:auto"]["answer"] != "stale"
+    assert remade["plain"] == by_method["plain"] and remade["dynamic-ntk"] == by_method["dynamic-ntk"]
+    saved = json.loads(json.dumps(first))
+    for r in saved["records"]:
+        if r["method"] == "dynamic-ntk":
+            r["rope_scaling"]["factor"] += 0.5
+    with pytest.warns(UserWarning, match="run again: 1 of dynamic-ntk"):
+        se_eval.run_passkey(model, lengths=[300], resume=saved, **kw)
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "selfextend_rs.cli", "eval", *args],
                           capture_output=True, text=True, timeout=600)

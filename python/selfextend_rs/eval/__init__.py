@@ -329,7 +329,7 @@ def run_passkey(
     }
     result = _start("passkey", model, config, method_list, resume)
     done = {(r["method"], r["length"], r["depth"], r["sample"]) for r in result["records"]}
-    max_new = digits + 4
+    max_new = _answer_tokens(digits)
     jobs = [(n, d, s, m) for n in config["lengths"] for d in config["depths"]
             for s in range(samples) for m in method_list]
     todo = [j for j in jobs if (j[3].spec, j[0], j[1], j[2]) not in done]
@@ -579,11 +579,46 @@ def _start(task: str, model: se.Model, config: dict[str, Any], methods: list[Met
                          f"{info['kv_cache']} (load the model with kv_cache={saved_kv!r}, "
                          f"--kv-cache {saved_kv} on the command line)")
     # Records depend only on their key and the settings above, so a resumed run keeps
-    # all of them, including lengths, depths or methods outside its own grid.
-    result["records"] = list(resume.get("records", []))
+    # all of them, including lengths, depths or methods outside its own grid; except
+    # those whose method now resolves to another setting (a changed `SelfExtend.auto`
+    # rule): they are made again.
+    records = list(resume.get("records", []))
+    current = [r for r in records if _still_current(r, saved, model.config.trained_context)]
+    if len(current) < len(records):
+        stale = sorted({r["method"] for r in records if r not in current})
+        warnings.warn("saved records made with another setting than their method gives now "
+                      f"run again: {len(records) - len(current)} of {', '.join(stale)}",
+                      stacklevel=3)
+    result["records"] = current
     result["methods"] = list(dict.fromkeys(resume.get("methods", []) + result["methods"]))
     result["started"] = resume.get("started", result["started"])
     return result
+
+
+def _answer_tokens(digits: int) -> int:
+    """The tokens a passkey answer may take: the digits and a little slack."""
+    return digits + 4
+
+
+def _still_current(record: Record, config: dict[str, Any], trained: int) -> bool:
+    """Whether `record`'s method gives today the setting the record was made with, for
+    the sequence it ran: a passkey prompt and its answer, or a perplexity pass. Records
+    that do not say (older runs, unknown methods) are kept."""
+    if "self_extend" not in record:
+        return True
+    if "forward_tokens" in record:
+        tokens = record["forward_tokens"]
+    elif "prompt_tokens" in record and "digits" in config:
+        tokens = record["prompt_tokens"] + _answer_tokens(config["digits"])
+    else:
+        return True
+    try:
+        method = parse_method(record["method"])
+    except ValueError:
+        return True
+    now = _settings_json(method.settings(tokens, trained))
+    return (now["self_extend"] == record["self_extend"]
+            and now["rope_scaling"] == record.get("rope_scaling"))
 
 
 def _file_bytes(path: Path) -> Optional[int]:

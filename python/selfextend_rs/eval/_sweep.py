@@ -19,6 +19,7 @@ from selfextend_rs.eval import (
     Method,
     Record,
     Result,
+    _answer_tokens,
     _k,
     _passkey_record,
     _ppl_records,
@@ -55,7 +56,7 @@ def in_reach(group_size: int, window: int, length: int, trained: int, digits: in
     """Whether SelfExtend(G, W) keeps every sequence of a `length` cell inside the
     positions the model was trained on: its passkey prompts (within length / 200 of
     it, see `passkey_prompt`) with their answers of digits + 4 tokens."""
-    longest = length + max(1, length // 200) + digits + 4
+    longest = length + max(1, length // 200) + _answer_tokens(digits)
     return window < trained and se.SelfExtend(group_size, window).max_context(trained) >= longest
 
 
@@ -195,7 +196,7 @@ def run_sweep(
     refs = [m for m in refs if m not in grid.values()]
     result = _start("sweep", model, config, refs + list(grid.values()), resume)
     done = {_record_key(r) for r in result["records"]}
-    max_new = digits + 4
+    max_new = _answer_tokens(digits)
     prompts_per_cell = [(d, s) for s in range(samples) for d in _spread(config["depths"])]
     texts = (ppl_windows(model.tokenizer, config["lengths"][-1], text_windows, seed, documents)
              if text_windows else [])
