@@ -343,6 +343,13 @@ def test_passkey_runner_records_and_resumes(model: se.Model) -> None:
         se_eval.run_passkey(model, lengths=[300], resume=moved, **kw)
 
 
+def test_a_group_size_alone_takes_a_quarter_of_the_trained_context() -> None:
+    method = se_eval.parse_method("selfextend:8")
+    for trained, window in [(8192, 2048), (4096, 1024), (1000, 192), (256, 64), (100, 25)]:
+        setting = method.settings(4 * trained, trained)["self_extend"]
+        assert (setting.group_size, setting.window) == (8, window)
+
+
 def test_resume_remakes_records_whose_method_now_means_another_setting(model: se.Model) -> None:
     # As if `SelfExtend.auto`'s rule or dynamic NTK's factor had changed since the run.
     kw: dict[str, Any] = dict(depths=[0.5], digits=5, progress=False,

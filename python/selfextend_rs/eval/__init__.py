@@ -131,9 +131,11 @@ class Method:
 
 
 def _paper_window(trained: int) -> int:
-    # SelfExtend.auto's window rule (a quarter of L, a multiple of 64) does not depend
-    # on the target, so any target past L gives it.
-    return se.SelfExtend.auto(4 * trained, trained).window
+    """The window of `selfextend:G`: a quarter of L, a multiple of 64 from L = 256 on.
+    Written out, not taken from `SelfExtend.auto` (whose window is the same today), so
+    that a change of auto's rule leaves what `selfextend:G` means, and its records, as
+    they are."""
+    return (trained // 4) // 64 * 64 if trained >= 256 else max(1, trained // 4)
 
 
 def parse_method(spec: str) -> Method:
