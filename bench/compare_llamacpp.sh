@@ -5,7 +5,8 @@
 # $PROMPT-token prompt, and $GEN decode steps after $PROMPT tokens of context. It also
 # measures the machine (FMA peak, memory read bandwidth: `selfextend-bench --machine`)
 # and prints our prefill FLOP/s and decode bytes/s as shares of them. The numbers also
-# go to bench-out/compare-$PROMPT.json, which `bench/report.py` plots.
+# go to bench-out/compare-$PROMPT.json (compare-avx2-$PROMPT.json with AVX2_ONLY=1),
+# which `bench/report.py --peers` plots.
 #
 #   bench/compare_llamacpp.sh                 # default model, 2 threads, pp2048 / tg128
 #   THREADS=4 PROMPT=4096 bench/compare_llamacpp.sh path/to/model.gguf

@@ -71,7 +71,9 @@ def plot_peers(out_dir: Path, png: Path) -> None:
                 continue  # our SelfExtend rows; the plot compares plain attention
             phase = "prefill" if row["metric"].startswith("prefill") else "decode"
             where = f"{run['prompt']} tokens" if phase == "prefill" else f"after {run['prompt']}"
-            isa = "AVX2 only" if run.get("avx2_only") else (run.get("machine") or {}).get("int8_isa", "")
+            machine = run.get("machine") or {}
+            isa = ("AVX2 only" if run.get("avx2_only")
+                   else machine.get("int8_isa") or machine.get("isa") or "")
             labels.append(f"{phase}\n{where}\n{isa}")
             llama.append(row["ours"] / row["llama.cpp"])
             torch.append(row["ours"] / row["pytorch"] if row["pytorch"] else float("nan"))
@@ -84,9 +86,10 @@ def plot_peers(out_dir: Path, png: Path) -> None:
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks(list(xs), labels)
     ax.set_ylabel("throughput ratio (> 1: we are faster)")
-    machine = runs[0].get("machine") or {}
-    ax.set_title(f"SmolLM2-135M Q4_1, plain attention, {machine.get('threads', '?')} threads "
-                 "(AVX2 only: AVX-512 disabled in all three)")
+    threads = (runs[0].get("machine") or {}).get("threads", "?")
+    note = (" (AVX2 only: AVX-512 disabled in all three)"
+            if any(r.get("avx2_only") for r in runs) else "")
+    ax.set_title(f"SmolLM2-135M Q4_1, plain attention, {threads} threads{note}")
     ax.grid(alpha=0.3, axis="y")
     ax.legend()
     fig.tight_layout()

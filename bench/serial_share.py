@@ -3,7 +3,7 @@
     perf record -F 499 --call-graph dwarf,16384 -o perf.data \
         target/opt/selfextend-bench --model "$M" --prefill 16 --decode-context 32 \
         --decode-tokens 64 --batch 8 --attention vanilla --repeats 6
-    perf script -i perf.data --comm selfextend-benc -F comm,ip,sym > stacks.txt
+    perf script -i perf.data --comms selfextend-benc -F comm,ip,sym > stacks.txt
     python3 bench/serial_share.py stacks.txt [--top 12]
 
 Every sample of the calling thread inside `Decoder::forward_batch` is either parallel

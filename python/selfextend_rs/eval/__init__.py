@@ -585,13 +585,12 @@ def _start(task: str, model: se.Model, config: dict[str, Any], methods: list[Met
     # those whose method now resolves to another setting (a changed `SelfExtend.auto`
     # rule): they are made again.
     records = list(resume.get("records", []))
-    current = [r for r in records if _still_current(r, saved, model.config.trained_context)]
-    if len(current) < len(records):
-        stale = sorted({r["method"] for r in records if r not in current})
+    kept = [_still_current(r, saved, model.config.trained_context) for r in records]
+    if not all(kept):
+        stale = sorted({r["method"] for r, k in zip(records, kept) if not k})
         warnings.warn("saved records made with another setting than their method gives now "
-                      f"run again: {len(records) - len(current)} of {', '.join(stale)}",
-                      stacklevel=3)
-    result["records"] = current
+                      f"run again: {kept.count(False)} of {', '.join(stale)}", stacklevel=3)
+    result["records"] = [r for r, k in zip(records, kept) if k]
     result["methods"] = list(dict.fromkeys(resume.get("methods", []) + result["methods"]))
     result["started"] = resume.get("started", result["started"])
     return result
