@@ -12,7 +12,8 @@ use clap::Parser;
 use rand::{Rng, SeedableRng};
 use selfextend_core::config::Config;
 use selfextend_core::model::{
-    parse_attention, parse_device, parse_dtype, parse_kv_cache_dtype, LogitsFor, SequenceStep,
+    parse_attention, parse_device, parse_dtype, parse_kv_cache_dtype, BatchLayout, LogitsFor,
+    SequenceStep,
 };
 use selfextend_core::{Model, SelfExtend};
 use serde::Serialize;
@@ -57,6 +58,11 @@ struct Args {
     /// Decode tokens/s then counts the tokens of all of them.
     #[arg(long, default_value_t = 1)]
     batch: usize,
+    /// How a batch's decode steps use the threads: `auto` (as the serving engine does),
+    /// `together` (every matmul shared by all threads) or `halves` (two halves of the
+    /// batch side by side, each on a thread of its own).
+    #[arg(long, value_enum, default_value_t = Layout::Auto)]
+    batch_layout: Layout,
     /// SelfExtend group size G.
     #[arg(long, default_value_t = 4)]
     group_size: usize,
@@ -114,6 +120,24 @@ enum Which {
     Selfextend,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Layout {
+    Auto,
+    Together,
+    Halves,
+}
+
+impl From<Layout> for BatchLayout {
+    fn from(layout: Layout) -> Self {
+        match layout {
+            Layout::Auto => Self::Auto,
+            Layout::Together => Self::Together,
+            Layout::Halves => Self::Halves,
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct Measurement {
     phase: &'static str,
@@ -147,6 +171,7 @@ struct Report {
     chunk_size: usize,
     repeats: usize,
     batch: usize,
+    batch_layout: Layout,
     measurements: Vec<Measurement>,
     /// KV-cache bytes allocated for the longest sequence run.
     kv_cache_bytes: usize,
@@ -267,9 +292,11 @@ impl Bench {
                         logits_for: LogitsFor::Last,
                     })
                     .collect();
-                self.model
-                    .decoder()
-                    .forward_batch(&mut batch, &mut || Ok(()))?;
+                self.model.decoder().forward_batch_with(
+                    &mut batch,
+                    self.args.batch_layout.into(),
+                    &mut || Ok(()),
+                )?;
             }
             cache = caches.swap_remove(0);
             Some(start.elapsed().as_secs_f64())
@@ -494,6 +521,7 @@ fn run(args: Args) -> BenchResult<Report> {
         chunk_size: args.chunk_size,
         repeats: args.repeats,
         batch: args.batch,
+        batch_layout: args.batch_layout,
         measurements,
         kv_cache_bytes: bench.kv_cache_bytes,
         rss_after_load_bytes,
@@ -521,8 +549,8 @@ fn print_table(r: &Report) {
     );
     if r.batch > 1 {
         println!(
-            "decode: {} sequences per step; tok/s counts all of them",
-            r.batch
+            "decode: {} sequences per step, layout {:?}; tok/s counts all of them",
+            r.batch, r.batch_layout
         );
     }
     if !r.attention_kernels.is_empty() {

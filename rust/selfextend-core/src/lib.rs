@@ -31,6 +31,7 @@ pub mod loader;
 mod math;
 pub mod memory;
 pub mod model;
+mod parallel;
 pub mod rope;
 pub mod sampling;
 pub mod tokenizer;

@@ -481,6 +481,135 @@ fn a_batch_gives_each_sequence_its_own_logits() {
     }
 }
 
+/// Every layout of a batch on the threads gives the same logits, and leaves caches that
+/// continue alike: decode steps of 7 sequences with mixed settings, and a step that
+/// mixes a prefill chunk with decode rows. To the bit on the packed quantized kernel,
+/// which does each row's arithmetic alike whatever the rows around it; within batching's
+/// own tolerance on dense weights, where candle's matmul may sum a row in another order
+/// for another number of rows.
+#[test]
+fn batch_layouts_give_the_same_logits_to_the_bit() {
+    use selfextend_core::model::{BatchLayout, SequenceStep};
+    let models = [
+        (
+            tiny_quantized_model(
+                &Config {
+                    intermediate_size: 64,
+                    ..tiny_config(2, false)
+                },
+                21,
+            ),
+            0.0,
+        ),
+        (tiny_model(&tiny_mixed_config(), 21), 1e-5),
+    ];
+    for (model, tolerance) in &models {
+        let cfg = model.config().clone();
+        let decoder = model.decoder();
+        let tokens = ids(80, cfg.vocab_size, 22);
+        let se = |g, w| Some(SelfExtend::new(g, w).unwrap());
+        let linear = model.attention_params_with(None, Some(RopeScaling::Linear { factor: 2.0 }));
+        let settings = [
+            model.attention_params(None),
+            model.attention_params(se(2, 4)),
+            model.attention_params(se(4, 8)),
+            linear,
+        ];
+        // (cached tokens, settings) per sequence; the caches are filled alone.
+        let seqs: Vec<(usize, &_)> = (0..7).map(|i| (5 + 7 * i, &settings[i % 4])).collect();
+        let run = |layout: BatchLayout, chunk: usize| {
+            let mut caches: Vec<_> = seqs
+                .iter()
+                .map(|&(cached, params)| {
+                    let mut cache = decoder.new_cache(4);
+                    decoder
+                        .forward(&tokens[..cached], &mut cache, params, LogitsFor::Last)
+                        .unwrap();
+                    cache
+                })
+                .collect();
+            let mut logits = vec![];
+            // Two decode steps; with `chunk`, the second sequence's first step is a
+            // prefill chunk of that many tokens.
+            for step in 0..2 {
+                let mut steps: Vec<SequenceStep> = caches
+                    .iter_mut()
+                    .zip(&seqs)
+                    .enumerate()
+                    .map(|(i, (cache, &(cached, params)))| {
+                        let n = if i == 1 && step == 0 { chunk } else { 1 };
+                        let at = cache.len();
+                        debug_assert!(at >= cached);
+                        SequenceStep {
+                            ids: &tokens[at..at + n],
+                            cache,
+                            params,
+                            logits_for: LogitsFor::All,
+                        }
+                    })
+                    .collect();
+                let out = decoder
+                    .forward_batch_with(&mut steps, layout, &mut || Ok(()))
+                    .unwrap();
+                logits.extend(
+                    out.iter()
+                        .map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()),
+                );
+            }
+            logits
+        };
+        for chunk in [1, 9] {
+            let together = run(BatchLayout::Together, chunk);
+            for layout in [BatchLayout::Halves, BatchLayout::Auto] {
+                let got = run(layout, chunk);
+                assert_eq!(got.len(), together.len());
+                for (i, (a, b)) in got.iter().zip(&together).enumerate() {
+                    let what = format!("{} {layout:?}, chunk {chunk}, logits {i}", cfg.model_type);
+                    if *tolerance == 0.0 {
+                        let same = a.len() == b.len()
+                            && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+                        assert!(same, "{what} differ");
+                    } else {
+                        let err = max_rel_diff(a, b);
+                        assert!(err < *tolerance, "{what}: {err}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A batch run as halves stops where the caller's check between layers fails, and
+/// says so, from whichever half it runs on.
+#[test]
+fn batch_halves_stop_when_asked() {
+    use selfextend_core::model::{BatchLayout, SequenceStep};
+    let model = tiny_model(&tiny_config(2, false), 23);
+    let decoder = model.decoder();
+    let params = model.attention_params(None);
+    let tokens = ids(8, model.config().vocab_size, 24);
+    let mut caches: Vec<_> = (0..8).map(|_| decoder.new_cache(4)).collect();
+    let mut steps: Vec<SequenceStep> = caches
+        .iter_mut()
+        .zip(&tokens)
+        .map(|(cache, id)| SequenceStep {
+            ids: std::slice::from_ref(id),
+            cache,
+            params: &params,
+            logits_for: LogitsFor::Last,
+        })
+        .collect();
+    let mut calls = 0;
+    let err = decoder
+        .forward_batch_with(&mut steps, BatchLayout::Halves, &mut || {
+            calls += 1;
+            Err(Error::Interrupted)
+        })
+        .unwrap_err();
+    assert!(matches!(err, Error::Interrupted), "{err}");
+    assert_eq!(calls, 1);
+}
+
 #[test]
 fn linear_cost_counts_every_weight_and_the_bytes_read() {
     let cfg = Config {

@@ -666,7 +666,7 @@ fn compute(seqs: &[Prepared], len: usize) -> Option<Vec<f32>> {
     // range split in `splits[seq]` parts. A sequence is split as it would be alone, so
     // its result does not depend on what else is in the batch.
     let tiles = |p: &Prepared| p.shape.q_len.div_ceil(Q_TILE);
-    let threads = candle_core::utils::barrier_pool().n_workers() + 1;
+    let threads = crate::parallel::threads();
     let mut items = Vec::new();
     let mut splits = Vec::with_capacity(seqs.len());
     for (seq, p) in seqs.iter().enumerate() {
@@ -758,7 +758,7 @@ fn run_items(
         return items.iter().map(|&item| with_scratch(item)).collect();
     }
     let slots: Vec<OnceLock<Partial>> = items.iter().map(|_| OnceLock::new()).collect();
-    candle_core::utils::barrier_pool().execute_chunked(items.len(), |range| {
+    crate::parallel::execute_chunked(items.len(), |range| {
         for i in range {
             // Each index is handed out once, so the slot is empty.
             let _ = slots[i].set(with_scratch(items[i]));

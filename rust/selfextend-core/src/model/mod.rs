@@ -16,7 +16,7 @@ use crate::loader::safetensors::SafetensorsSource;
 use crate::loader::{Renamed, TensorSource, Weights};
 use crate::memory;
 use crate::tokenizer::Tokenizer;
-pub use decoder::{Decoder, LinearCost, LogitsFor, SequenceStep};
+pub use decoder::{BatchLayout, Decoder, LinearCost, LogitsFor, SequenceStep};
 
 /// Prefill chunk length when the caller does not choose one. Bounds a chunk's
 /// activations (and the naive backend's `chunk * context` scores per head).

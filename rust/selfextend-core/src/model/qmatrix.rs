@@ -476,7 +476,7 @@ impl QMatrix {
         if items * self.blocks < 64 {
             run(0..items);
         } else {
-            candle_core::utils::barrier_pool().execute_chunked(items, run);
+            crate::parallel::execute_chunked(items, run);
         }
         // SAFETY: the items (column tile, row tile) cover every row and column once.
         unsafe { y.set_len(n_rows * self.out_features) };
