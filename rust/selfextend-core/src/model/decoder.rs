@@ -970,9 +970,10 @@ impl Decoder {
 
     /// [`BatchLayout::Auto`]'s rule: halves on two threads, when every linear layer runs
     /// on our packed kernel and the step decodes at least 6 sequences of one row each.
-    /// On a 2-core AMD EPYC that ran decode steps of 8 sequences about 8% faster and of
-    /// 6 about 5%, and of 4 about 5% slower (`BENCHMARKS.md`). Not with more threads:
-    /// each thread would read all the weights, which two can afford and many cannot.
+    /// On a 2-core AMD EPYC, halves against together ran decode steps of 8 sequences
+    /// 6-8% faster (11% through the serving engine), of 6 1-6%, and of 4 2-5% slower
+    /// (`BENCHMARKS.md`). Not with more threads: each thread would read all the
+    /// weights, which two can afford and many cannot.
     fn halves_pay(&self, steps: &[SequenceStep<'_>]) -> bool {
         const FROM_SEQUENCES: usize = 6;
         self.all_packed
