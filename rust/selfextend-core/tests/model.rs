@@ -580,7 +580,7 @@ fn batch_layouts_give_the_same_logits_to_the_bit() {
 }
 
 /// A batch run as halves stops where the caller's check between layers fails, and
-/// says so, from whichever half it runs on.
+/// says so; a sequence without tokens is named by its place in the whole batch.
 #[test]
 fn batch_halves_stop_when_asked() {
     use selfextend_core::model::{BatchLayout, SequenceStep};
@@ -608,6 +608,12 @@ fn batch_halves_stop_when_asked() {
         .unwrap_err();
     assert!(matches!(err, Error::Interrupted), "{err}");
     assert_eq!(calls, 1);
+
+    steps[6].ids = &[];
+    let err = decoder
+        .forward_batch_with(&mut steps, BatchLayout::Halves, &mut || Ok(()))
+        .unwrap_err();
+    assert!(err.to_string().contains("sequence 6 of the batch"), "{err}");
 }
 
 #[test]

@@ -937,13 +937,21 @@ impl Decoder {
     }
 
     /// [`Decoder::forward_batch`] with the batch laid out on the threads as `layout`
-    /// says. Every layout gives the same logits, to the bit.
+    /// says. Every layout gives the same logits: to the bit where every linear layer is
+    /// on our packed kernel, within rounding on dense weights (candle's matmul may sum a
+    /// row in another order for another number of rows).
     pub fn forward_batch_with(
         &self,
         steps: &mut [SequenceStep<'_>],
         layout: BatchLayout,
         between_layers: &mut dyn FnMut() -> Result<()>,
     ) -> Result<Vec<Tensor>> {
+        if let Some(empty) = steps.iter().position(|s| s.ids.is_empty()) {
+            return Err(crate::Error::invalid(
+                "ids",
+                format!("sequence {empty} of the batch has no tokens"),
+            ));
+        }
         let halves = match layout {
             BatchLayout::Together => false,
             BatchLayout::Halves => steps.len() >= 2,
@@ -987,12 +995,6 @@ impl Decoder {
         steps: &mut [SequenceStep<'_>],
         between_layers: &mut dyn FnMut() -> Result<()>,
     ) -> Result<Vec<Tensor>> {
-        if let Some(empty) = steps.iter().position(|s| s.ids.is_empty()) {
-            return Err(crate::Error::invalid(
-                "ids",
-                format!("sequence {empty} of the batch has no tokens"),
-            ));
-        }
         let segments: Vec<usize> = steps.iter().map(|s| s.ids.len()).collect();
         let n_kinds = self.cfg.attention_kinds.len();
         // Per sequence and kind of layer: settings, rotary embedding, position tables.
