@@ -15,7 +15,9 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{CpuStorage, DType, Module, Storage, Tensor, D};
 use candle_nn::Embedding;
 
-use crate::attention::{run_attention_ragged, AttentionParams, Positions, Ragged};
+use crate::attention::{
+    run_attention_ragged, AttentionBackend, AttentionParams, Positions, Ragged,
+};
 use crate::config::{Activation, Config, Norm, RopeScaling};
 use crate::error::Result;
 use crate::kv_cache::{KvCache, LayerCache};
@@ -726,7 +728,8 @@ pub enum LogitsFor {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BatchLayout {
     /// Halves where they pay, else together: on two threads, with every linear layer
-    /// on our packed kernel, for decode steps of at least 6 sequences.
+    /// on our packed kernel and fused attention, for decode steps of at least 6
+    /// sequences.
     #[default]
     Auto,
     /// Every sequence in one pass, each matmul and attention call shared by all the
@@ -977,7 +980,9 @@ impl Decoder {
     }
 
     /// [`BatchLayout::Auto`]'s rule: halves on two threads, when every linear layer runs
-    /// on our packed kernel and the step decodes at least 6 sequences of one row each.
+    /// on our packed kernel, attention on the fused kernel (the others run candle ops,
+    /// whose threads the halves would share), and the step decodes at least 6
+    /// sequences of one row each.
     /// On a 2-core AMD EPYC, halves against together ran decode steps of 8 sequences
     /// 6-8% faster (11% through the serving engine), of 6 1-6%, and of 4 2-5% slower
     /// (`BENCHMARKS.md`). Not with more threads: each thread would read all the
@@ -987,7 +992,9 @@ impl Decoder {
         self.all_packed
             && crate::parallel::threads() == 2
             && steps.len() >= FROM_SEQUENCES
-            && steps.iter().all(|s| s.ids.len() == 1)
+            && steps
+                .iter()
+                .all(|s| s.ids.len() == 1 && s.params.backend == AttentionBackend::Fused)
     }
 
     fn forward_together(
