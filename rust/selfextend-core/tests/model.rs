@@ -506,7 +506,7 @@ fn batch_layouts_give_the_same_logits_to_the_bit() {
     for (model, tolerance) in &models {
         let cfg = model.config().clone();
         let decoder = model.decoder();
-        let tokens = ids(80, cfg.vocab_size, 22);
+        let tokens = ids(660, cfg.vocab_size, 22);
         let se = |g, w| Some(SelfExtend::new(g, w).unwrap());
         let linear = model.attention_params_with(None, Some(RopeScaling::Linear { factor: 2.0 }));
         let settings = [
@@ -515,8 +515,11 @@ fn batch_layouts_give_the_same_logits_to_the_bit() {
             model.attention_params(se(4, 8)),
             linear,
         ];
-        // (cached tokens, settings) per sequence; the caches are filled alone.
-        let seqs: Vec<(usize, &_)> = (0..7).map(|i| (5 + 7 * i, &settings[i % 4])).collect();
+        // (cached tokens, settings) per sequence; the caches are filled alone. The last
+        // one is long enough for attention to split its keys across the pool's threads,
+        // which a half running alone must cut alike.
+        let mut seqs: Vec<(usize, &_)> = (0..7).map(|i| (5 + 7 * i, &settings[i % 4])).collect();
+        seqs[6].0 = 600;
         let run = |layout: BatchLayout, chunk: usize| {
             let mut caches: Vec<_> = seqs
                 .iter()
@@ -608,6 +611,12 @@ fn batch_halves_stop_when_asked() {
         .unwrap_err();
     assert!(matches!(err, Error::Interrupted), "{err}");
     assert_eq!(calls, 1);
+    // The first half stopped after its first layer (the side half stops at its next
+    // check, wherever it had got to).
+    for step in &mut steps[..4] {
+        assert_eq!(step.cache.layer_mut(0).len(), 1);
+        assert_eq!(step.cache.layer_mut(1).len(), 0);
+    }
 
     steps[6].ids = &[];
     let err = decoder

@@ -663,8 +663,9 @@ fn compute(seqs: &[Prepared], len: usize) -> Option<Vec<f32>> {
         .collect::<Option<Vec<Sequence>>>()?;
 
     // Items of one (sequence, batch, kv head, query tile) are consecutive: the key
-    // range split in `splits[seq]` parts. A sequence is split as it would be alone, so
-    // its result does not depend on what else is in the batch.
+    // range split in `splits[seq]` parts. A sequence is split as it would be as the only
+    // sequence of a call on the whole pool, so its result depends neither on what else
+    // is in the batch nor on the thread that runs it (see `crate::parallel`).
     let tiles = |p: &Prepared| p.shape.q_len.div_ceil(Q_TILE);
     let threads = crate::parallel::threads();
     let mut items = Vec::new();

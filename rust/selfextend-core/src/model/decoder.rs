@@ -9,6 +9,7 @@
 
 use std::borrow::Cow;
 use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use candle_core::quantized::{QMatMul, QTensor};
@@ -738,6 +739,8 @@ pub enum BatchLayout {
     /// The first and the second half of the sequences side by side, each pass on a
     /// thread of its own: the weights are read once per half, but neither thread
     /// waits for the other's serial parts (norms, quantizing activations, the cache).
+    /// Our kernels stay on their half's thread; candle's own ops, where a model needs
+    /// them, take turns on candle's pool.
     Halves,
 }
 
@@ -941,8 +944,8 @@ impl Decoder {
 
     /// [`Decoder::forward_batch`] with the batch laid out on the threads as `layout`
     /// says. Every layout gives the same logits: to the bit where every linear layer is
-    /// on our packed kernel, within rounding on dense weights (candle's matmul may sum a
-    /// row in another order for another number of rows).
+    /// on our packed kernel, within rounding otherwise (candle's matmuls may sum a row in
+    /// another order for another number of rows).
     pub fn forward_batch_with(
         &self,
         steps: &mut [SequenceStep<'_>],
@@ -964,16 +967,32 @@ impl Decoder {
             return self.forward_together(steps, between_layers);
         }
         let (first, second) = steps.split_at_mut(steps.len() / 2);
-        let (first, second) = std::thread::scope(|s| {
-            let side = s
-                .spawn(|| crate::parallel::alone(|| self.forward_together(second, &mut || Ok(()))));
+        // The caller's check runs between the first half's layers; when it (or anything
+        // else in that half) fails, the side half stops at its next layer too.
+        let stop = AtomicBool::new(false);
+        let halves = std::thread::scope(|s| {
+            let side = std::thread::Builder::new().spawn_scoped(s, || {
+                let mut stopped = || match stop.load(Ordering::Relaxed) {
+                    true => Err(crate::Error::Interrupted),
+                    false => Ok(()),
+                };
+                crate::parallel::alone(|| self.forward_together(second, &mut stopped))
+            });
+            // Without a second thread, the whole batch runs together below.
+            let side = side.ok()?;
             let first = crate::parallel::alone(|| self.forward_together(first, between_layers));
+            if first.is_err() {
+                stop.store(true, Ordering::Relaxed);
+            }
             // A panic on the side thread goes on here, where the caller can catch it.
             let second = side
                 .join()
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            (first, second)
+            Some((first, second))
         });
+        let Some((first, second)) = halves else {
+            return self.forward_together(steps, between_layers);
+        };
         let mut out = first?;
         out.extend(second?);
         Ok(out)
@@ -983,9 +1002,9 @@ impl Decoder {
     /// on our packed kernel, attention on the fused kernel (the others run candle ops,
     /// whose threads the halves would share), and the step decodes at least 6
     /// sequences of one row each.
-    /// On a 2-core AMD EPYC, halves against together ran decode steps of 8 sequences
-    /// 6-8% faster (11% through the serving engine), of 6 1-6%, and of 4 2-5% slower
-    /// (`BENCHMARKS.md`). Not with more threads: each thread would read all the
+    /// On a 2-core AMD EPYC, halves ran decode steps of 8 sequences 5.6-8% faster than
+    /// together (11-14% through the serving engine), of 6 1-6% faster, and of 4 2-5%
+    /// slower (medians of alternating rounds, `BENCHMARKS.md`). Not with more threads: each thread would read all the
     /// weights, which two can afford and many cannot.
     fn halves_pay(&self, steps: &[SequenceStep<'_>]) -> bool {
         const FROM_SEQUENCES: usize = 6;
