@@ -1002,11 +1002,12 @@ impl Decoder {
     /// on our packed kernel, attention on the fused kernel (the others run candle ops,
     /// whose threads the halves would share), and the step decodes at least 6
     /// sequences of one row each.
+    ///
     /// On a 2-core AMD EPYC, in medians of alternating rounds, halves ran decode steps
     /// of 8 sequences 5.6-8% faster than together in Rust (through the serving engine
     /// 11-14% in two sets, within the noise in a third), of 6 1-6% faster, and of 4
-    /// 2-5% slower (`BENCHMARKS.md`). Not with more threads: each thread would read all the
-    /// weights, which two can afford and many cannot.
+    /// 2-5% slower (`BENCHMARKS.md`). Not with more threads: each thread would read
+    /// all the weights, which two can afford and many cannot.
     fn halves_pay(&self, steps: &[SequenceStep<'_>]) -> bool {
         const FROM_SEQUENCES: usize = 6;
         self.all_packed
