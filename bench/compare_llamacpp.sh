@@ -182,7 +182,15 @@ rows = [
     (f"  ours with {se}, decode", llama_tg[0]["avg_ts"], torch and torch["decode"],
      ours_at("decode", "selfextend")),
 ]
+# The CPU, named as the plot labels it: these VMs' model names ("AMD EPYC") omit the
+# generation, which family and model tell (25/1 is Zen 3, 25/17 Zen 4).
+info = {key.strip(): value.strip() for key, value in
+        (line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)}
+cpu = info.get("model name", "?")
+if "cpu family" in info:
+    cpu += f" ({info['cpu family']}/{info['model']})"
 summary = {"prompt": prompt, "gen": gen, "kv_cache": ours.get("kv_cache"), "avx2_only": avx2_only,
+           "cpu": cpu,
            "torch": torch and torch["torch"], "machine": ours.get("machine"),
            "rows": [{"metric": name, "llama.cpp": llama, "pytorch": pt, "ours": us}
                     for name, llama, pt, us in rows]}
@@ -196,6 +204,7 @@ for name, llama, pt, us in rows:
 print(f"ours: KV cache {ours.get('kv_cache', '?')}; PyTorch "
       f"{torch['torch'] + ', f32, sdpa' if torch else 'skipped'}"
       f"{'; all three without AVX-512 (AVX2_ONLY=1)' if avx2_only else ''}")
+print(f"CPU: {cpu}")
 machine = ours.get("machine")
 if machine:
     int8 = (f", 8-bit ({machine['int8_isa']}) {machine['int8_peak_ops'] / 1e9:.1f} GOP/s"

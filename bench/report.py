@@ -74,7 +74,8 @@ def plot_peers(out_dir: Path, png: Path) -> None:
             machine = run.get("machine") or {}
             isa = ("AVX2 only" if run.get("avx2_only")
                    else machine.get("int8_isa") or machine.get("isa") or "")
-            labels.append(f"{phase}\n{where}\n{isa}")
+            cpu = run.get("cpu", "CPU not recorded")
+            labels.append(f"{phase}\n{where}\n{cpu}\n{isa}")
             llama.append(row["ours"] / row["llama.cpp"])
             torch.append(row["ours"] / row["pytorch"] if row["pytorch"] else float("nan"))
             print(f"{labels[-1].replace(chr(10), ' '):<40} /llama.cpp {llama[-1]:5.2f}  "
@@ -87,7 +88,7 @@ def plot_peers(out_dir: Path, png: Path) -> None:
     ax.set_xticks(list(xs), labels)
     ax.set_ylabel("throughput ratio (> 1: we are faster)")
     threads = (runs[0].get("machine") or {}).get("threads", "?")
-    note = (" (AVX2 only: AVX-512 disabled in all three)"
+    note = ("; AVX2 only: AVX-512 turned off in all three on an AVX-512 CPU"
             if any(r.get("avx2_only") for r in runs) else "")
     ax.set_title(f"SmolLM2-135M Q4_1, plain attention, {threads} threads{note}")
     ax.grid(alpha=0.3, axis="y")
