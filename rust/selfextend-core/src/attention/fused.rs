@@ -210,6 +210,51 @@ fn values_group<T: Widen>(rows: usize, p: &[[f32; K_TILE]], v: &[&[T]], acc: &mu
     }
 }
 
+/// [`values_block`] over a dense `(keys, d)` block of f32 values: row `j` is
+/// `v[j * d..][..d]`, and the bounds are checked once, not per row.
+#[inline(always)]
+fn values_dense_block<const R: usize>(p: &[[f32; K_TILE]], v: &[f32], acc: &mut [f32], d: usize) {
+    const B: usize = 16;
+    let p: &[[f32; K_TILE]; R] = p[..R].try_into().expect("R rows");
+    let full = d - d % B;
+    for c0 in (0..full).step_by(B) {
+        let mut a: [[f32; B]; R] =
+            std::array::from_fn(|r| acc[r * d + c0..][..B].try_into().expect("B lanes"));
+        for (row, j) in v.chunks_exact(d).zip(0..K_TILE) {
+            let lanes: &[f32; B] = row[c0..c0 + B].try_into().expect("B lanes");
+            for r in 0..R {
+                let pr = p[r][j];
+                for l in 0..B {
+                    a[r][l] = fma(pr, lanes[l], a[r][l]);
+                }
+            }
+        }
+        for r in 0..R {
+            acc[r * d + c0..][..B].copy_from_slice(&a[r]);
+        }
+    }
+    if full < d {
+        for r in 0..R {
+            for (row, j) in v.chunks_exact(d).zip(0..K_TILE) {
+                let pr = p[r][j];
+                for (a, &x) in acc[r * d + full..][..d - full].iter_mut().zip(&row[full..]) {
+                    *a = fma(pr, x, *a);
+                }
+            }
+        }
+    }
+}
+
+/// [`values_dense_block`] for a group of `rows` (1 to 4) query rows.
+fn values_dense(rows: usize, p: &[[f32; K_TILE]], v: &[f32], acc: &mut [f32], d: usize) {
+    match rows {
+        4 => values_dense_block::<4>(p, v, acc, d),
+        3 => values_dense_block::<3>(p, v, acc, d),
+        2 => values_dense_block::<2>(p, v, acc, d),
+        _ => values_dense_block::<1>(p, v, acc, d),
+    }
+}
+
 /// A read-only `(batch, heads, seq, head_dim)` view with unit inner stride, of f32
 /// data or of an f16 KV cache.
 struct View<'a> {
@@ -451,19 +496,23 @@ fn run_item(item: Item, seq: &Sequence, s: &mut Scratch) -> Partial {
             let g = (&**table, |j| se.grouped_key_position(j));
             rotate_keys(&key_rows, kt, j0, g, transposed, &mut s.rotated, &mut s.kg);
         }
-        let mut values = vv.tile(b, g, (j0, j1));
-        // Decode's few rows widen f16 values as they read them; prefill's many row
-        // groups would each widen the tile again, so it is widened once here.
-        if let (true, Tile::F16(rows)) = (transposed, &values) {
+        let values = vv.tile(b, g, (j0, j1));
+        // Prefill's many row groups all read the tile's values: they are widened (or
+        // copied) once into one dense block, which the values loop walks without
+        // per-row slices. Decode's few rows read them where they lie.
+        if transposed {
             s.values.resize(kt * d, 0.0);
-            for (row, out) in rows[..kt].iter().zip(s.values.chunks_exact_mut(d)) {
-                row.convert_to_f32_slice(out);
+            let dense = s.values.chunks_exact_mut(d);
+            match &values {
+                Tile::F16(rows) => rows[..kt]
+                    .iter()
+                    .zip(dense)
+                    .for_each(|(row, out)| row.convert_to_f32_slice(out)),
+                Tile::F32(rows) => rows[..kt]
+                    .iter()
+                    .zip(dense)
+                    .for_each(|(row, out)| out.copy_from_slice(&row[..d])),
             }
-            let mut wide: [&[f32]; K_TILE] = [&[]; K_TILE];
-            for (slot, row) in wide.iter_mut().zip(s.values.chunks_exact(d)) {
-                *slot = row;
-            }
-            values = Tile::F32(wide);
         }
         for r0 in (0..rows).step_by(GROUP) {
             let group = GROUP.min(rows - r0);
@@ -545,6 +594,7 @@ fn run_item(item: Item, seq: &Sequence, s: &mut Scratch) -> Partial {
             }
             let acc = &mut part.acc[r0 * d..];
             match &values {
+                _ if transposed => values_dense(group, &sn, &s.values[..kt * d], acc, d),
                 Tile::F32(rows) => values_group(group, &sn, &rows[..kt], acc, d),
                 Tile::F16(rows) => values_group(group, &sn, &rows[..kt], acc, d),
             }
