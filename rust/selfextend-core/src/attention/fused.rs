@@ -160,22 +160,27 @@ fn lane_sum(a: &[f32; 8]) -> f32 {
 }
 
 /// `acc[r] += Σ_j p[r][j] · v[j]` for `R` rows (`acc` row-major with stride `d`) over
-/// the `v.len()` value rows of a key tile, widened from the cache's type as they are read.
+/// the value rows `v` of a key tile (at most [`K_TILE`]), widened from the cache's type
+/// as they are read. Prefill passes `chunks_exact` over one dense block, whose fixed row
+/// length lets the compiler check bounds once per tile rather than per row; decode
+/// passes the rows where they lie in the cache.
 #[inline(always)]
-fn values_block<T: Widen, const R: usize>(
+fn values_block<'v, T: Widen, const R: usize>(
     p: &[[f32; K_TILE]],
-    v: &[&[T]],
+    v: impl Iterator<Item = &'v [T]> + Clone,
     acc: &mut [f32],
     d: usize,
 ) {
     const B: usize = 16;
+    let p: &[[f32; K_TILE]; R] = p[..R].try_into().expect("R rows");
     let full = d - d % B;
     for c0 in (0..full).step_by(B) {
         let mut a: [[f32; B]; R] =
             std::array::from_fn(|r| acc[r * d + c0..][..B].try_into().expect("B lanes"));
-        for (j, row) in v.iter().enumerate() {
-            let lanes = |c: usize| T::widen8(row[c..c + 8].try_into().expect("8 lanes"));
-            let (lo, hi) = (lanes(c0), lanes(c0 + 8));
+        for (row, j) in v.clone().zip(0..K_TILE) {
+            let lanes = &row[c0..c0 + B];
+            let lo = T::widen8(lanes[..8].try_into().expect("8 lanes"));
+            let hi = T::widen8(lanes[8..].try_into().expect("8 lanes"));
             for r in 0..R {
                 let pr = p[r][j];
                 for l in 0..8 {
@@ -190,7 +195,7 @@ fn values_block<T: Widen, const R: usize>(
     }
     if full < d {
         for r in 0..R {
-            for (j, row) in v.iter().enumerate() {
+            for (row, j) in v.clone().zip(0..K_TILE) {
                 let pr = p[r][j];
                 for (a, &x) in acc[r * d + full..][..d - full].iter_mut().zip(&row[full..]) {
                     *a = fma(pr, x.widen(), *a);
@@ -201,57 +206,18 @@ fn values_block<T: Widen, const R: usize>(
 }
 
 /// [`values_block`] for a group of `rows` (1 to 4) query rows.
-fn values_group<T: Widen>(rows: usize, p: &[[f32; K_TILE]], v: &[&[T]], acc: &mut [f32], d: usize) {
+fn values_group<'v, T: Widen>(
+    rows: usize,
+    p: &[[f32; K_TILE]],
+    v: impl Iterator<Item = &'v [T]> + Clone,
+    acc: &mut [f32],
+    d: usize,
+) {
     match rows {
         4 => values_block::<T, 4>(p, v, acc, d),
         3 => values_block::<T, 3>(p, v, acc, d),
         2 => values_block::<T, 2>(p, v, acc, d),
         _ => values_block::<T, 1>(p, v, acc, d),
-    }
-}
-
-/// [`values_block`] over a dense `(keys, d)` block of f32 values: row `j` is
-/// `v[j * d..][..d]`, and the bounds are checked once, not per row.
-#[inline(always)]
-fn values_dense_block<const R: usize>(p: &[[f32; K_TILE]], v: &[f32], acc: &mut [f32], d: usize) {
-    const B: usize = 16;
-    let p: &[[f32; K_TILE]; R] = p[..R].try_into().expect("R rows");
-    let full = d - d % B;
-    for c0 in (0..full).step_by(B) {
-        let mut a: [[f32; B]; R] =
-            std::array::from_fn(|r| acc[r * d + c0..][..B].try_into().expect("B lanes"));
-        for (row, j) in v.chunks_exact(d).zip(0..K_TILE) {
-            let lanes: &[f32; B] = row[c0..c0 + B].try_into().expect("B lanes");
-            for r in 0..R {
-                let pr = p[r][j];
-                for l in 0..B {
-                    a[r][l] = fma(pr, lanes[l], a[r][l]);
-                }
-            }
-        }
-        for r in 0..R {
-            acc[r * d + c0..][..B].copy_from_slice(&a[r]);
-        }
-    }
-    if full < d {
-        for r in 0..R {
-            for (row, j) in v.chunks_exact(d).zip(0..K_TILE) {
-                let pr = p[r][j];
-                for (a, &x) in acc[r * d + full..][..d - full].iter_mut().zip(&row[full..]) {
-                    *a = fma(pr, x, *a);
-                }
-            }
-        }
-    }
-}
-
-/// [`values_dense_block`] for a group of `rows` (1 to 4) query rows.
-fn values_dense(rows: usize, p: &[[f32; K_TILE]], v: &[f32], acc: &mut [f32], d: usize) {
-    match rows {
-        4 => values_dense_block::<4>(p, v, acc, d),
-        3 => values_dense_block::<3>(p, v, acc, d),
-        2 => values_dense_block::<2>(p, v, acc, d),
-        _ => values_dense_block::<1>(p, v, acc, d),
     }
 }
 
@@ -594,9 +560,11 @@ fn run_item(item: Item, seq: &Sequence, s: &mut Scratch) -> Partial {
             }
             let acc = &mut part.acc[r0 * d..];
             match &values {
-                _ if transposed => values_dense(group, &sn, &s.values[..kt * d], acc, d),
-                Tile::F32(rows) => values_group(group, &sn, &rows[..kt], acc, d),
-                Tile::F16(rows) => values_group(group, &sn, &rows[..kt], acc, d),
+                _ if transposed => {
+                    values_group(group, &sn, s.values[..kt * d].chunks_exact(d), acc, d)
+                }
+                Tile::F32(rows) => values_group(group, &sn, rows[..kt].iter().copied(), acc, d),
+                Tile::F16(rows) => values_group(group, &sn, rows[..kt].iter().copied(), acc, d),
             }
         }
         j0 = j1;
