@@ -326,7 +326,8 @@ struct Scratch {
     rotated: Vec<f32>,
     /// One f16 query in f32.
     raw: Vec<f32>,
-    /// A tile's f16 values widened once, where many row groups read them (prefill).
+    /// A tile's values as one dense f32 block (f16 widened, f32 copied), where many row
+    /// groups read them (prefill).
     values: Vec<f32>,
 }
 
@@ -477,7 +478,7 @@ fn run_item(item: Item, seq: &Sequence, s: &mut Scratch) -> Partial {
                 Tile::F32(rows) => rows[..kt]
                     .iter()
                     .zip(dense)
-                    .for_each(|(row, out)| out.copy_from_slice(&row[..d])),
+                    .for_each(|(row, out)| out.copy_from_slice(row)),
             }
         }
         for r0 in (0..rows).step_by(GROUP) {
