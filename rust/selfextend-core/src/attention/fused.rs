@@ -7,12 +7,12 @@
 //! it, and both only on the rows the window boundary crosses. So SelfExtend costs about
 //! one attention, not two.
 //!
-//! Keys stay un-rotated in the cache and are rotated inside the call: caching rotated
-//! keys would add one (plain) or two (SelfExtend) extra key caches. A call with many
-//! query tiles (a prefill chunk) rotates each key tile once, into per-call panels that
-//! all its query tiles read, about one f32 copy of the layer's keys; a call with one
-//! (decode) rotates per key tile into thread-local buffers, where the rotation reads the
-//! bytes the scores read anyway.
+//! Keys stay un-rotated in the cache and are rotated per key tile into thread-local
+//! buffers, once for all query heads that share their key/value head. Caching rotated
+//! keys instead would add one (plain) or two (SelfExtend) extra key caches; the
+//! rotation costs `1 / (heads per kv head × query tile)` of the score work in prefill,
+//! and in decode it reads the same bytes the scores read anyway. Extra memory is
+//! `O(tile × head_dim)` per thread.
 //!
 //! With many query rows per tile (prefill) the rotated keys are stored transposed, so
 //! scores vectorise across keys; with few (decode) they stay row-major and scores are
@@ -336,50 +336,9 @@ struct Scratch {
     rotated: Vec<f32>,
     /// One f16 query in f32.
     raw: Vec<f32>,
-    /// A tile's values as one dense f32 block (f16 widened, f32 copied), where many row
-    /// groups read them (prefill).
+    /// A tile's values as one dense f32 block (f16 widened, f32 gathered where its rows
+    /// are not adjacent), where many row groups read them (prefill).
     values: Vec<f32>,
-}
-
-/// One sequence's keys rotated once per call, transposed `(d, K_TILE)` per key tile,
-/// for calls where several query tiles of a kv head read the same key tiles: without
-/// them every query tile rotates the keys it reads itself (sixteen query tiles to a
-/// 512-token prefill chunk). Empty where no item needs that form of that tile.
-struct Panels {
-    kv_heads: usize,
-    /// Key tiles per (batch, kv head).
-    tiles: usize,
-    /// Keys at their own positions, indexed `(b * kv_heads + g) * tiles + tile`.
-    neighbor: Vec<Option<Box<[f32]>>>,
-    /// Keys at their grouped positions, indexed the same way.
-    grouped: Vec<Option<Box<[f32]>>>,
-}
-
-impl Panels {
-    /// Key tile `j0 / K_TILE` of `(b, g)`, at grouped positions or at its own.
-    fn get(&self, grouped: bool, b: usize, g: usize, j0: usize) -> Option<&[f32]> {
-        let slots = if grouped {
-            &self.grouped
-        } else {
-            &self.neighbor
-        };
-        slots[self.slot(b, g, j0)].as_deref()
-    }
-
-    fn slot(&self, b: usize, g: usize, j0: usize) -> usize {
-        (b * self.kv_heads + g) * self.tiles + j0 / K_TILE
-    }
-}
-
-/// One panel to build: key tile `j0 / K_TILE` of `(b, g)` of sequence `seq`, at grouped
-/// positions or at its own.
-#[derive(Clone, Copy)]
-struct PanelJob {
-    seq: usize,
-    b: usize,
-    g: usize,
-    j0: usize,
-    grouped: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -436,7 +395,7 @@ fn rotate_rows<T: Widen>(
     }
 }
 
-fn run_item(item: Item, seq: &Sequence, panels: Option<&Panels>, s: &mut Scratch) -> Partial {
+fn run_item(item: Item, seq: &Sequence, s: &mut Scratch) -> Partial {
     let Item {
         b, g, tile, keys, ..
     } = item;
@@ -496,10 +455,8 @@ fn run_item(item: Item, seq: &Sequence, panels: Option<&Panels>, s: &mut Scratch
     const GROUP: usize = 4;
     let mut sn = [[0f32; K_TILE]; GROUP];
     let mut sg = [[0f32; K_TILE]; GROUP];
-    // Keys before the first row's window are masked for every row of the tile. Key
-    // tiles start at multiples of K_TILE, where the panels do; `lo` masks the rest.
-    let first_seen = (i_min + 1).saturating_sub(layer.sliding_window);
-    let mut j0 = keys.0.max(first_seen / K_TILE * K_TILE);
+    // Keys before the first row's window are masked for every row of the tile.
+    let mut j0 = keys.0.max((i_min + 1).saturating_sub(layer.sliding_window));
     let end = keys.1.min(i_max + 1);
     while j0 < end {
         let j1 = (j0 + K_TILE).min(end);
@@ -507,18 +464,15 @@ fn run_item(item: Item, seq: &Sequence, panels: Option<&Panels>, s: &mut Scratch
         let need_n = i_min < (j1 - 1).saturating_add(window);
         let need_g = i_max >= j0.saturating_add(window);
         let kt = j1 - j0;
-        let panel = |grouped| panels.filter(|_| transposed)?.get(grouped, b, g, j0);
-        let (panel_n, panel_g) = (panel(false), panel(true));
         let key_rows = kv.tile(b, g, (j0, j1));
-        if need_n && panel_n.is_none() {
+        if need_n {
             let n = (&**table, |j| j);
             rotate_keys(&key_rows, kt, j0, n, transposed, &mut s.rotated, &mut s.kn);
         }
-        if let (true, None, Some(se)) = (need_g, panel_g, se) {
+        if let (true, Some(se)) = (need_g, se) {
             let g = (&**table, |j| se.grouped_key_position(j));
             rotate_keys(&key_rows, kt, j0, g, transposed, &mut s.rotated, &mut s.kg);
         }
-        let (kn, kg) = (panel_n.unwrap_or(&s.kn), panel_g.unwrap_or(&s.kg));
         let values = vv.tile(b, g, (j0, j1));
         // Prefill's many row groups all read the tile's values as one dense block,
         // which the values loop walks without per-row slices: the cache's own rows
@@ -574,10 +528,10 @@ fn run_item(item: Item, seq: &Sequence, panels: Option<&Panels>, s: &mut Scratch
                     _ => scores_block::<1>(q, d, k, out),
                 };
                 if any_n {
-                    blocks(qn, kn, &mut sn);
+                    blocks(qn, &s.kn, &mut sn);
                 }
                 if any_g {
-                    blocks(qg, kg, &mut sg);
+                    blocks(qg, &s.kg, &mut sg);
                 }
             } else {
                 let rows = |q: &[f32], k: &[f32], out: &mut [[f32; K_TILE]; GROUP]| match group {
@@ -587,10 +541,10 @@ fn run_item(item: Item, seq: &Sequence, panels: Option<&Panels>, s: &mut Scratch
                     _ => scores_rows::<1>(q, d, k, kt, out),
                 };
                 if any_n {
-                    rows(qn, kn, &mut sn);
+                    rows(qn, &s.kn, &mut sn);
                 }
                 if any_g {
-                    rows(qg, kg, &mut sg);
+                    rows(qg, &s.kg, &mut sg);
                 }
             }
             for x in 0..group {
@@ -782,9 +736,8 @@ fn compute(seqs: &[Prepared], len: usize) -> Option<Vec<f32>> {
     // Small calls (decode at short context) run on this thread: waking the workers
     // costs more than the work.
     let sequential = seqs.iter().map(Prepared::work).sum::<usize>() < SEQUENTIAL_BELOW;
-    let panels = build_panels(seqs, &viewed, sequential);
     let partials = run_items(&items, sequential, |item, scratch| {
-        run_item(item, &viewed[item.seq], panels[item.seq].as_ref(), scratch)
+        run_item(item, &viewed[item.seq], scratch)
     });
 
     let mut out = vec![0f32; len];
@@ -824,102 +777,21 @@ fn compute(seqs: &[Prepared], len: usize) -> Option<Vec<f32>> {
     Some(out)
 }
 
-/// Each sequence's [`Panels`], where at least two query tiles of a kv head read keys
-/// transposed; built in parallel like the items.
-fn build_panels(seqs: &[Prepared], viewed: &[Sequence], sequential: bool) -> Vec<Option<Panels>> {
-    let mut jobs = Vec::new();
-    let mut panels: Vec<Option<Panels>> = (seqs.iter().zip(viewed).enumerate())
-        .map(|(seq, (p, v))| {
-            let Shape {
-                rep, q_len, kv_len, ..
-            } = p.shape;
-            let transposed_tiles =
-                q_len / Q_TILE + usize::from(rep * (q_len % Q_TILE) >= TRANSPOSE_FROM_ROWS);
-            if transposed_tiles < 2 {
-                return None;
-            }
-            // The key tiles some query of the call reads at its own / grouped positions.
-            let (first, last) = (kv_len - q_len, kv_len - 1);
-            let window = v.se.map_or(usize::MAX, |se| se.window());
-            let tiles = kv_len.div_ceil(K_TILE);
-            let seen = (first + 1).saturating_sub(v.layer.sliding_window) / K_TILE;
-            for tile in seen..tiles {
-                let (j0, j1) = (tile * K_TILE, ((tile + 1) * K_TILE).min(kv_len));
-                let need_n = first < (j1 - 1).saturating_add(window);
-                let need_g = v.se.is_some() && last >= j0.saturating_add(window);
-                for b in 0..p.batch {
-                    for g in 0..p.n_kv_heads {
-                        let job = |grouped| PanelJob {
-                            seq,
-                            b,
-                            g,
-                            j0,
-                            grouped,
-                        };
-                        jobs.extend(need_n.then(|| job(false)));
-                        jobs.extend(need_g.then(|| job(true)));
-                    }
-                }
-            }
-            let slots = || (0..p.batch * p.n_kv_heads * tiles).map(|_| None).collect();
-            Some(Panels {
-                kv_heads: p.n_kv_heads,
-                tiles,
-                neighbor: slots(),
-                grouped: slots(),
-            })
-        })
-        .collect();
-    let built = run_items(&jobs, sequential, |job, s| {
-        let v = &viewed[job.seq];
-        let d = v.shape.d;
-        let j1 = (job.j0 + K_TILE).min(v.shape.kv_len);
-        let keys = v.k.tile(job.b, job.g, (job.j0, j1));
-        let mut out = vec![0f32; d * K_TILE].into_boxed_slice();
-        s.rotated.resize(d, 0.0);
-        let n = j1 - job.j0;
-        match (job.grouped, v.se) {
-            (true, Some(se)) => {
-                let g = (v.table, |j| se.grouped_key_position(j));
-                rotate_keys(&keys, n, job.j0, g, true, &mut s.rotated, &mut out);
-            }
-            _ => {
-                let n_pos = (v.table, |j| j);
-                rotate_keys(&keys, n, job.j0, n_pos, true, &mut s.rotated, &mut out);
-            }
-        }
-        out
-    });
-    for (job, panel) in jobs.iter().zip(built) {
-        let p = panels[job.seq]
-            .as_mut()
-            .expect("jobs only for sequences with panels");
-        let slot = p.slot(job.b, job.g, job.j0);
-        let slots = if job.grouped {
-            &mut p.grouped
-        } else {
-            &mut p.neighbor
-        };
-        slots[slot] = Some(panel);
-    }
-    panels
-}
-
 /// `run` over every item, on candle's worker pool (the one the matmuls around
 /// attention use, so no second pool competes for the cores) unless `sequential`.
-fn run_items<I: Copy + Sync, R: Send + Sync>(
-    items: &[I],
+fn run_items(
+    items: &[Item],
     sequential: bool,
-    run: impl Fn(I, &mut Scratch) -> R + Sync,
-) -> Vec<R> {
+    run: impl Fn(Item, &mut Scratch) -> Partial + Sync,
+) -> Vec<Partial> {
     thread_local! {
         static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
     }
-    let with_scratch = |item: I| SCRATCH.with_borrow_mut(|scratch| run(item, scratch));
+    let with_scratch = |item: Item| SCRATCH.with_borrow_mut(|scratch| run(item, scratch));
     if sequential {
         return items.iter().map(|&item| with_scratch(item)).collect();
     }
-    let slots: Vec<OnceLock<R>> = items.iter().map(|_| OnceLock::new()).collect();
+    let slots: Vec<OnceLock<Partial>> = items.iter().map(|_| OnceLock::new()).collect();
     crate::parallel::execute_chunked(items.len(), |range| {
         for i in range {
             // Each index is handed out once, so the slot is empty.

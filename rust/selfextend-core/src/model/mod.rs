@@ -387,19 +387,17 @@ impl Model {
                 let rows = AttentionBackend::tiled_rows(query_block, heads, positions);
                 4 * f32_size * heads * rows.min(chunk)
             }
-            // One layer's keys rotated once per chunk (about one f32 copy of them), plus
-            // f32 copies of its keys and values when the cache holds neither f32 nor
-            // f16.
+            // Tile buffers only, plus f32 copies of one layer's keys and values when
+            // the cache holds neither f32 nor f16.
             AttentionBackend::Fused if !matches!(kv_dtype, DType::F32 | DType::F16) => {
-                3 * f32_size * kv_heads * d
+                2 * f32_size * kv_heads * d
             }
-            AttentionBackend::Fused => f32_size * kv_heads * d,
+            AttentionBackend::Fused => 0,
         };
         let per_position = kv + logits + attention;
-        // One chunk's activations (with a key row more per query: near SelfExtend's
-        // window keys are rotated both ways), and the largest weight a quantized layer
+        // One chunk's activations, and the largest weight a quantized layer
         // dequantizes for a prefill chunk.
-        let activations = f32_size * chunk * (4 * hidden + 3 * inter + (heads + 3 * kv_heads) * d);
+        let activations = f32_size * chunk * (4 * hidden + 3 * inter + (heads + 2 * kv_heads) * d);
         let dequantized = if self.is_quantized() {
             let lm_head = match held {
                 LogitsHeld::LastRow => 0,
