@@ -88,20 +88,24 @@ fn exp_and_sum(s: &mut [f32], max: f32) -> f32 {
 /// in registers; each key load feeds `R` FMAs.
 #[inline(always)]
 fn scores_block<const R: usize>(q: &[f32], d: usize, kt: &[f32], s: &mut [[f32; K_TILE]]) {
+    const B: usize = 16;
     let rows: [&[f32]; R] = std::array::from_fn(|r| &q[r * d..][..d]);
-    for jb in (0..K_TILE).step_by(16) {
-        let mut acc = [[0f32; 16]; R];
-        for c in 0..d {
-            let k: &[f32; 16] = kt[c * K_TILE + jb..][..16].try_into().expect("16 lanes");
+    // Whole rows of keys, and blocks counted rather than stepped through, so that every
+    // index below is in bounds by construction: no checks in the FMA loop.
+    let kt = &kt.as_chunks::<K_TILE>().0[..d];
+    for jb in 0..K_TILE / B {
+        let mut acc = [[0f32; B]; R];
+        for (c, keys) in kt.iter().enumerate() {
+            let k: &[f32; B] = keys[jb * B..][..B].try_into().expect("B lanes");
             for r in 0..R {
                 let x = rows[r][c];
-                for l in 0..16 {
+                for l in 0..B {
                     acc[r][l] = fma(x, k[l], acc[r][l]);
                 }
             }
         }
         for r in 0..R {
-            s[r][jb..jb + 16].copy_from_slice(&acc[r]);
+            s[r][jb * B..][..B].copy_from_slice(&acc[r]);
         }
     }
 }
