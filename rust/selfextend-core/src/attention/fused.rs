@@ -524,6 +524,11 @@ fn run_item(item: Item, seq: &Sequence, s: &mut Scratch) -> Partial {
             let any_g = (0..group).any(|x| split[x] > 0);
             let qn = &s.qn[r0 * d..];
             let qg = if any_g { &s.qg[r0 * d..] } else { &[][..] };
+            // Where no row of the group has a neighbor in this tile (past the window:
+            // most tiles), grouped scores go straight into `sn`; else into `sg`, and the
+            // grouped part of each row is copied over below.
+            let both = any_n && any_g;
+            let grouped_out = if both { &mut sg } else { &mut sn };
             if transposed {
                 let blocks = |q: &[f32], k: &[f32], out: &mut [[f32; K_TILE]; GROUP]| match group {
                     4 => scores_block::<4>(q, d, k, out),
@@ -531,11 +536,11 @@ fn run_item(item: Item, seq: &Sequence, s: &mut Scratch) -> Partial {
                     2 => scores_block::<2>(q, d, k, out),
                     _ => scores_block::<1>(q, d, k, out),
                 };
+                if any_g {
+                    blocks(qg, &s.kg, grouped_out);
+                }
                 if any_n {
                     blocks(qn, &s.kn, &mut sn);
-                }
-                if any_g {
-                    blocks(qg, &s.kg, &mut sg);
                 }
             } else {
                 let rows = |q: &[f32], k: &[f32], out: &mut [[f32; K_TILE]; GROUP]| match group {
@@ -544,15 +549,17 @@ fn run_item(item: Item, seq: &Sequence, s: &mut Scratch) -> Partial {
                     2 => scores_rows::<2>(q, d, k, kt, out),
                     _ => scores_rows::<1>(q, d, k, kt, out),
                 };
+                if any_g {
+                    rows(qg, &s.kg, grouped_out);
+                }
                 if any_n {
                     rows(qn, &s.kn, &mut sn);
                 }
-                if any_g {
-                    rows(qg, &s.kg, &mut sg);
-                }
             }
-            for x in 0..group {
-                sn[x][..split[x]].copy_from_slice(&sg[x][..split[x]]);
+            if both {
+                for x in 0..group {
+                    sn[x][..split[x]].copy_from_slice(&sg[x][..split[x]]);
+                }
             }
             for x in 0..group {
                 let r = r0 + x;
