@@ -482,24 +482,24 @@ fn run_item(item: Item, seq: &Sequence, s: &mut Scratch) -> Partial {
         // which the values loop walks without per-row slices: the cache's own rows
         // where they are f32 and adjacent, else a copy made once per tile (f16
         // widened). Decode's few rows read them where they lie.
-        let dense: &[f32] = match vv.slab(b, g, (j0, j1)) {
-            _ if !transposed => &[],
-            Some(slab) => slab,
-            None => {
-                s.values.resize(kt * d, 0.0);
-                let out = s.values.chunks_exact_mut(d);
-                match &values {
-                    Tile::F16(rows) => rows[..kt]
-                        .iter()
-                        .zip(out)
-                        .for_each(|(row, out)| row.convert_to_f32_slice(out)),
-                    Tile::F32(rows) => rows[..kt]
-                        .iter()
-                        .zip(out)
-                        .for_each(|(row, out)| out.copy_from_slice(row)),
-                }
-                &s.values
+        let dense: &[f32] = if !transposed {
+            &[]
+        } else if let Some(slab) = vv.slab(b, g, (j0, j1)) {
+            slab
+        } else {
+            s.values.resize(kt * d, 0.0);
+            let out = s.values.chunks_exact_mut(d);
+            match &values {
+                Tile::F16(rows) => rows[..kt]
+                    .iter()
+                    .zip(out)
+                    .for_each(|(row, out)| row.convert_to_f32_slice(out)),
+                Tile::F32(rows) => rows[..kt]
+                    .iter()
+                    .zip(out)
+                    .for_each(|(row, out)| out.copy_from_slice(row)),
             }
+            &s.values
         };
         for r0 in (0..rows).step_by(GROUP) {
             let group = GROUP.min(rows - r0);
