@@ -35,13 +35,15 @@ use half::{f16, slice::HalfFloatSliceExt};
 
 use super::{AttentionParams, Positions, Ragged, SelfExtend};
 use crate::error::Result;
-use crate::math::{exp_nonpositive, fma, Widen};
+use crate::math::{exp_nonpositive, fma, transpose8, Widen};
 use crate::rope::CosSinTable;
 
 const Q_TILE: usize = 32;
 const K_TILE: usize = 64;
 /// Rows (query heads × positions) per item from which keys are transposed.
 const TRANSPOSE_FROM_ROWS: usize = 16;
+/// Keys rotated together and transposed as square blocks ([`transpose8`]'s width).
+const TRANSPOSE_BY: usize = 8;
 /// Calls with fewer (query rows × keys × heads) than this run on the calling thread.
 const SEQUENTIAL_BELOW: usize = 1 << 11;
 /// The shortest key range a split-key item gets.
@@ -337,6 +339,7 @@ struct Scratch {
     qg: Vec<f32>,
     kn: Vec<f32>,
     kg: Vec<f32>,
+    /// [`TRANSPOSE_BY`] rotated keys, row-major, on their way into a transposed tile.
     rotated: Vec<f32>,
     /// One f16 query in f32.
     raw: Vec<f32>,
@@ -386,15 +389,34 @@ fn rotate_rows<T: Widen>(
     rotated: &mut [f32],
     out: &mut [f32],
 ) {
-    let d = rotated.len();
-    for (jj, key) in keys.iter().enumerate() {
-        if transposed {
-            table.rotate(key, pos(j0 + jj), rotated);
-            for (c, &x) in rotated.iter().enumerate() {
-                out[c * K_TILE + jj] = x;
-            }
-        } else {
+    const T: usize = TRANSPOSE_BY;
+    let d = rotated.len() / T;
+    if !transposed {
+        for (jj, key) in keys.iter().enumerate() {
             table.rotate(key, pos(j0 + jj), &mut out[jj * d..][..d]);
+        }
+        return;
+    }
+    // Eight keys at a time, rotated row-major and then written as transposed 8 × 8
+    // blocks: register shuffles and whole-vector stores, not a scalar store per element.
+    // A short last block leaves stale columns past the tile's keys, which nothing reads.
+    let full = d - d % T;
+    for (block, batch) in keys.chunks(T).enumerate() {
+        let jj = block * T;
+        for (x, key) in batch.iter().enumerate() {
+            table.rotate(key, pos(j0 + jj + x), &mut rotated[x * d..][..d]);
+        }
+        for c0 in (0..full).step_by(T) {
+            let m: [[f32; T]; T] =
+                std::array::from_fn(|x| rotated[x * d + c0..][..T].try_into().expect("T lanes"));
+            for (c, column) in transpose8(&m).iter().enumerate() {
+                out[(c0 + c) * K_TILE + jj..][..T].copy_from_slice(column);
+            }
+        }
+        for c in full..d {
+            for x in 0..batch.len() {
+                out[c * K_TILE + jj + x] = rotated[x * d + c];
+            }
         }
     }
 }
@@ -424,7 +446,7 @@ fn run_item(item: Item, seq: &Sequence, s: &mut Scratch) -> Partial {
     let transposed = rows >= TRANSPOSE_FROM_ROWS;
 
     s.qn.resize(rows * d, 0.0);
-    s.rotated.resize(d, 0.0);
+    s.rotated.resize(TRANSPOSE_BY * d, 0.0);
     s.raw.resize(d, 0.0);
     s.kn.resize(K_TILE * d, 0.0);
     if se.is_some() {
