@@ -399,7 +399,8 @@ fn rotate_rows<T: Widen>(
     }
     // Eight keys at a time, rotated row-major and then written as transposed 8 × 8
     // blocks: register shuffles and whole-vector stores, not a scalar store per element.
-    // A short last block leaves stale columns past the tile's keys, which nothing reads.
+    // A short last block fills the columns past the tile's keys with stale keys, whose
+    // scores are never used.
     let full = d - d % T;
     for (block, batch) in keys.chunks(T).enumerate() {
         let jj = block * T;
