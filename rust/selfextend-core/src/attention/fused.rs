@@ -297,16 +297,6 @@ impl<'a> View<'a> {
         }
     }
 
-    /// Rows `(b, h, t0 .. t1)` as one slice, where they are f32 and adjacent.
-    fn slab(&self, b: usize, h: usize, (t0, t1): (usize, usize)) -> Option<&'a [f32]> {
-        match self.data {
-            Data::F32(data) if self.strides[2] == self.head_dim => {
-                Some(&data[self.at(b, h, t0)..][..(t1 - t0) * self.head_dim])
-            }
-            _ => None,
-        }
-    }
-
     #[inline]
     fn at(&self, b: usize, h: usize, t: usize) -> usize {
         self.offset + b * self.strides[0] + h * self.strides[1] + t * self.strides[2]
@@ -502,13 +492,12 @@ fn run_item(item: Item, seq: &Sequence, s: &mut Scratch) -> Partial {
         }
         let values = vv.tile(b, g, (j0, j1));
         // Prefill's many row groups all read the tile's values as one dense block,
-        // which the values loop walks without per-row slices: the cache's own rows
-        // where they are f32 and adjacent, else a copy made once per tile (f16
-        // widened). Decode's few rows read them where they lie.
+        // which the values loop walks without per-row slices: a copy made once per
+        // tile (f16 widened). Even adjacent f32 rows are copied: read in place from the
+        // cache, they made the values loop slower than the copy costs. Decode's few
+        // rows read them where they lie.
         let dense: &[f32] = if !transposed {
             &[]
-        } else if let Some(slab) = vv.slab(b, g, (j0, j1)) {
-            slab
         } else {
             s.values.resize(kt * d, 0.0);
             let out = s.values.chunks_exact_mut(d);
