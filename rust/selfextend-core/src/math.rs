@@ -117,10 +117,38 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     ] {
         p = fma(p, r, c);
     }
-    // 2^n from the bits of n + 127 + 2^23, whose low mantissa bits hold the integer
-    // n + 127 in 0 ..= 127: integer ops only, so the loop stays vectorised.
-    let biased = (n + (127.0 + 8_388_608.0)).to_bits() & 0xff;
-    f32::from_bits(biased << 23) * p
+    f32::from_bits(pow2_bits(n)) * p
+}
+
+/// `2^x` for `x <= 0`, branch-free so loops over it vectorise: no range reduction by
+/// ln 2 as [`exp_nonpositive`] needs, so two FMAs fewer and a shorter polynomial.
+/// Relative error below 1e-7; inputs under -126 give about 1e-38.
+#[inline(always)]
+pub(crate) fn exp2_nonpositive(x: f32) -> f32 {
+    let x = x.max(-126.0);
+    let n = x.round_ties_even();
+    // Exact, |r| <= 1/2: a near-minimax fit of 2^r there, highest power first.
+    let r = x - n;
+    let mut p = 1.534_581e-4;
+    for c in [
+        1.339_993_1e-3,
+        9.618_489e-3,
+        5.550_328_6e-2,
+        0.240_226_46,
+        std::f32::consts::LN_2,
+        1.0,
+    ] {
+        p = fma(p, r, c);
+    }
+    f32::from_bits(pow2_bits(n)) * p
+}
+
+/// The bits of `2^n` for an integer-valued `n` in -126 ..= 0, from the bits of
+/// n + 127 + 2^23, whose low mantissa bits hold the integer n + 127: integer ops only,
+/// so loops over it stay vectorised.
+#[inline(always)]
+fn pow2_bits(n: f32) -> u32 {
+    ((n + (127.0 + 8_388_608.0)).to_bits() & 0xff) << 23
 }
 
 /// `silu(x) = x · sigmoid(x)`, from `e = exp(-|x|) <= 1` on both sides of zero, so no
@@ -166,6 +194,20 @@ mod tests {
         assert!(worst < 2e-7, "worst relative error {worst:e}");
         assert!(exp_nonpositive(f32::NEG_INFINITY) < 1e-37);
         assert_eq!(exp_nonpositive(0.0), 1.0);
+    }
+
+    #[test]
+    fn exp2_matches_std_over_its_range() {
+        let mut worst = 0f64;
+        for k in 0..=1_260_000 {
+            let x = -(k as f32) * 1e-4;
+            let (got, want) = (exp2_nonpositive(x) as f64, (x as f64).exp2());
+            worst = worst.max(((got - want) / want).abs());
+        }
+        assert!(worst < 1e-7, "worst relative error {worst:e}");
+        assert!(exp2_nonpositive(f32::NEG_INFINITY) < 1e-37);
+        assert_eq!(exp2_nonpositive(0.0), 1.0);
+        assert_eq!(exp2_nonpositive(-3.0), 0.125);
     }
 
     #[test]

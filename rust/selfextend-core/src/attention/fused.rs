@@ -35,7 +35,7 @@ use half::{f16, slice::HalfFloatSliceExt};
 
 use super::{AttentionParams, Positions, Ragged, SelfExtend};
 use crate::error::Result;
-use crate::math::{exp_nonpositive, fma, transpose8, Widen};
+use crate::math::{exp2_nonpositive, fma, transpose8, Widen};
 use crate::rope::CosSinTable;
 
 const Q_TILE: usize = 32;
@@ -68,21 +68,23 @@ fn max_of(xs: &[f32]) -> f32 {
     m
 }
 
-/// `p[j] = exp(s[j] - max)` in place; returns the sum of `p`.
+/// `p[j] = 2^(s[j] - max)` in place (scores in log2 units); returns the sum of `p`.
 #[inline]
-fn exp_and_sum(s: &mut [f32], max: f32) -> f32 {
-    for x in s.iter_mut() {
-        *x = exp_nonpositive(*x - max);
-    }
+fn exp2_and_sum(s: &mut [f32], max: f32) -> f32 {
+    let (chunks, rest) = s.as_chunks_mut::<8>();
     let mut acc = [0f32; 8];
-    let chunks = s.chunks_exact(8);
-    let rest: f32 = chunks.remainder().iter().sum();
     for x in chunks {
         for l in 0..8 {
+            x[l] = exp2_nonpositive(x[l] - max);
             acc[l] += x[l];
         }
     }
-    acc.iter().sum::<f32>() + rest
+    let mut tail = 0f32;
+    for x in rest {
+        *x = exp2_nonpositive(*x - max);
+        tail += *x;
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// `s[r][j] = q[r] . k[j]` for `R` query rows (`q`, row-major with stride `d`) and the
@@ -315,7 +317,8 @@ struct Item {
     keys: (usize, usize),
 }
 
-/// An un-normalised softmax over part of the keys: running max, sum and weighted values.
+/// An un-normalised softmax over part of the keys: running max (in log2 units, as the
+/// scores are), sum and weighted values.
 struct Partial {
     m: Vec<f32>,
     l: Vec<f32>,
@@ -444,7 +447,9 @@ fn run_item(item: Item, seq: &Sequence, s: &mut Scratch) -> Partial {
         s.qg.resize(rows * d, 0.0);
         s.kg.resize(K_TILE * d, 0.0);
     }
-    // The softmax scale is folded into the rotated queries.
+    // The softmax scale is folded into the rotated queries, and with it log2 e: scores,
+    // and the running maxima, are in log2 units, so the softmax takes 2^x.
+    let scale = scale * std::f32::consts::LOG2_E;
     for r in 0..rows {
         let x = qv.row(
             b,
@@ -582,14 +587,16 @@ fn run_item(item: Item, seq: &Sequence, s: &mut Scratch) -> Partial {
                 }
                 let seen = &mut scores[lo[x]..n[x]];
                 if let Some(cap) = layer.softcap {
+                    // cap · tanh(s / cap) in natural units is this in log2 units.
+                    let cap = cap * std::f32::consts::LOG2_E;
                     seen.iter_mut().for_each(|s| *s = cap * (*s / cap).tanh());
                 }
                 let m_old = part.m[r];
                 let m_new = m_old.max(max_of(seen));
-                let sum = exp_and_sum(seen, m_new);
+                let sum = exp2_and_sum(seen, m_new);
                 scores[..lo[x]].fill(0.0);
                 scores[n[x]..kt].fill(0.0);
-                let correction = (m_old - m_new).exp();
+                let correction = exp2_nonpositive(m_old - m_new);
                 if correction != 1.0 {
                     part.acc[r * d..][..d]
                         .iter_mut()
@@ -787,7 +794,7 @@ fn compute(seqs: &[Prepared], len: usize) -> Option<Vec<f32>> {
                 .fold(f32::NEG_INFINITY, f32::max);
             let mut l = 0f32;
             for p in parts {
-                let w = (p.m[r] - m).exp();
+                let w = (p.m[r] - m).exp2();
                 l += p.l[r] * w;
                 for (o, &a) in dst.iter_mut().zip(&p.acc[r * d..][..d]) {
                     *o += w * a;
