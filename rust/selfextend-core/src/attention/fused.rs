@@ -18,9 +18,12 @@
 //! scores vectorise across keys; with few (decode) they stay row-major and scores are
 //! taken four keys at a time. An f16 cache is read where it lies: keys are widened as
 //! they are rotated and values as they are summed (prefill, whose many row groups all
-//! read a tile's values, widens them once per tile). When there are fewer (batch, kv
-//! head, query tile) items than threads can use, the key range is split and the
-//! partial softmaxes are merged.
+//! read a tile's values, copies them once per tile into one dense f32 block). When
+//! there are fewer (batch, kv head, query tile) items than threads can use, the key
+//! range is split and the partial softmaxes are merged.
+//!
+//! Scores are in log2 units (log2 e is folded into the queries with the softmax scale),
+//! so the softmax takes 2^x, which needs no range reduction by ln 2.
 //!
 //! A ragged batch (the sequences of one decode step, each with its own cache, positions
 //! and settings) runs as one set of items, on candle's worker pool, the one the
