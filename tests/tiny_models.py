@@ -175,7 +175,7 @@ def build_tokenizer(kind: str = "bytelevel") -> Tokenizer:
     return tok
 
 
-def random_weights(cfg: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
+def random_weights(cfg: dict[str, Any], seed: int, qk_scale: float = 0.45) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     h, i = cfg["hidden_size"], cfg["intermediate_size"]
     nq, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
@@ -191,8 +191,8 @@ def random_weights(cfg: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
     for layer in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{layer}"
         # Large q/k weights give peaked attention, so a wrong position is visible.
-        w[f"{p}.self_attn.q_proj.weight"] = u((nq * d, h), 0.45)
-        w[f"{p}.self_attn.k_proj.weight"] = u((nkv * d, h), 0.45)
+        w[f"{p}.self_attn.q_proj.weight"] = u((nq * d, h), qk_scale)
+        w[f"{p}.self_attn.k_proj.weight"] = u((nkv * d, h), qk_scale)
         w[f"{p}.self_attn.v_proj.weight"] = u((nkv * d, h), 0.3)
         w[f"{p}.self_attn.o_proj.weight"] = u((h, nq * d), 0.3)
         w[f"{p}.mlp.gate_proj.weight"] = u((i, h), 0.3)
@@ -293,13 +293,21 @@ def _write_family(out: Path, name: str, seed: int, style: str,
 
 
 def write_checkpoint(out: Path, name: str = "gqa", seed: int = 0, style: str = "v4",
-                     overrides: Optional[dict[str, Any]] = None) -> Path:
+                     overrides: Optional[dict[str, Any]] = None,
+                     qk_scale: float = 0.45) -> Path:
     """Writes the named tiny checkpoint into `out` and returns `out`.
 
     For a FAMILIES name, `style` picks the config fixture ("v4" or "v5"), and
     `overrides` (top-level config.json keys, in that style's vocabulary) changes the
-    model; the weights depend on the name, the seed and the shapes only."""
+    model; the weights depend on the name, the seed and the shapes only.
+
+    `qk_scale` bounds the q/k projection weights of the Llama checkpoints. The default
+    makes attention so peaked (scores of tens) that a wrong position shows at f32, but
+    then bf16 rounding of the scores alone moves the logits by 5-30%; tests of half
+    precision pass a smaller one."""
     out.mkdir(parents=True, exist_ok=True)
+    if name in FAMILIES and qk_scale != 0.45:
+        raise ValueError(f"{name!r} is a family checkpoint; qk_scale is for the Llama ones")
     if name in FAMILIES:
         _write_family(out, name, seed, style, overrides)
         return out
@@ -319,7 +327,7 @@ def write_checkpoint(out: Path, name: str = "gqa", seed: int = 0, style: str = "
         **ALL_CONFIGS[name],
     }
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    weights = random_weights(cfg, seed)
+    weights = random_weights(cfg, seed, qk_scale)
     if name in SHARDED:
         dtype = SHARDED[name]
         names = sorted(weights)
