@@ -86,8 +86,8 @@ struct Args {
     /// CPU, else the compute dtype.
     #[arg(long)]
     kv_cache: Option<String>,
-    /// Attention implementation: auto (the fastest for the device: fused on the CPU,
-    /// tiled elsewhere), naive (the oracle; n² memory), tiled, or fused (the CUDA
+    /// Attention implementation: auto (the fastest for the device: fused on the CPU and
+    /// CUDA, tiled on Metal), naive (the oracle; n² memory), tiled, or fused (the CUDA
     /// kernel on CUDA builds).
     #[arg(long, default_value = "auto")]
     backend: String,
