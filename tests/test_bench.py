@@ -41,12 +41,13 @@ def test_bench_json(model_path: Path) -> None:
 def test_bench_one_attention_decoding_after_its_prefill(model_path: Path) -> None:
     out = subprocess.run(
         [str(bench_binary()), "--model", str(model_path), "--prefill", "40", "--decode-context", "40",
-         "--decode-tokens", "3", "--attention", "selfextend", "--repeats", "1", "--json"],
+         "--decode-tokens", "3", "--attention", "selfextend", "--repeats", "1", "--warm-up", "--json"],
         check=True, capture_output=True, text=True, timeout=300,
     )
     report = json.loads(out.stdout)
     phases = [(m["phase"], m["attention"], m["context"], m["tokens"]) for m in report["measurements"]]
     assert phases == [("prefill", "selfextend", 40, 40), ("decode", "selfextend", 40, 3)]
+    assert "warm-up: a 42-token prefill" in out.stderr
     assert report["peak_rss_bytes"] >= report["rss_after_load_bytes"] > 0
 
 

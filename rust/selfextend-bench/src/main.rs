@@ -25,8 +25,9 @@ use machine::Machine;
 /// Prompts are random token ids (the content does not change the cost). Prefill is
 /// timed from an empty cache; decode is timed over `--decode-tokens` single-token
 /// steps right after the prefill of `--decode-context` tokens, reusing its cache.
-/// Every measurement is repeated `--repeats` times and the median is reported. Peak
-/// RSS is the whole process's: use `--attention` to measure one kind alone. On CUDA
+/// Every measurement is repeated `--repeats` times and the median is reported (off the
+/// CPU, or with `--warm-up`, after an untimed warm-up). Peak RSS is the whole
+/// process's: use `--attention` to measure one kind alone. On CUDA
 /// the report adds the device's memory in use (all processes, as `nvidia-smi` counts
 /// it), sampled after load and between the layers of every prefill chunk and decode
 /// step; its maximum is the peak GPU memory.
@@ -95,6 +96,11 @@ struct Args {
     /// selfextend. Run one at a time to read the peak RSS of that one alone.
     #[arg(long, value_enum, default_value_t = Which::Both)]
     attention: Which,
+    /// Before timing, run a short prefill and one decode step, untimed, per kind of
+    /// attention. Always done off the CPU, where the first run would otherwise pay
+    /// for loading kernels and creating library handles.
+    #[arg(long)]
+    warm_up: bool,
     /// Also measure this machine (f32 FMA peak, 8-bit multiply-add peak, memory read
     /// bandwidth; a few seconds, after the runs) and report each prefill's share of the
     /// fastest its FLOPs could run (quantized linear layers at the 8-bit peak,
@@ -350,6 +356,41 @@ impl Bench {
         (weights / batch + kv as f64, weights / batch)
     }
 
+    /// One short untimed prefill and decode step per kind of attention, so that no
+    /// timed run pays for what a GPU does once (loading and compiling kernels,
+    /// creating library handles, growing the memory pool).
+    fn warm_up(&self, modes: &[Option<SelfExtend>]) -> BenchResult<()> {
+        let n = (2 * self.args.chunk_size).min(self.ids.len().saturating_sub(1));
+        if n == 0 {
+            return Ok(());
+        }
+        eprintln!("  warm-up: a {n}-token prefill and a decode step per attention, untimed");
+        for &se in modes {
+            let params = self.model.attention_params(se);
+            let mut cache = self.model.new_cache(n + 1);
+            let quiet = &mut |_, _| Ok(());
+            let chunk = self.args.chunk_size;
+            let model = &self.model;
+            model.forward_chunked(
+                &self.ids[..n],
+                &mut cache,
+                &params,
+                chunk,
+                LogitsFor::Last,
+                quiet,
+            )?;
+            model.forward_chunked(
+                &self.ids[n..=n],
+                &mut cache,
+                &params,
+                1,
+                LogitsFor::Last,
+                quiet,
+            )?;
+        }
+        Ok(())
+    }
+
     /// Prefill at `context` (and decode after it, if it is the decode context), repeated.
     fn measure(&mut self, context: usize, se: Option<SelfExtend>) -> BenchResult<Vec<Measurement>> {
         let mut prefill = Vec::with_capacity(self.args.repeats);
@@ -460,6 +501,9 @@ fn run(args: Args) -> BenchResult<Report> {
     let mut lengths = bench.args.prefill.clone();
     if bench.args.decode_context > 0 && !lengths.contains(&bench.args.decode_context) {
         lengths.push(bench.args.decode_context);
+    }
+    if bench.args.warm_up || !bench.model.device().is_cpu() {
+        bench.warm_up(&modes)?;
     }
     let mut measurements = vec![];
     let mut attention_kernels = vec![];
