@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import random_ids
-from tiny_models import WIDE_CONFIGS, write_checkpoint
+from tiny_models import DEFAULT_QK_SCALE, WIDE_CONFIGS, write_checkpoint
 
 import selfextend_rs as se
 
@@ -131,7 +131,7 @@ def wide(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path
     root = tmp_path_factory.mktemp("wide")
     return {
         (name, dtype): write_checkpoint(root / f"{name}-{dtype}", name, seed=3,
-                                        qk_scale=0.45 if dtype == "f32" else HALF_QK_SCALE)
+                                        qk_scale=DEFAULT_QK_SCALE if dtype == "f32" else HALF_QK_SCALE)
         for name in WIDE_CONFIGS for dtype in ["f32", "bf16"]
     }
 

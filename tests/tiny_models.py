@@ -175,7 +175,12 @@ def build_tokenizer(kind: str = "bytelevel") -> Tokenizer:
     return tok
 
 
-def random_weights(cfg: dict[str, Any], seed: int, qk_scale: float = 0.45) -> dict[str, np.ndarray]:
+# Large q/k weights give peaked attention, so a wrong position is visible.
+DEFAULT_QK_SCALE = 0.45
+
+
+def random_weights(cfg: dict[str, Any], seed: int,
+                   qk_scale: float = DEFAULT_QK_SCALE) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     h, i = cfg["hidden_size"], cfg["intermediate_size"]
     nq, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
@@ -190,7 +195,6 @@ def random_weights(cfg: dict[str, Any], seed: int, qk_scale: float = 0.45) -> di
         w["lm_head.weight"] = u((vocab, h), 0.3)
     for layer in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{layer}"
-        # Large q/k weights give peaked attention, so a wrong position is visible.
         w[f"{p}.self_attn.q_proj.weight"] = u((nq * d, h), qk_scale)
         w[f"{p}.self_attn.k_proj.weight"] = u((nkv * d, h), qk_scale)
         w[f"{p}.self_attn.v_proj.weight"] = u((nkv * d, h), 0.3)
@@ -294,7 +298,7 @@ def _write_family(out: Path, name: str, seed: int, style: str,
 
 def write_checkpoint(out: Path, name: str = "gqa", seed: int = 0, style: str = "v4",
                      overrides: Optional[dict[str, Any]] = None,
-                     qk_scale: float = 0.45) -> Path:
+                     qk_scale: float = DEFAULT_QK_SCALE) -> Path:
     """Writes the named tiny checkpoint into `out` and returns `out`.
 
     For a FAMILIES name, `style` picks the config fixture ("v4" or "v5"), and
@@ -306,7 +310,7 @@ def write_checkpoint(out: Path, name: str = "gqa", seed: int = 0, style: str = "
     then bf16 rounding of the scores alone moves the logits by 5-30%; tests of half
     precision pass a smaller one."""
     out.mkdir(parents=True, exist_ok=True)
-    if name in FAMILIES and qk_scale != 0.45:
+    if name in FAMILIES and qk_scale != DEFAULT_QK_SCALE:
         raise ValueError(f"{name!r} is a family checkpoint; qk_scale is for the Llama ones")
     if name in FAMILIES:
         _write_family(out, name, seed, style, overrides)
