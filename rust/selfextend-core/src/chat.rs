@@ -65,10 +65,20 @@ pub fn render(
             .detail()
             .map(str::to_string)
             .unwrap_or_else(|| e.to_string());
-        Error::invalid(
-            "messages",
-            format!("the chat template rejected them: {detail}"),
-        )
+        match e.kind() {
+            // The template calls what our Jinja does not have: no conversation renders.
+            ErrorKind::UnknownFunction
+            | ErrorKind::UnknownFilter
+            | ErrorKind::UnknownTest
+            | ErrorKind::UnknownMethod => Error::Unsupported {
+                path: "chat template".into(),
+                msg: format!("the chat template uses what selfextend_rs cannot run: {e}"),
+            },
+            _ => Error::invalid(
+                "messages",
+                format!("the chat template rejected them: {detail}"),
+            ),
+        }
     })
 }
 
@@ -98,5 +108,16 @@ mod tests {
         let err = render(&chatml(), &[Message::new("bad", "x")], true).unwrap_err();
         assert!(err.to_string().contains("no bad roles"), "{err}");
         assert!(render(&chatml(), &[], true).is_err());
+    }
+
+    #[test]
+    fn a_template_beyond_our_jinja_is_the_model_s_fault_not_the_caller_s() {
+        let template = ChatTemplate {
+            source: "{{ messages | no_such_filter }}".into(),
+            ..chatml()
+        };
+        let err = render(&template, &[Message::new("user", "hi")], true).unwrap_err();
+        assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+        assert!(err.to_string().contains("no_such_filter"), "{err}");
     }
 }

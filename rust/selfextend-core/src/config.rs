@@ -354,7 +354,20 @@ impl Config {
                     ));
                 }
             }
+            // Every loader checks its own fields; this catches what a format leaves
+            // unchecked (a GGUF scaling factor of 0, a NaN low_freq_factor).
             let factors: Vec<f64> = match &rope.scaling {
+                Some(
+                    RopeScaling::Linear { factor }
+                    | RopeScaling::Ntk { factor }
+                    | RopeScaling::DynamicNtk { factor, .. },
+                ) => vec![*factor],
+                Some(RopeScaling::Llama3 {
+                    factor,
+                    low_freq_factor,
+                    high_freq_factor,
+                    ..
+                }) => vec![*factor, *low_freq_factor, *high_freq_factor],
                 Some(RopeScaling::Frequencies { factors }) => factors.to_vec(),
                 Some(RopeScaling::LongRope {
                     short_factor,
@@ -564,6 +577,13 @@ mod tests {
         assert!(huge.contains("9223372036854775808"));
         let err = Config::from_hf_json_str(&huge, Path::new("c.json")).unwrap_err();
         assert!(err.to_string().contains("num_hidden_layers"), "{err}");
+        // high > low holds, but a negative frequency factor is no scaling at all.
+        let err = parse(
+            r#", "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": -1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("RoPE factors"), "{err}");
     }
 
     #[test]

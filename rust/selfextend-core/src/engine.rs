@@ -247,7 +247,9 @@ impl Engine {
         let worker = std::thread::Builder::new()
             .name("selfextend-engine".into())
             .spawn(move || scheduler.run())
-            .map_err(|e| Error::invalid("engine", format!("cannot start its thread: {e}")))?;
+            .map_err(|e| Error::Engine {
+                msg: format!("cannot start its thread: {e}"),
+            })?;
         Ok(Self {
             model,
             options,
@@ -336,7 +338,9 @@ impl Engine {
             .is_err()
         {
             self.counters.queued.fetch_sub(1, Ordering::Relaxed);
-            return Err(Error::invalid("engine", "the engine has stopped"));
+            return Err(Error::Engine {
+                msg: "the engine has stopped".into(),
+            });
         }
         Ok(cancelled)
     }
@@ -413,10 +417,10 @@ impl Scheduler {
             if let Err(panic) = stepped {
                 let what = crate::error::panic_message(panic.as_ref()).to_string();
                 for request in self.running.drain(..) {
-                    let msg = format!("internal error in the engine (please report it): {what}");
+                    let msg = format!("internal error (please report it): {what}");
                     request
                         .events
-                        .send_last(Event::Failed(Error::Candle(candle_core::Error::Msg(msg))));
+                        .send_last(Event::Failed(Error::Engine { msg }));
                 }
                 self.reserved = 0;
                 self.publish();

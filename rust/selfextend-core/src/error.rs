@@ -46,6 +46,11 @@ pub enum Error {
     #[error("overloaded: {msg}")]
     Overloaded { msg: String },
 
+    /// The serving engine cannot take or finish requests: its thread could not start,
+    /// it has stopped, or a step hit a bug. Not the request's fault.
+    #[error("engine error: {msg}")]
+    Engine { msg: String },
+
     /// The caller asked to stop (Ctrl-C, a closed stream).
     #[error("interrupted")]
     Interrupted,

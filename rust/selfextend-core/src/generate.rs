@@ -12,6 +12,11 @@ use crate::model::{resolve_chunk_size, ChunkCallback, LogitsFor, LogitsHeld, Mod
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::StreamDecoder;
 
+/// Positions a generation's KV cache reserves past its prompt. A larger
+/// `max_new_tokens` grows the cache as tokens come, so a maximum the sequence never
+/// reaches costs nothing, even where no memory budget can refuse it up front.
+const RESERVE_AHEAD: usize = 8192;
+
 #[derive(Debug, Clone, Default)]
 pub struct GenerateOptions {
     pub max_new_tokens: usize,
@@ -106,7 +111,7 @@ impl Generation {
         model.check_memory(total, chunk_size, LogitsHeld::LastRow)?;
         let sampler = Sampler::new(opts.sampling)?;
         let params = model.attention_params_with(opts.self_extend, opts.rope_scaling);
-        let cache = model.new_cache(total);
+        let cache = model.new_cache(total.min(prompt_ids.len().saturating_add(RESERVE_AHEAD)));
         let decoder = model.tokenizer().stream_decoder(true);
         let prompt_len = prompt_ids.len();
         Ok(Self {

@@ -205,7 +205,16 @@ impl KvCache {
         head_dim: usize,
         dtype: DType,
     ) -> usize {
-        2 * num_layers * num_kv_heads * head_dim * positions * dtype.size_in_bytes()
+        // Saturating: a request for 2^62 positions must read as too big, not wrap.
+        [
+            num_layers,
+            num_kv_heads,
+            head_dim,
+            positions,
+            dtype.size_in_bytes(),
+        ]
+        .into_iter()
+        .fold(2, usize::saturating_mul)
     }
 }
 

@@ -96,20 +96,21 @@ impl Sampler {
         if self.params.temperature == 0.0 {
             return argmax(logits);
         }
-        let temperature = self.params.temperature as f32;
         let mut candidates: Vec<(u32, f32)> = logits
             .iter()
             .enumerate()
-            .map(|(i, &l)| (i as u32, l / temperature))
+            .map(|(i, &l)| (i as u32, l))
             .collect();
         candidates.sort_by(|a, b| b.1.total_cmp(&a.1));
         if let Some(k) = self.params.top_k {
             candidates.truncate(k.max(1));
         }
+        // softmax(l / T) as exp((l - max) / T): the temperature divides differences
+        // that are <= 0, so a tiny one tends to greedy instead of overflowing to NaN.
         let max = candidates[0].1;
         let mut probs: Vec<f64> = candidates
             .iter()
-            .map(|&(_, l)| ((l - max) as f64).exp())
+            .map(|&(_, l)| ((l - max) as f64 / self.params.temperature).exp())
             .collect();
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= total);
@@ -249,6 +250,26 @@ mod tests {
         assert_eq!(a, draw(&params));
         assert!(a.iter().all(|&id| id == 1 || id == 3));
         assert!(a.contains(&1) && a.contains(&3));
+    }
+
+    #[test]
+    fn a_vanishing_temperature_tends_to_greedy() {
+        // 1e-300 is 0 as an f32: dividing the logits by it gave inf - inf = NaN, and
+        // then the least likely token.
+        for temperature in [1e-300, f64::MIN_POSITIVE, 1e-30] {
+            let mut s = sampler(SamplingParams {
+                temperature,
+                seed: Some(3),
+                ..Default::default()
+            });
+            for _ in 0..20 {
+                assert_eq!(
+                    s.sample(&mut [0.5, 2.0, -1.0, 1.9], &[]),
+                    1,
+                    "T = {temperature}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -596,3 +596,35 @@ fn auto_obeys_its_rules() {
     assert_eq!(SelfExtend::auto(4000, 8192).unwrap().group_size(), 1);
     assert!(SelfExtend::auto(0, 8192).is_err());
 }
+
+#[test]
+fn auto_picks_the_smallest_group_that_fits_at_any_target() {
+    let fits = |target: usize, trained: usize, g: usize, w: usize| {
+        (target - 1) / g + w - w / g <= 2 * trained / 3
+    };
+    // Against a scan from g = 1 (the grouped position is not monotone in g).
+    for trained in (4..80).chain([255, 256, 300, 1000, 8192]) {
+        for target in (1..120 * trained).step_by(1 + trained / 7) {
+            let se = SelfExtend::auto(target, trained).unwrap();
+            let w = se.window();
+            let smallest = (1..).find(|&g| fits(target, trained, g, w)).unwrap();
+            assert_eq!(
+                se.group_size(),
+                smallest,
+                "target {target}, trained {trained}"
+            );
+        }
+    }
+    // Targets no scan from 1 could reach return at once, and still obey the rule.
+    for trained in [4, 5, 8192, 131072] {
+        for target in [1 << 40, 1 << 62, usize::MAX] {
+            let se = SelfExtend::auto(target, trained).unwrap();
+            let (g, w) = (se.group_size(), se.window());
+            assert!(fits(target, trained, g, w), "{target} {trained} {se:?}");
+            assert!(
+                g > w && !fits(target, trained, g - 1, w),
+                "{target} {trained} {se:?}"
+            );
+        }
+    }
+}

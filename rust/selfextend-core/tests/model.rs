@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use candle_core::DType;
 use common::{max_rel_diff, tiny_config, tiny_mixed_config, tiny_model, tiny_quantized_model, Rng};
-use selfextend_core::generate::{generate, FinishReason, GenerateOptions};
+use selfextend_core::generate::{generate, FinishReason, GenerateOptions, Generation};
+use selfextend_core::kv_cache::KvCache;
 use selfextend_core::model::LogitsFor;
 use selfextend_core::{AttentionBackend, Config, Error, Model, RopeScaling, SelfExtend};
 
@@ -49,6 +50,56 @@ fn mixed_layers_agree_across_chunks_decode_and_backends() {
         }
         model.set_attention_backend(None);
     }
+}
+
+#[test]
+fn a_window_past_the_sequence_is_plain_attention_and_costs_nothing() {
+    let cfg = tiny_config(2, false);
+    let mut model = tiny_model(&cfg, 3);
+    let tokens = ids(40, cfg.vocab_size, 8);
+    // The fused kernel once sized its rotary table by the grouped positions a window
+    // this wide would give (about 2^40 rows), although no pair is grouped, and the
+    // allocation aborted the process.
+    let huge = Some(SelfExtend::new(2, 1 << 40).unwrap());
+    for backend in [
+        None,
+        Some(AttentionBackend::Naive),
+        Some(AttentionBackend::TILED),
+    ] {
+        model.set_attention_backend(backend);
+        let logits = |se| {
+            let params = model.attention_params(se);
+            model
+                .logits(&tokens, &params, Some(16), &mut no_progress())
+                .unwrap()
+        };
+        assert_eq!(logits(huge), logits(None), "{backend:?}");
+    }
+}
+
+#[test]
+fn a_generation_reserves_its_prompt_and_a_bounded_lead() {
+    let cfg = tiny_config(2, false);
+    let model = Arc::new(tiny_model(&cfg, 3));
+    let opts = GenerateOptions {
+        max_new_tokens: 1 << 20,
+        ..Default::default()
+    };
+    let mut generation = Generation::new(model.clone(), ids(10, cfg.vocab_size, 4), opts).unwrap();
+    generation.prefill(&mut no_progress()).unwrap();
+    let per_position = KvCache::bytes_for(
+        1,
+        cfg.num_hidden_layers,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        model.kv_cache_dtype(),
+    );
+    let bytes = generation.cache_mut().allocated_bytes();
+    // Not the 2^20 positions the request could reach.
+    assert!(
+        bytes > 0 && bytes <= (10 + 8192) * per_position,
+        "{bytes} bytes, {per_position} per position"
+    );
 }
 
 #[test]

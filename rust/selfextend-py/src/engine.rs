@@ -11,11 +11,13 @@ use pyo3::prelude::*;
 use selfextend_core::engine::{CancelHandle, Engine, EngineOptions, Event};
 
 use crate::errors::{invalid_argument, to_py};
-use crate::model::{Prompt, PyModel, Request, SelfExtendArg, Stop};
+use crate::model::{detached, Prompt, PyModel, Request, SelfExtendArg, Stop};
 use crate::types::{PyCompletion, PyRopeScaling};
 
 /// Events handed out per `next_events` call at most.
 const EVENTS_PER_CALL: usize = 256;
+/// How long `next_events` waits between checks for Ctrl-C.
+const SIGNAL_POLL: Duration = Duration::from_millis(100);
 
 /// A continuous-batching engine over one model: requests submitted from any thread
 /// share each decoding step, long prompts are prefilled in slices between them.
@@ -92,9 +94,7 @@ impl PyEngine {
         };
         let handle = model.handle();
         let inner = Arc::clone(handle.model());
-        let engine = py
-            .detach(|| Engine::start(inner, options))
-            .map_err(|e| to_py(e, false))?;
+        let engine = detached(py, false, None, |_| Engine::start(inner, options))?;
         let (sender, events) = mpsc::channel();
         Ok(Self {
             model: handle,
@@ -140,9 +140,9 @@ impl PyEngine {
             chunk_size,
         )?;
         let sender = self.sender.clone();
-        let handle = py
-            .detach(|| self.engine.submit_shared(prompt, opts, request_id, sender))
-            .map_err(|e| to_py(e, false))?;
+        let handle = detached(py, false, None, |_| {
+            self.engine.submit_shared(prompt, opts, request_id, sender)
+        })?;
         Ok(PyEngineRequest { handle })
     }
 
@@ -183,21 +183,17 @@ impl PyEngine {
                 "invalid argument `timeout`: must be a number of seconds >= 0, got {timeout}"
             )));
         }
-        let events = py.detach(|| {
-            let receiver = self.events.lock().unwrap_or_else(|p| p.into_inner());
-            let mut out = Vec::new();
-            match receiver.recv_timeout(Duration::from_secs_f64(timeout)) {
-                Ok(event) => out.push(event),
-                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return out,
+        // Waits in slices, so Ctrl-C interrupts a long timeout.
+        let mut left = Duration::try_from_secs_f64(timeout).unwrap_or(Duration::MAX);
+        let events = loop {
+            let slice = left.min(SIGNAL_POLL);
+            match py.detach(|| self.receive(slice)) {
+                Some(events) => break events,
+                None if left <= slice => break Vec::new(),
+                None => left -= slice,
             }
-            while out.len() < EVENTS_PER_CALL {
-                match receiver.try_recv() {
-                    Ok(event) => out.push(event),
-                    Err(_) => break,
-                }
-            }
-            out
-        });
+            py.check_signals()?;
+        };
         events
             .into_iter()
             .map(|(id, event)| {
@@ -241,5 +237,25 @@ impl PyEngine {
             ("kv_budget", self.engine.stats().kv_budget as u64),
             ("max_queue", o.max_queue as u64),
         ])
+    }
+}
+
+impl PyEngine {
+    /// The events there are after waiting up to `wait` for the first; `None` when none
+    /// came in time (an engine that has gone sends none, and returns at once).
+    fn receive(&self, wait: Duration) -> Option<Vec<(u64, Event)>> {
+        let receiver = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = match receiver.recv_timeout(wait) {
+            Ok(event) => vec![event],
+            Err(RecvTimeoutError::Timeout) => return None,
+            Err(RecvTimeoutError::Disconnected) => return Some(Vec::new()),
+        };
+        while out.len() < EVENTS_PER_CALL {
+            match receiver.try_recv() {
+                Ok(event) => out.push(event),
+                Err(_) => break,
+            }
+        }
+        Some(out)
     }
 }

@@ -106,6 +106,7 @@ pub fn to_py(err: Error, during_load: bool) -> PyErr {
         Error::InvalidArgument { .. } => invalid_argument(msg),
         Error::OutOfMemory { .. } => OutOfMemoryError::new_err(msg),
         Error::Overloaded { .. } => OverloadedError::new_err(msg),
+        Error::Engine { .. } => SelfExtendError::new_err(msg),
         Error::Interrupted => PyKeyboardInterrupt::new_err("interrupted"),
         Error::Candle(_) if during_load => ModelLoadError::new_err(msg),
         Error::Candle(_) => InferenceError::new_err(msg),

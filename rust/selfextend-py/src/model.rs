@@ -23,7 +23,7 @@ type Check<'a> = dyn FnMut(usize, usize) -> selfextend_core::Result<()> + 'a;
 /// Releases the GIL and runs `f`, handing it a callback that re-takes the GIL between
 /// chunks and steps to check for Ctrl-C and to report prefill progress. Panics are
 /// caught here and never cross into Python.
-fn detached<T: Send>(
+pub(crate) fn detached<T: Send>(
     py: Python<'_>,
     during_load: bool,
     progress: Option<&Py<PyAny>>,
@@ -986,7 +986,12 @@ impl PyTextStream {
                     return Ok(None);
                 };
                 match generation.step(check) {
-                    Ok(Some(piece)) if piece.is_empty() => continue,
+                    // Steps that yield no text (held-back stop prefixes, skipped special
+                    // tokens) can run long: Ctrl-C must still reach them.
+                    Ok(Some(piece)) if piece.is_empty() => {
+                        let at = generation.prompt_len();
+                        check(at, at)?;
+                    }
                     Ok(Some(piece)) => return Ok(Some(piece)),
                     Ok(None) => {
                         let done = std::mem::replace(&mut *state, StreamState::Done(None));

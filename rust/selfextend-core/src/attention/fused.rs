@@ -650,6 +650,8 @@ struct Prepared<'p> {
     n_kv_heads: usize,
     shape: Shape,
     table: &'p CosSinTable,
+    /// The call's SelfExtend, `None` while no pair can be grouped.
+    self_extend: Option<SelfExtend>,
     params: &'p AttentionParams,
     dest: Dest,
 }
@@ -663,8 +665,12 @@ impl<'p> Prepared<'p> {
     ) -> Result<Self> {
         let (batch, n_heads, q_len, d) = q.dims4()?;
         let (_, n_kv_heads, kv_len, _) = k.dims4()?;
+        // No pair is grouped until the keys outnumber the window; past that, every
+        // grouped position lies below `kv_len`, so the table never outgrows the call
+        // (a window of 10^10 costs nothing until a sequence reaches it).
+        let self_extend = params.self_extend.filter(|se| kv_len > se.window());
         let table = positions.fused.get_or_init(|| {
-            let grouped = params.self_extend.map_or(0, |se| {
+            let grouped = self_extend.map_or(0, |se| {
                 se.grouped_query_position(kv_len.saturating_sub(1)) + 1
             });
             positions.rope.table(kv_len.max(grouped))
@@ -682,6 +688,7 @@ impl<'p> Prepared<'p> {
                 d,
             },
             table,
+            self_extend,
             params,
             dest,
         })
@@ -718,7 +725,7 @@ fn compute(seqs: &[Prepared], len: usize) -> Option<Vec<f32>> {
                 v: View::of(&v.0, v.1)?,
                 shape: p.shape,
                 table: p.table,
-                se: p.params.self_extend,
+                se: p.self_extend,
                 layer: Layer {
                     sliding_window: p.params.sliding_window.unwrap_or(usize::MAX),
                     softcap: p.params.softcap.map(|c| c as f32),

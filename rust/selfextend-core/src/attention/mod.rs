@@ -87,11 +87,14 @@ impl SelfExtend {
         };
         let limit = 2 * l / 3;
         let fits = |g: usize| (target_length - 1) / g + window - window / g <= limit;
-        // Past g = max(target, W) the grouped positions collapse to W <= 2L/3, so the
-        // search ends.
-        let group_size = (1..)
+        // The grouped position is at least (target - W) / g + W - 1, so no g below
+        // `first` fits; above W it is (target - 1) / g + W, which first fits at the g
+        // returned by the closed form. Between them a short scan, whatever the target.
+        let spare = limit - window + 1;
+        let first = (target_length.saturating_sub(window) / spare).max(1);
+        let group_size = (first..=window)
             .find(|&g| fits(g))
-            .expect("g = max(target, W) + 1 fits");
+            .unwrap_or(((target_length - 1) / spare + 1).max(window + 1));
         Self::new(group_size, window)
     }
 

@@ -344,7 +344,9 @@ impl GgufFile {
                     ne[0]
                 ));
             }
-            let len = elems / block * dtype.type_size() as u64;
+            let len = (elems / block)
+                .checked_mul(dtype.type_size() as u64)
+                .ok_or_else(|| format!("tensor '{name}' has an invalid shape {ne:?}"))?;
             if offset % alignment != 0 {
                 return Err(format!("tensor '{name}' is misaligned (offset {offset})"));
             }

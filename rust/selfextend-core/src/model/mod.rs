@@ -363,7 +363,9 @@ impl Model {
             cfg.num_key_value_heads,
             cfg.head_dim,
         );
-        let chunk = chunk.min(positions).max(1);
+        // No budget holds 2^32 rows of activations; the cap keeps the products below
+        // in range for any chunk size a caller passes.
+        let chunk = chunk.min(positions).clamp(1, 1 << 32);
         let kv_dtype = self.kv_cache_dtype();
         let kv = KvCache::bytes_for(1, cfg.num_hidden_layers, kv_heads, d, kv_dtype);
         // Returned logits live twice for a moment: ours, then the caller's copy.
