@@ -50,6 +50,85 @@ def test_errors_are_reported_not_raised(tmp_path: Path, model_path: Path) -> Non
     assert out.returncode == 1 and "group_size" in out.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--prompt-file", "{tmp}/missing.txt"], "error: cannot read --prompt-file"),
+    (["generate", "--prompt-file", "{tmp}/latin1.txt"], "error: cannot read --prompt-file"),
+    (["generate", "-p", "x", "--max-new-tokens", "99999999999999999999"], "to 2**63 - 1, got 9999"),
+    (["generate", "-p", "x", "--seed", str(2 ** 64)], "--seed: must be an integer from 0 to 2**64 - 1"),
+    (["info", "--target", "99999999999999999999"], "--target: must be an integer"),
+    (["demo", "--multiples", "nan"], "--multiples: must be a finite number > 0"),
+    (["demo", "--multiples", "inf"], "--multiples: must be a finite number > 0"),
+    (["eval", "passkey", "--lengths", "infk"], "--lengths: not a length: 'infk'"),
+])
+def test_bad_arguments_end_in_one_error_line(tmp_path: Path, model_path: Path, args: list[str],
+                                             message: str) -> None:
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    out = run(*args, "--model", str(model_path))
+    assert out.returncode != 0 and message in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def main_status(*args: str) -> int:
+    """cli.main in this process, with `raise SystemExit("error: ...")` as the
+    interpreter would report it: the message on stderr, status 1."""
+    try:
+        return cli.main(list(args))
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            return 1
+        return int(e.code or 0)
+
+
+def test_serve_checks_the_port_and_passes_the_body_limit(monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str], model_path: Path) -> None:
+    uvicorn = pytest.importorskip("uvicorn")
+    server = pytest.importorskip("selfextend_rs.server")
+    # (Parsed only: a serve that took the port would listen until the timeout.)
+    with pytest.raises(SystemExit) as e:
+        cli.build_parser().parse_args(["serve", "--port", "70000"])
+    assert e.value.code == 2
+    assert "--port: must be an integer from 0 to 65535, got 70000" in capsys.readouterr().err
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(server, "create_app", lambda model, **options: seen.update(options) or "app")
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: seen.update(port=options["port"]))
+    assert main_status("serve", "--model", str(model_path), "--port", "0", "--max-body-mb", "2") == 0
+    assert seen["port"] == 0 and seen["max_body_bytes"] == 2 * 2**20 and seen["default_self_extend"] == "auto"
+
+
+def test_zero_group_size_or_window_is_not_ignored(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str], model_path: Path) -> None:
+    for knob in ["-G", "-W"]:
+        assert main_status("generate", "--model", str(model_path), "-p", "x", knob, "0",
+                           "--self-extend", "auto") == 1
+        assert "exclusive" in capsys.readouterr().err
+    assert main_status("info", "--model", str(model_path), "--target", "0") == 1
+    assert "`target_length`: must be >= 1" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("loaded the model"))
+    assert main_status("serve", "-G", "0", "-W", "4") == 1
+    assert "invalid argument `group_size`: must be >= 1" in capsys.readouterr().err
+
+
+def test_eval_checks_its_output_before_loading_the_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("loaded the model"))
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    for out in [a_file, a_file / "sub"] + ([Path("/proc")] if Path("/proc/self").is_dir() else []):
+        # (Not even root may create files in /proc.)
+        assert main_status("eval", "passkey", "--out", str(out)) == 2
+        assert f"error: --out {out} is not a writable directory" in capsys.readouterr().err
+    saved = tmp_path / "out" / "passkey.json"
+    saved.parent.mkdir()
+    for content, message in [(b"{not json", "Expecting property name"), (b"\xff\xfe", "codec can't decode"),
+                             (b"[1, 2]", "it holds no saved run")]:
+        saved.write_bytes(content)
+        assert main_status("eval", "passkey", "--out", str(saved.parent), "--resume") == 2
+        err = capsys.readouterr().err
+        assert f"error: cannot resume from {saved}: " in err and message in err, err
+
+
 def test_chat_reads_turns_from_stdin(tmp_path: Path, model_path: Path) -> None:
     # The tiny checkpoint has no template: the error names the problem.
     out = run("chat", "--model", str(model_path), "-n", "4", stdin="hello\n/exit\n")

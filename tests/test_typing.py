@@ -5,6 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from types import MappingProxyType
+
+import pytest
 
 import selfextend_rs as se
 from selfextend_rs import _cpu
@@ -32,10 +35,13 @@ def answer(path: Path, prompt: str) -> tuple[str, int]:
 '''
 
 MISUSES_THE_API = '''
+from types import MappingProxyType
+
 import selfextend_rs as se
 
 se.SelfExtend("4", 512)
 se.Model.load("m").generate(42)
+se.Model.load("m").chat([MappingProxyType({"role": "user", "content": "hi"})])
 '''
 
 
@@ -64,7 +70,13 @@ def test_a_program_using_the_api_type_checks(tmp_path: Path) -> None:
 def test_misuse_is_a_type_error(tmp_path: Path) -> None:
     out = mypy(tmp_path, MISUSES_THE_API)
     assert out.returncode == 1, out.stdout
-    assert out.stdout.count("error:") == 2, out.stdout
+    assert out.stdout.count("error:") == 3, out.stdout
+
+
+def test_messages_are_dicts(model: se.Model) -> None:
+    """As the stubs say (a Mapping is a type error there): the native layer takes only dicts."""
+    with pytest.raises(TypeError, match="dict"):
+        model.chat([MappingProxyType({"role": "user", "content": "hi"})], 1)
 
 
 def test_version_comes_from_cargo() -> None:

@@ -1,6 +1,6 @@
 import os
 import pathlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, Optional, Union, final
 
 import numpy as np
@@ -48,7 +48,8 @@ _Prompt = Union[str, Sequence[int]]
 _FinishReason = Literal["eos", "stop", "length"]
 _SelfExtendArg = Union["SelfExtend", Literal["auto"], None]
 _Progress = Union[bool, Callable[[int, int], object], None]
-_Messages = Sequence[Mapping[str, str]]
+# Each message must be a dict: the native layer takes no other mapping.
+_Messages = Sequence[dict[str, str]]
 
 @final
 class SelfExtend:

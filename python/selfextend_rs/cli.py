@@ -4,11 +4,13 @@ long-context evaluation."""
 from __future__ import annotations
 
 import argparse
+import math
 import re
+import tempfile
 import textwrap
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import selfextend_rs as se
 from selfextend_rs import eval as se_eval
@@ -21,6 +23,40 @@ G and W so that (L - W) * G + W covers the prompt plus the tokens to generate, o
 --self-extend auto to choose them by the paper's rules. Without either, attention is
 plain (and degrades past L).
 """
+
+# The native layer reads integers as 64-bit (a seed as unsigned): larger ones would
+# overflow there with a traceback, so the options stop them first.
+_MAX_INT = 2**63 - 1
+_MAX_SEED = 2**64 - 1
+
+
+def _int_in(lo: int, hi: int, accepted: str) -> Callable[[str], int]:
+    """An argparse type: an integer from `lo` to `hi`, which `accepted` says in words."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if not lo <= n <= hi:
+            raise argparse.ArgumentTypeError(f"must be an integer {accepted}, got {text}")
+        return n
+    return parse
+
+
+# Only the 64-bit range: the native layer names the narrower range of each argument.
+_int = _int_in(-_MAX_INT, _MAX_INT, "from -(2**63 - 1) to 2**63 - 1")
+_seed = _int_in(0, _MAX_SEED, "from 0 to 2**64 - 1")
+_port = _int_in(0, 65535, "from 0 to 65535")
+
+
+def _multiple(text: str) -> float:
+    try:
+        m = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(m) and m > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return m
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -37,28 +73,28 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 def _add_self_extend(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("SelfExtend", KNOBS)
-    g.add_argument("--group-size", "-G", type=int, help="group size G >= 1")
-    g.add_argument("--window", "-W", type=int, help="neighbor window W >= 1")
+    g.add_argument("--group-size", "-G", type=_int, help="group size G >= 1")
+    g.add_argument("--window", "-W", type=_int, help="neighbor window W >= 1")
     g.add_argument("--self-extend", choices=["auto", "off"], default=None,
                    help="'auto' picks G and W for the input length; 'off' forces plain attention")
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", "-n", type=int, default=128)
+    g.add_argument("--max-new-tokens", "-n", type=_int, default=128)
     g.add_argument("--temperature", "-t", type=float, default=0.0, help="0 is greedy (default)")
-    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-k", type=_int, default=None)
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--seed", type=_seed, default=None)
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    g.add_argument("--chunk-size", type=int, default=None, help="prefill chunk length (default 512)")
+    g.add_argument("--chunk-size", type=_int, default=None, help="prefill chunk length (default 512)")
     g.add_argument("--no-progress", action="store_true", help="no prefill progress bar")
 
 
 def _self_extend(args: argparse.Namespace) -> Any:
     if args.self_extend == "auto":
-        if args.group_size or args.window:
+        if args.group_size is not None or args.window is not None:
             raise SystemExit("error: --self-extend auto and --group-size/--window are exclusive")
         return "auto"
     if args.self_extend == "off":
@@ -87,7 +123,12 @@ def _load(args: argparse.Namespace) -> se.Model:
 def cmd_generate(args: argparse.Namespace) -> int:
     if (args.prompt is None) == (args.prompt_file is None):
         raise SystemExit("error: give exactly one of --prompt and --prompt-file")
-    prompt = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text()
+    prompt = args.prompt
+    if prompt is None:
+        try:
+            prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise SystemExit(f"error: cannot read --prompt-file: {e}") from None
     model = _load(args)
     stream = model.stream(prompt, args.max_new_tokens, **_generation_kwargs(args))
     for piece in stream:
@@ -189,7 +230,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     if isinstance(setting, se.SelfExtend):
         rows.append((f"context with G={setting.group_size} W={setting.window}",
                      str(setting.max_context(c.trained_context))))
-    if args.target:
+    if args.target is not None:
         auto = se.SelfExtend.auto(args.target, c.trained_context)
         rows.append((f"auto for {args.target} tokens",
                      f"G={auto.group_size} W={auto.window} (covers {auto.max_context(c.trained_context)})"))
@@ -208,9 +249,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print('error: the server needs the "server" extra: pip install "selfextend-rs[server]"',
               file=sys.stderr)
         return 2
-    setting = _self_extend(args) if (args.group_size or args.window or args.self_extend) else "auto"
+    given = args.group_size is not None or args.window is not None or args.self_extend is not None
+    setting = _self_extend(args) if given else "auto"
     model = _load(args)
     app = create_app(model, model_name=args.model_name, default_self_extend=setting,
+                     max_body_bytes=args.max_body_mb * 2**20,
                      max_batch=args.max_batch, prefill_tokens_per_step=args.prefill_tokens_per_step,
                      kv_budget=args.kv_budget, max_queue=args.max_queue)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
@@ -293,10 +336,10 @@ def _length(text: str) -> int:
     t = text.strip().lower()
     try:
         n = int(float(t[:-1]) * 1024) if t.endswith("k") else int(t)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: "infk"
         raise argparse.ArgumentTypeError(f"not a length: {text!r} (e.g. 4096 or 4k)") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"length must be >= 1, got {text!r}")
+    if not 1 <= n <= _MAX_INT:
+        raise argparse.ArgumentTypeError(f"length must be from 1 to 2**63 - 1, got {text!r}")
     return n
 
 
@@ -315,11 +358,32 @@ def _method_list(text: str) -> list[str]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    # Every input is checked before the model loads, not after the first record (hours).
+    documents = None
+    if getattr(args, "text", None):
+        try:
+            documents = [(str(p), Path(p).read_text(encoding="utf-8")) for p in args.text]
+        except (OSError, UnicodeDecodeError) as e:
+            print(f"error: cannot read --text: {e}", file=sys.stderr)
+            return 2
     out = Path(args.out)
     resume = None
     saved = out / f"{args.task}.json"
     if args.resume and saved.exists():
-        resume = se_eval.load_result(saved)
+        try:
+            resume = se_eval.load_result(saved)
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or UTF-8
+            print(f"error: cannot resume from {saved}: {e}", file=sys.stderr)
+            return 2
+        if not isinstance(resume, dict):
+            print(f"error: cannot resume from {saved}: it holds no saved run", file=sys.stderr)
+            return 2
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        print(f"error: --out {out} is not a writable directory: {e}", file=sys.stderr)
+        return 2
     model = _load(args)
     png = not args.no_plot
     if png:
@@ -333,13 +397,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     def checkpoint(result: dict[str, Any]) -> None:
         se_eval.save(result, out, png=False)
 
-    documents = None
-    if getattr(args, "text", None):
-        try:
-            documents = [(str(p), Path(p).read_text(encoding="utf-8")) for p in args.text]
-        except (OSError, UnicodeDecodeError) as e:
-            print(f"error: cannot read --text: {e}", file=sys.stderr)
-            return 2
     common = dict(seed=args.seed, chunk_size=args.chunk_size,
                   progress=not args.no_progress, resume=resume, on_record=checkpoint)
     try:
@@ -423,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "setting reaches.\n\n" + KNOBS, formatter_class=fmt)
     _add_model(p)
     _add_self_extend(p)
-    p.add_argument("--target", type=int, help="also show SelfExtend.auto for this many tokens")
+    p.add_argument("--target", type=_int, help="also show SelfExtend.auto for this many tokens")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser(
@@ -441,16 +498,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_self_extend(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--port", type=_port, default=8000, help="0 to 65535 (default 8000)")
     g.add_argument("--model-name", default=None,
                    help="the id clients pass as `model` (default: the model file's name)")
-    g.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
-    g.add_argument("--max-queue", type=int, default=64,
+    g.add_argument("--max-batch", type=_int, default=8, help="sequences decoded together (default 8)")
+    g.add_argument("--max-queue", type=_int, default=64,
                    help="requests waiting at most; more get HTTP 429 (default 64)")
-    g.add_argument("--kv-budget", type=int, default=None,
+    g.add_argument("--kv-budget", type=_int, default=None,
                    help="bytes the running requests' KV caches may reserve (default: 90%% of free memory)")
-    g.add_argument("--prefill-tokens-per-step", type=int, default=256,
+    g.add_argument("--prefill-tokens-per-step", type=_int, default=256,
                    help="prompt tokens read per step between decode rows (default 256)")
+    g.add_argument("--max-body-mb", type=_int_in(1, 2**20, "from 1 to 2**20"), default=64,
+                   help="the largest request body in MiB; larger ones get HTTP 413 (default 64)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 
@@ -462,9 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "'--multiples 2 4' adds a 4x prompt (about 20 more).\n\n"
                                    + KNOBS, formatter_class=fmt)
     _add_model(p)
-    p.add_argument("--multiples", type=float, nargs="+", default=[1.5, 2.0],
+    p.add_argument("--multiples", type=_multiple, nargs="+", default=[1.5, 2.0],
                    help="prompt lengths as multiples of the trained context (default: 1.5 2)")
-    p.add_argument("--digits", type=int, default=5, help="passkey digits (default 5)")
+    p.add_argument("--digits", type=_int, default=5, help="passkey digits (default 5)")
     p.add_argument("--depth", type=_depth, default=0.25,
                    help="where the key sits in the filler, 0 (start) to 1 (end); default 0.25, "
                         "where the committed 16k eval found SelfExtend right (at 0.5 it and "
@@ -472,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0,
                    help="with --depth, picks the key: the same as eval passkey's for that "
                         "length, depth and seed (sample 0)")
-    p.add_argument("--chunk-size", type=int, default=None)
+    p.add_argument("--chunk-size", type=_int, default=None)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
 
@@ -540,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "selfextend:8,linear,ntk,dynamic-ntk)")
         t.add_argument("--out", default="eval-out", help="output directory (default eval-out)")
         t.add_argument("--seed", type=int, default=0, help="seeds the keys / window choice")
-        t.add_argument("--chunk-size", type=int, default=None, help="prefill chunk length")
+        t.add_argument("--chunk-size", type=_int, default=None, help="prefill chunk length")
         t.add_argument("--resume", action="store_true",
                        help="keep the records already in OUT/TASK.json and run the rest")
         t.add_argument("--no-plot", action="store_true", help="skip the PNG")
@@ -548,19 +607,19 @@ def build_parser() -> argparse.ArgumentParser:
         if task in ("passkey", "sweep"):
             t.add_argument("--depths", type=_depth, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
                            help="needle depths in [0, 1] (default: 0 0.25 0.5 0.75 1)")
-            t.add_argument("--samples", type=int, default=1,
+            t.add_argument("--samples", type=_int, default=1,
                            help="keys per (length, depth) cell (default 1)")
-            t.add_argument("--digits", type=int, default=5,
+            t.add_argument("--digits", type=_int, default=5,
                            help="key length: 5, or 10 for the hard variant (default 5)")
         if task == "sweep":
-            t.add_argument("--group-sizes", type=int, nargs="+", default=None, metavar="G",
+            t.add_argument("--group-sizes", type=_int, nargs="+", default=None, metavar="G",
                            help="group sizes to try (default: 2 4 8 16 32)")
-            t.add_argument("--neighbor-windows", type=int, nargs="+", default=None, metavar="W",
+            t.add_argument("--neighbor-windows", type=_int, nargs="+", default=None, metavar="W",
                            help="neighbor windows to try (default: L/16, L/8, L/4 and L/2, "
                                 "multiples of 64)")
-            t.add_argument("--text-windows", type=int, default=2,
+            t.add_argument("--text-windows", type=_int, default=2,
                            help="perplexity windows per cell, 0 for none (default 2)")
-            t.add_argument("--last", type=int, default=256,
+            t.add_argument("--last", type=_int, default=256,
                            help="tokens scored at the end of each window (default 256)")
             t.add_argument("--no-references", action="store_true",
                            help="skip the plain and selfextend:auto rows")
@@ -568,8 +627,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="UTF-8 text files for the perplexity windows instead of the "
                                 "plays (one document each)")
         elif task == "ppl":
-            t.add_argument("--windows", type=int, default=2, help="windows per length (default 2)")
-            t.add_argument("--last", type=int, default=256,
+            t.add_argument("--windows", type=_int, default=2, help="windows per length (default 2)")
+            t.add_argument("--last", type=_int, default=256,
                            help="tokens scored at the end of each window (default 256)")
             t.add_argument("--text", nargs="+", default=None,
                            help="UTF-8 text files to use instead of the plays (one document each)")

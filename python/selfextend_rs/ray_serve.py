@@ -72,8 +72,8 @@ def app(model: Union[str, Path, None] = None, *, num_replicas: int = 1, threads:
         raise ValueError(f"num_replicas must be at least 1, got {num_replicas}")
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
-    engine_options = {"max_batch": max_batch, "max_queue": max_queue, "kv_budget": kv_budget,
-                      "prefill_tokens_per_step": prefill_tokens_per_step}
+    engine_options: dict[str, Any] = {"max_batch": max_batch, "max_queue": max_queue, "kv_budget": kv_budget,
+                                      "prefill_tokens_per_step": prefill_tokens_per_step}
     name_for_clients = model_name or path.name
 
     def asgi_app() -> Any:
