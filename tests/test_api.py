@@ -141,6 +141,18 @@ def test_self_extend_auto() -> None:
         se.SelfExtend.auto(0, 8192)
 
 
+def test_extreme_self_extend_settings_return_at_once_and_allocate_nothing(model: se.Model) -> None:
+    # G for a 2^62-token target came from a scan from 1 with the GIL held (hours).
+    s = se.SelfExtend.auto(2**62, 8192)
+    g, w = s.group_size, s.window
+    assert (2**62 - 1) // g + w - w // g <= 2 * 8192 // 3 < (2**62 - 1) // (g - 1) + w - w // (g - 1)
+    # A window no sequence reaches is plain attention; it once sized a rotary table
+    # of 2^40 rows and aborted the process.
+    ids = random_ids(40, model.config.vocab_size, seed=3)
+    np.testing.assert_array_equal(model.logits(ids, self_extend=se.SelfExtend(2, 2**40)),
+                                  model.logits(ids, self_extend=None))
+
+
 def test_self_extend_auto_in_calls(model: se.Model) -> None:
     ids = random_ids(90, model.config.vocab_size, seed=12)
     auto = se.SelfExtend.auto(len(ids), model.config.trained_context)

@@ -143,3 +143,9 @@ def test_low_level_engine_events(model_path: Path) -> None:
     assert completion.token_ids == model.generate(prompt, 5).token_ids and text == completion.text
     request.cancel()  # after the end: no effect
     assert engine.next_events(0) == []
+    # A timeout past what a Duration holds (it panicked) waits, in slices that let
+    # Ctrl-C in, until the first event.
+    held = engine.submit(8, prompt, 1)  # (dropped, it would cancel the request)
+    events = engine.next_events(1e20)
+    assert events and events[0][0] == 8
+    held.cancel()
