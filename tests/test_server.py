@@ -162,6 +162,18 @@ def test_null_self_extend_still_means_plain_attention(chat_model: se.Model) -> N
     assert data["choices"][0]["text"] == plain.text
 
 
+def _assert_cancelled_early(engine: se.AsyncEngine, max_tokens: int) -> None:
+    """Waits for `engine` to go idle and checks that its one request was cancelled
+    before it generated `max_tokens` tokens, its KV cache freed."""
+    deadline = time.monotonic() + 30
+    while engine.stats["running"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    stats = engine.stats
+    assert stats["running"] == 0 and stats["kv_bytes_reserved"] == 0
+    assert stats["requests_finished_total"] == 0  # cancelled, not run to the end
+    assert stats["generated_tokens_total"] < max_tokens
+
+
 def _asgi_post(app: Any, path: str, chunks: list[bytes], *,
                disconnect: asyncio.Event | None = None, truncated: bool = False) -> tuple[int, bytes]:
     """POSTs `chunks` (a chunked body: no Content-Length) to the ASGI app directly; once
@@ -206,13 +218,7 @@ def test_a_non_streaming_client_that_disconnects_cancels_its_sequence(chat_model
     gone = asyncio.Event()
     gone.set()  # the client hangs up as soon as it has sent its request
     _asgi_post(app, "/v1/completions", [body], disconnect=gone)
-    deadline = time.monotonic() + 30
-    while engine.stats["running"] and time.monotonic() < deadline:
-        time.sleep(0.02)
-    stats = engine.stats
-    assert stats["running"] == 0 and stats["kv_bytes_reserved"] == 0
-    assert stats["requests_finished_total"] == 0  # cancelled, not run to the end
-    assert stats["generated_tokens_total"] < 300
+    _assert_cancelled_early(engine, 300)
     # A client that stays gets its answer, and the watch on it ends with the request.
     short = json.dumps({"prompt": prompt, "max_tokens": 5, "temperature": 0}).encode()
     status, text = _asgi_post(app, "/v1/completions", [short])
@@ -350,13 +356,7 @@ def test_a_client_that_disconnects_cancels_its_sequence(chat_model: se.Model) ->
                 for line in r.iter_lines():
                     if line.startswith("data: "):
                         break  # one event, then hang up
-        deadline = time.monotonic() + 30
-        while engine.stats["running"] and time.monotonic() < deadline:
-            time.sleep(0.02)
-        stats = engine.stats
-        assert stats["running"] == 0 and stats["kv_bytes_reserved"] == 0
-        assert stats["requests_finished_total"] == 0  # cancelled, not run to the end
-        assert stats["generated_tokens_total"] < 300
+        _assert_cancelled_early(engine, 300)
     finally:
         server.should_exit = True
         thread.join(timeout=30)
