@@ -131,7 +131,7 @@ impl StreamDecoder {
 
 /// Building a `tokenizers::Tokenizer` from GGUF `tokenizer.ggml.*` metadata.
 pub mod gguf {
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, HashMap};
     use std::path::Path;
 
     use tokenizers::decoders::byte_fallback::ByteFallback;
@@ -356,6 +356,80 @@ pub mod gguf {
         Ok(tok)
     }
 
+    /// A byte trie over vocabulary pieces.
+    struct Trie {
+        next: HashMap<(u32, u8), u32>,
+        /// The id of the piece ending at each node.
+        ends: Vec<Option<u32>>,
+    }
+
+    impl Trie {
+        fn new<B: Iterator<Item = u8>>(pieces: impl Iterator<Item = (B, u32)>) -> Self {
+            let mut trie = Self {
+                next: HashMap::new(),
+                ends: vec![None],
+            };
+            for (bytes, id) in pieces {
+                let mut node = 0;
+                for b in bytes {
+                    let fresh = trie.ends.len() as u32;
+                    node = *trie.next.entry((node, b)).or_insert(fresh);
+                    if node == fresh {
+                        trie.ends.push(None);
+                    }
+                }
+                trie.ends[node as usize] = Some(id);
+            }
+            trie
+        }
+
+        /// `(length, id)` of every non-empty piece that `bytes` starts with.
+        fn matches<'a>(
+            &'a self,
+            bytes: impl Iterator<Item = u8> + 'a,
+        ) -> impl Iterator<Item = (usize, u32)> + 'a {
+            bytes
+                .scan(0u32, |node, b| {
+                    *node = *self.next.get(&(*node, b))?;
+                    Some(self.ends[*node as usize])
+                })
+                .enumerate()
+                .filter_map(|(i, id)| Some((i + 1, id?)))
+        }
+    }
+
+    /// The merges of a SentencePiece vocabulary: every split of a piece into two pieces,
+    /// the higher-scoring piece's first.
+    pub(super) fn merges_from_scores(
+        vocab: &Vocab,
+        tokens: &[&str],
+        scores: &[f64],
+    ) -> Vec<(String, String)> {
+        // Every split of a piece into two vocabulary pieces is a merge. Tries find them
+        // in time linear in the piece: hashing each prefix and suffix instead is
+        // quadratic, hours for a (hostile) GGUF piece of a few megabytes.
+        let heads = Trie::new(vocab.iter().map(|(t, &id)| (t.bytes(), id)));
+        let tails = Trie::new(vocab.iter().map(|(t, &id)| (t.bytes().rev(), id)));
+        let mut merges: Vec<(f64, u32, u32, String, String)> = vec![];
+        let mut tail_at: Vec<Option<u32>> = vec![];
+        for (piece, &score) in tokens.iter().zip(scores) {
+            let n = piece.len();
+            tail_at.clear();
+            tail_at.resize(n + 1, None);
+            for (len, id) in tails.matches(piece.bytes().rev()) {
+                tail_at[n - len] = Some(id);
+            }
+            for (split, li) in heads.matches(piece.bytes()) {
+                if let (true, Some(ri)) = (split < n, tail_at[split]) {
+                    let (l, r) = piece.split_at(split);
+                    merges.push((score, li, ri, l.to_string(), r.to_string()));
+                }
+            }
+        }
+        merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+        merges.into_iter().map(|(_, _, _, l, r)| (l, r)).collect()
+    }
+
     /// SentencePiece-style BPE, as `transformers` converts Llama 1/2 tokenizers:
     /// merges derived from the piece scores, byte fallback, and "▁" for spaces.
     fn sentencepiece(meta: &Meta, vocab: Vocab, tokens: &[&str]) -> Result<tokenizers::Tokenizer> {
@@ -369,17 +443,7 @@ pub mod gguf {
                 tokens.len()
             )));
         }
-        let mut merges: Vec<(f64, u32, u32, String, String)> = vec![];
-        for (piece, &score) in tokens.iter().zip(&scores) {
-            for (split, _) in piece.char_indices().skip(1) {
-                let (l, r) = piece.split_at(split);
-                if let (Some(&li), Some(&ri)) = (vocab.get(l), vocab.get(r)) {
-                    merges.push((score, li, ri, l.to_string(), r.to_string()));
-                }
-            }
-        }
-        merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-        let merges = merges.into_iter().map(|(_, _, _, l, r)| (l, r)).collect();
+        let merges = merges_from_scores(&vocab, tokens, &scores);
         let unk = meta
             .token("tokenizer.ggml.unknown_token_id", tokens)
             .unwrap_or_else(|| "<unk>".into());
@@ -420,7 +484,7 @@ pub mod gguf {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, HashMap};
     use std::path::Path;
 
     use crate::loader::gguf::Value;
@@ -470,6 +534,74 @@ mod tests {
         assert_eq!(tok.encode("ab", true).unwrap(), [1, 8]);
         assert_eq!(tok.encode("ba", false).unwrap(), [3, 5, 4]);
         assert_eq!(tok.decode(&[1, 8, 8], true).unwrap(), "ab ab");
+    }
+
+    /// Every split both of whose halves are pieces, found by hashing each half.
+    fn merges_by_lookup(tokens: &[&str], scores: &[f64]) -> Vec<(String, String)> {
+        let vocab: HashMap<&str, u32> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| (t, i as u32))
+            .collect();
+        let mut merges = vec![];
+        for (piece, &score) in tokens.iter().zip(scores) {
+            for (split, _) in piece.char_indices().skip(1) {
+                let (l, r) = piece.split_at(split);
+                if let (Some(&li), Some(&ri)) = (vocab.get(l), vocab.get(r)) {
+                    merges.push((score, li, ri, l.to_string(), r.to_string()));
+                }
+            }
+        }
+        merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+        merges.into_iter().map(|(_, _, _, l, r)| (l, r)).collect()
+    }
+
+    fn merges(tokens: &[&str], scores: &[f64]) -> Vec<(String, String)> {
+        let vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| (t.to_string(), i as u32))
+            .collect();
+        super::gguf::merges_from_scores(&vocab, tokens, scores)
+    }
+
+    #[test]
+    fn merges_are_every_split_into_two_pieces() {
+        // Vocabularies of short strings over an alphabet with multi-byte characters, so
+        // that byte positions inside a character are exercised too.
+        let alphabet = ["a", "b", "▁", "é"];
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
+        };
+        for _ in 0..50 {
+            let mut pieces: Vec<String> = alphabet.iter().map(|s| s.to_string()).collect();
+            for _ in 0..40 {
+                let len = 2 + next(5);
+                pieces.push((0..len).map(|_| alphabet[next(4) as usize]).collect());
+            }
+            pieces.sort();
+            pieces.dedup();
+            let tokens: Vec<&str> = pieces.iter().map(String::as_str).collect();
+            let scores: Vec<f64> = tokens.iter().map(|_| -(next(8) as f64)).collect();
+            let found = merges(&tokens, &scores);
+            assert!(!found.is_empty());
+            assert_eq!(found, merges_by_lookup(&tokens, &scores));
+        }
+    }
+
+    #[test]
+    fn a_huge_piece_costs_its_length() {
+        // A 256 KiB piece: hashing every prefix and suffix would hash 7 * 10^10 bytes.
+        let huge = "a".repeat(1 << 18);
+        let rest = "a".repeat((1 << 18) - 1);
+        let tokens = ["a", &rest, &huge];
+        let found = merges(&tokens, &[0.0, -1.0, -2.0]);
+        assert_eq!(found.len(), 2);
+        assert!(found.iter().all(|(l, r)| l.len() + r.len() == 1 << 18));
     }
 
     #[test]

@@ -695,3 +695,35 @@ fn linear_cost_counts_every_weight_and_the_bytes_read() {
     assert_eq!(q8.weights, weights);
     assert_eq!(q8.bytes, (weights + 14 * h) / 32 * 34, "{q8:?}");
 }
+
+#[test]
+fn a_load_checks_before_every_tensor_and_stops_when_asked() {
+    use selfextend_core::loader::Weights;
+    use selfextend_core::model::Decoder;
+    use std::cell::Cell;
+
+    let cfg = tiny_config(2, false);
+    let source = common::tiny_weights(&cfg, 3);
+    let calls = Cell::new(0);
+    let count = || {
+        calls.set(calls.get() + 1);
+        Ok(())
+    };
+    let weights = Weights::new(&source, DType::F32, &candle_core::Device::Cpu);
+    Decoder::load(&weights.clone().with_check(&count), &cfg).unwrap();
+    // At least once a tensor: a quantized weight is asked for as blocks first.
+    assert!(calls.get() >= source.len(), "{} checks", calls.get());
+
+    let calls = Cell::new(0);
+    let stop_at_third = || {
+        calls.set(calls.get() + 1);
+        if calls.get() == 3 {
+            Err(Error::Interrupted)
+        } else {
+            Ok(())
+        }
+    };
+    let err = Decoder::load(&weights.with_check(&stop_at_third), &cfg).unwrap_err();
+    assert!(matches!(err, Error::Interrupted), "{err}");
+    assert_eq!(calls.get(), 3);
+}

@@ -1,5 +1,6 @@
 //! `Model`, `Tokenizer` and `TextStream`.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
@@ -510,7 +511,10 @@ impl PyModel {
             .map(parse_kv_cache_dtype)
             .transpose()
             .map_err(|e| to_py(e, false))?;
-        let mut model = detached(py, true, None, move |_| Model::load(&path, &device, dtype))?;
+        let mut model = detached(py, true, None, move |check| {
+            let check = RefCell::new(check);
+            Model::load_with_check(&path, &device, dtype, &|| (check.borrow_mut())(0, 0))
+        })?;
         model.set_max_memory(max_memory);
         model.set_attention_backend(backend);
         model.set_kv_cache_dtype(kv_cache);

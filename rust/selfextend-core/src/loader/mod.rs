@@ -90,7 +90,12 @@ pub struct Weights<'a> {
     prefix: String,
     dtype: DType,
     device: &'a Device,
+    check: Option<&'a LoadCheck<'a>>,
 }
+
+/// Called before each tensor loads; an error (e.g. [`Error::Interrupted`] on Ctrl-C)
+/// stops the load with it.
+pub type LoadCheck<'a> = dyn Fn() -> Result<()> + 'a;
 
 impl<'a> Weights<'a> {
     pub fn new(source: &'a dyn TensorSource, dtype: DType, device: &'a Device) -> Self {
@@ -99,7 +104,20 @@ impl<'a> Weights<'a> {
             prefix: String::new(),
             dtype,
             device,
+            check: None,
         }
+    }
+
+    /// These weights, calling `check` before each tensor loads.
+    pub fn with_check(self, check: &'a LoadCheck<'a>) -> Self {
+        Self {
+            check: Some(check),
+            ..self
+        }
+    }
+
+    fn checked(&self) -> Result<()> {
+        self.check.map_or(Ok(()), |check| check())
     }
 
     /// The view one level down, e.g. `vb.pp("self_attn").pp("q_proj")`.
@@ -119,6 +137,7 @@ impl<'a> Weights<'a> {
     }
 
     pub fn get(&self, shape: impl Into<Vec<usize>>, name: &str) -> Result<Tensor> {
+        self.checked()?;
         self.source
             .load(&self.path(name), &shape.into(), self.dtype, self.device)
     }
@@ -129,6 +148,7 @@ impl<'a> Weights<'a> {
         shape: impl Into<Vec<usize>>,
         name: &str,
     ) -> Result<Option<QTensor>> {
+        self.checked()?;
         self.source
             .load_quantized(&self.path(name), &shape.into(), self.device)
     }

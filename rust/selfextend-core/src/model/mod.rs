@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::loader::gguf::{GgufFile, GgufSource};
 use crate::loader::safetensors::SafetensorsSource;
-use crate::loader::{Renamed, TensorSource, Weights};
+use crate::loader::{LoadCheck, Renamed, TensorSource, Weights};
 use crate::memory;
 use crate::tokenizer::Tokenizer;
 pub use decoder::{BatchLayout, Decoder, LinearCost, LogitsFor, SequenceStep};
@@ -145,6 +145,17 @@ impl Model {
     /// `dtype` is the compute dtype, f32 when `None`. GGUF weights stay quantized when
     /// `dtype` is `None`; naming a dtype dequantizes them into a dense model.
     pub fn load(path: &Path, device: &Device, dtype: Option<DType>) -> Result<Self> {
+        Self::load_with_check(path, device, dtype, &|| Ok(()))
+    }
+
+    /// [`Model::load`], calling `check` before each tensor loads: a large model takes
+    /// a while, and an error from `check` (Ctrl-C) stops it.
+    pub fn load_with_check(
+        path: &Path,
+        device: &Device,
+        dtype: Option<DType>,
+        check: &LoadCheck<'_>,
+    ) -> Result<Self> {
         if !path.exists() {
             return Err(Error::io(
                 path,
@@ -152,10 +163,10 @@ impl Model {
             ));
         }
         if path.is_dir() {
-            return Self::load_hf_dir(path, device, dtype);
+            return Self::load_hf_dir(path, device, dtype, check);
         }
         if is_gguf(path) {
-            return Self::load_gguf(path, device, dtype);
+            return Self::load_gguf(path, device, dtype, check);
         }
         Err(Error::Unsupported {
             path: path.to_path_buf(),
@@ -163,17 +174,25 @@ impl Model {
         })
     }
 
-    fn load_hf_dir(path: &Path, device: &Device, dtype: Option<DType>) -> Result<Self> {
+    fn load_hf_dir(
+        path: &Path,
+        device: &Device,
+        dtype: Option<DType>,
+        check: &LoadCheck<'_>,
+    ) -> Result<Self> {
         let cfg = Config::from_hf_json_file(&path.join("config.json"))?;
         let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json"))?;
         let source = SafetensorsSource::open_dir(path)?;
         let dtype = dtype.unwrap_or(DType::F32);
         let decoder = match text_model_prefix(&source) {
             Some(rename) => Decoder::load(
-                &Weights::new(&Renamed { source, rename }, dtype, device),
+                &Weights::new(&Renamed { source, rename }, dtype, device).with_check(check),
                 &cfg,
             )?,
-            None => Decoder::load(&Weights::new(&source, dtype, device), &cfg)?,
+            None => Decoder::load(
+                &Weights::new(&source, dtype, device).with_check(check),
+                &cfg,
+            )?,
         };
         let chat = hf_chat_template(path)?;
         Ok(Self {
@@ -188,7 +207,12 @@ impl Model {
         })
     }
 
-    fn load_gguf(path: &Path, device: &Device, dtype: Option<DType>) -> Result<Self> {
+    fn load_gguf(
+        path: &Path,
+        device: &Device,
+        dtype: Option<DType>,
+        check: &LoadCheck<'_>,
+    ) -> Result<Self> {
         let file = GgufFile::open(path)?;
         let cfg = file.config()?;
         let tokenizer = crate::tokenizer::gguf::from_metadata(&file.metadata, path)?;
@@ -205,7 +229,7 @@ impl Model {
         let quantized = dtype.is_none() && has_blocks;
         let source = GgufSource::new(file, &cfg, quantized);
         let decoder = Decoder::load(
-            &Weights::new(&source, dtype.unwrap_or(DType::F32), device),
+            &Weights::new(&source, dtype.unwrap_or(DType::F32), device).with_check(check),
             &cfg,
         )?;
         Ok(Self {
