@@ -398,13 +398,18 @@ pub mod gguf {
         }
     }
 
+    /// A piece splits in few places, so real vocabularies' merges take some bytes per
+    /// piece; one of ever longer runs of a byte splits everywhere, terabytes.
+    const MAX_MERGE_BYTES: usize = 1 << 30;
+
     /// The merges of a SentencePiece vocabulary: every split of a piece into two pieces,
-    /// the higher-scoring piece's first.
+    /// the higher-scoring piece's first. `None` past `max_bytes` of merged text.
     pub(super) fn merges_from_scores(
         vocab: &Vocab,
         tokens: &[&str],
         scores: &[f64],
-    ) -> Vec<(String, String)> {
+        max_bytes: usize,
+    ) -> Option<Vec<(String, String)>> {
         // Every split of a piece into two vocabulary pieces is a merge. Tries find them
         // in time linear in the piece: hashing each prefix and suffix instead is
         // quadratic, hours for a (hostile) GGUF piece of a few megabytes.
@@ -412,6 +417,7 @@ pub mod gguf {
         let tails = Trie::new(vocab.iter().map(|(t, &id)| (t.bytes().rev(), id)));
         let mut merges: Vec<(f64, u32, u32, String, String)> = vec![];
         let mut tail_at: Vec<Option<u32>> = vec![];
+        let mut bytes = 0usize;
         for (piece, &score) in tokens.iter().zip(scores) {
             let n = piece.len();
             tail_at.clear();
@@ -421,13 +427,17 @@ pub mod gguf {
             }
             for (split, li) in heads.matches(piece.bytes()) {
                 if let (true, Some(ri)) = (split < n, tail_at[split]) {
+                    bytes += n;
+                    if bytes > max_bytes {
+                        return None;
+                    }
                     let (l, r) = piece.split_at(split);
                     merges.push((score, li, ri, l.to_string(), r.to_string()));
                 }
             }
         }
         merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-        merges.into_iter().map(|(_, _, _, l, r)| (l, r)).collect()
+        Some(merges.into_iter().map(|(_, _, _, l, r)| (l, r)).collect())
     }
 
     /// SentencePiece-style BPE, as `transformers` converts Llama 1/2 tokenizers:
@@ -443,7 +453,14 @@ pub mod gguf {
                 tokens.len()
             )));
         }
-        let merges = merges_from_scores(&vocab, tokens, &scores);
+        let merges =
+            merges_from_scores(&vocab, tokens, &scores, MAX_MERGE_BYTES).ok_or_else(|| {
+                meta.err(format!(
+                    "the pieces' merges would take more than {} MiB: not a vocabulary this \
+                 loader can build",
+                    MAX_MERGE_BYTES >> 20
+                ))
+            })?;
         let unk = meta
             .token("tokenizer.ggml.unknown_token_id", tokens)
             .unwrap_or_else(|| "<unk>".into());
@@ -562,7 +579,7 @@ mod tests {
             .enumerate()
             .map(|(i, &t)| (t.to_string(), i as u32))
             .collect();
-        super::gguf::merges_from_scores(&vocab, tokens, scores)
+        super::gguf::merges_from_scores(&vocab, tokens, scores, usize::MAX).unwrap()
     }
 
     #[test]
@@ -602,6 +619,23 @@ mod tests {
         let found = merges(&tokens, &[0.0, -1.0, -2.0]);
         assert_eq!(found.len(), 2);
         assert!(found.iter().all(|(l, r)| l.len() + r.len() == 1 << 18));
+    }
+
+    #[test]
+    fn merges_past_the_limit_are_refused() {
+        // Runs of "a" of every length up to 200 split at every position: 2.7 MB of
+        // merged text from a vocabulary of 20 kB.
+        let runs: Vec<String> = (1..=200).map(|n| "a".repeat(n)).collect();
+        let tokens: Vec<&str> = runs.iter().map(String::as_str).collect();
+        let scores = vec![0.0; tokens.len()];
+        let vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| (t.to_string(), i as u32))
+            .collect();
+        let merges = |limit| super::gguf::merges_from_scores(&vocab, &tokens, &scores, limit);
+        assert!(merges(1 << 20).is_none());
+        assert_eq!(merges(4 << 20).unwrap().len(), 199 * 200 / 2);
     }
 
     #[test]
